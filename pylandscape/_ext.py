@@ -1,0 +1,71 @@
+"""Loading the compiled kernels, and the fallback to the pure-torch references when they can't load."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+REBUILD = "pip install --no-build-isolation --force-reinstall --no-deps ."
+
+_state = {"loaded": None, "why": None, "warned": False}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no")
+
+
+def _try_load() -> tuple[bool, str | None]:
+    if _env_flag("PYLANDSCAPE_DISABLE_EXT"):
+        return False, "disabled by PYLANDSCAPE_DISABLE_EXT=1"
+    try:
+        from . import _build_info
+    except ImportError:
+        return False, "the extension was not built (no pylandscape/_build_info.py)"
+    if _build_info.TORCH_VERSION != torch.__version__:
+        return False, (f"it was built against torch {_build_info.TORCH_VERSION} "
+                       f"but torch {torch.__version__} is running")
+    try:
+        from . import _C  # noqa: F401  (registers torch.ops.pylandscape.*)
+    except (ImportError, OSError) as e:
+        return False, f"importing pylandscape._C failed: {e}"
+    return True, None
+
+
+def loaded() -> bool:
+    """True when torch.ops.pylandscape.* come from the compiled extension."""
+    if _state["loaded"] is None:
+        _state["loaded"], _state["why"] = _try_load()
+    return _state["loaded"]
+
+
+def reason() -> str | None:
+    loaded()
+    return _state["why"]
+
+
+def use_extension() -> bool:
+    """Whether ops should call the extension; warns once (or raises) when falling back."""
+    if loaded():
+        return True
+    if _env_flag("PYLANDSCAPE_REQUIRE_EXT"):
+        raise RuntimeError(f"pylandscape: compiled kernels required (PYLANDSCAPE_REQUIRE_EXT=1) but "
+                           f"unavailable: {_state['why']}. Rebuild with: {REBUILD}")
+    if not _state["warned"]:
+        _state["warned"] = True
+        warnings.warn(f"pylandscape: compiled kernels unavailable ({_state['why']}); using the pure-PyTorch "
+                      f"references (same results, slower). Rebuild with: {REBUILD}", RuntimeWarning,
+                      stacklevel=3)
+    return False
+
+
+def has_extension() -> bool:
+    """True when the compiled kernels (CPU at least) are loaded."""
+    return loaded()
+
+
+def has_cuda_kernels() -> bool:
+    """True when the extension carries CUDA kernels (whether or not a GPU is present)."""
+    if not loaded():
+        return False
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key("pylandscape::perturb", "CUDA"))
