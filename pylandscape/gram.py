@@ -1,0 +1,215 @@
+"""Per-layer Gram matrices of many snapshots, streamed block pair by block pair, and the step from a
+Gram to cosine distances.
+
+Why a Gram and not distances directly: one pass of BLAS-speed products gives every layer's Gram, and any
+group of layers (the whole model included) is then a sum of those. The op behind it
+(`torch.ops.pylandscape.segment_gram`) keeps the products accurate for nearly parallel rows, so
+1 - cos computed here in fp64 stays accurate down to 1 - cos ~ 1e-10.
+
+Memory: the driver keeps at most two panels of rows resident (each about memory_budget / 4 bytes of
+input), plus the op's own workspace (about the size of the two panels again, fp32) and the output
+[L, N, M] float64 (8 L N M bytes, which is the floor: N = 10,000, L = 12 is 9.6 GB).
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+#: Largest round-off that cosine_distance_from_gram silently clips to 0 (fp64 1 - cos of equal rows).
+NEGATIVE_TOL = 1e-13
+
+PairFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _as_2d(block, name: str) -> torch.Tensor:
+    if not isinstance(block, torch.Tensor):
+        raise ValueError(f"{name}: row blocks must be torch tensors, got {type(block).__name__}")
+    if block.dim() == 1:
+        block = block.unsqueeze(0)
+    if block.dim() != 2:
+        raise ValueError(f"{name}: row blocks must be [rows, P] (or one row [P]), got shape {tuple(block.shape)}")
+    return block
+
+
+class _Source:
+    """Row blocks from a tensor, a list/tuple of blocks, or any re-iterable (iter() restarts it).
+
+    A one-shot iterator (iter(x) is x) cannot be read twice, so its blocks are kept in memory: pass a
+    re-iterable (e.g. an object whose __iter__ reads the snapshots from disk) to really stream.
+    """
+
+    def __init__(self, x, name: str):
+        self.name = name
+        if isinstance(x, torch.Tensor):
+            self.blocks = [_as_2d(x, name)]
+        elif isinstance(x, (list, tuple)):
+            self.blocks = [_as_2d(b, name) for b in x]
+        elif iter(x) is x:
+            self.blocks = [_as_2d(b, name) for b in x]
+        else:
+            self.blocks = None
+            self.iterable = x
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        if self.blocks is not None:
+            yield from self.blocks
+        else:
+            for b in self.iterable:
+                yield _as_2d(b, self.name)
+
+    def panels(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, [<= rows, P]) panels; blocks are split or joined to fill them."""
+        start, pending, have = 0, [], 0
+        for b in self:
+            while b.shape[0] > 0:
+                take = min(rows - have, b.shape[0])
+                pending.append(b[:take])
+                have += take
+                b = b[take:]
+                if have == rows:
+                    yield start, pending[0] if len(pending) == 1 else torch.cat(pending)
+                    start, pending, have = start + rows, [], 0
+        if have:
+            yield start, pending[0] if len(pending) == 1 else torch.cat(pending)
+
+
+def _check_blocks(P: int, dtype, panel: torch.Tensor, name: str) -> None:
+    if panel.shape[1] != P:
+        raise ValueError(f"{name}: row blocks disagree on P: {panel.shape[1]} vs {P}")
+    if panel.dtype != dtype:
+        raise ValueError(f"{name}: row blocks disagree on dtype: {panel.dtype} vs {dtype}")
+
+
+def streamed_gram(pair_fn: PairFn, X, offsets: torch.Tensor, *, Y=None, device=None,
+                  progress: bool = False, memory_budget: int = 1 << 30) -> torch.Tensor:
+    """[L, N, M] float64 from row panels of X (and Y): pair_fn(A, offsets, B_or_None) per panel pair.
+
+    Only panel pairs (I, J >= I) are computed when Y is None; the lower triangle is mirrored.
+    Panels hold about memory_budget / 4 bytes each (two resident + the op's workspace).
+    """
+    sx = _Source(X, "X")
+    sy = None if Y is None else _Source(Y, "Y")
+    L = offsets.numel() - 1
+    first = next(iter(sx), None)
+    if first is None:
+        raise ValueError("X: no row blocks given")
+    P, dtype = first.shape[1], first.dtype
+    dev = torch.device(device) if device is not None else first.device
+    elt = first.element_size()
+    rows = max(1, int(memory_budget // (4 * elt * max(P, 1))))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(desc="segment_gram", unit="block pair")
+
+    # The output size is known after the first sweep of the inner loop; until then keep the blocks.
+    out = None
+    pieces: list[tuple[int, int, torch.Tensor]] = []
+    N = M = None
+    offsets_dev = offsets.to(dev)
+    for a, A in sx.panels(rows):
+        _check_blocks(P, dtype, A, "X")
+        A = A.to(dev, non_blocking=True)
+        inner = sx.panels(rows) if sy is None else sy.panels(rows)
+        for c, B in inner:
+            if sy is None and c < a:
+                continue
+            _check_blocks(P, dtype, B, "X" if sy is None else "Y")
+            if sy is None and c == a:
+                g = pair_fn(A, offsets_dev, None)
+            else:
+                g = pair_fn(A, offsets_dev, B.to(dev, non_blocking=True))
+            if out is None:
+                pieces.append((a, c, g))
+            else:
+                _place(out, a, c, g, sy is None)
+            if bar is not None:
+                bar.update(1)
+        if out is None:
+            # after the first outer panel every inner panel has been seen: sizes are known
+            M = max(c + g.shape[2] for _, c, g in pieces)
+            N = M if sy is None else None
+            if N is None:
+                N = sum(b.shape[0] for b in sx)
+            out = torch.zeros(L, N, M, dtype=torch.float64, device=dev)
+            for pa, pc, g in pieces:
+                _place(out, pa, pc, g, sy is None)
+            pieces.clear()
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def _place(out: torch.Tensor, a: int, c: int, g: torch.Tensor, sym: bool) -> None:
+    out[:, a:a + g.shape[1], c:c + g.shape[2]] = g
+    if sym and c != a:
+        out[:, c:c + g.shape[2], a:a + g.shape[1]] = g.transpose(1, 2)
+
+
+# --------------------------------------------------------------------------------------
+# From a Gram to cosine distances
+# --------------------------------------------------------------------------------------
+
+def layer_gram(G_layers: torch.Tensor, layers=None) -> torch.Tensor:
+    """Gram of a group of layers: the sum of their [N, M] Grams (all layers = the whole model).
+
+    layers: None (all), an int, a sequence of ints, a slice, or a bool mask [L].
+    """
+    if G_layers.dim() != 3:
+        raise ValueError(f"G_layers must be [L, N, M], got shape {tuple(G_layers.shape)}")
+    if layers is None:
+        return G_layers.sum(0)
+    if isinstance(layers, int):
+        layers = [layers]
+    sel = G_layers[layers] if not isinstance(layers, (list, tuple)) else G_layers[list(layers)]
+    if sel.dim() == 2:
+        return sel
+    return sel.sum(0)
+
+
+def cosine_distance_from_gram(G: torch.Tensor, sq_norms_x: torch.Tensor | None = None,
+                              sq_norms_y: torch.Tensor | None = None, *,
+                              zero_rows: str = "raise") -> torch.Tensor:
+    """1 - cos in float64 from a Gram [..., N, M] (norms from its diagonal when square and not given).
+
+    1 - G_ij / sqrt(G_ii G_jj) is computed in fp64; it is as accurate as G is (the op keeps G accurate
+    for nearly parallel rows). Round-off of at most NEGATIVE_TOL below 0 is clipped to 0; anything more
+    negative means G is not a Gram (or was computed inaccurately) and raises ValueError.
+    zero_rows: "raise" (a zero-norm row has no direction) or "nan" (its distances become NaN).
+    """
+    G = G.to(torch.float64)
+    if G.dim() < 2:
+        raise ValueError(f"G must be [..., N, M], got shape {tuple(G.shape)}")
+    if sq_norms_x is None or sq_norms_y is None:
+        if G.shape[-1] != G.shape[-2]:
+            raise ValueError("G is not square: give sq_norms_x and sq_norms_y (the rows' squared norms)")
+        d = torch.diagonal(G, dim1=-2, dim2=-1)
+        sq_norms_x = d if sq_norms_x is None else sq_norms_x
+        sq_norms_y = d if sq_norms_y is None else sq_norms_y
+    nx = sq_norms_x.to(torch.float64)
+    ny = sq_norms_y.to(torch.float64)
+    if nx.shape[-1] != G.shape[-2] or ny.shape[-1] != G.shape[-1]:
+        raise ValueError(f"sq_norms shapes {tuple(nx.shape)}, {tuple(ny.shape)} do not match G {tuple(G.shape)}")
+    if (nx < 0).any() or (ny < 0).any():
+        raise ValueError("G: negative squared norms on the diagonal; not a Gram matrix")
+    zx, zy = nx == 0, ny == 0
+    if zero_rows == "raise" and (zx.any() or zy.any()):
+        raise ValueError("G: a row has zero norm, so its cosine distance is undefined (zero_rows='nan' allows it)")
+    if zero_rows not in ("raise", "nan"):
+        raise ValueError(f"zero_rows must be 'raise' or 'nan', got {zero_rows!r}")
+    # sqrt(G_ii G_jj) rather than sqrt(G_ii) sqrt(G_jj): for equal rows sqrt(g * g) == g exactly, so
+    # duplicates get 1 - cos = 0 exactly (overflow would need |x|^2 > 1e154)
+    denom = torch.sqrt(nx.unsqueeze(-1) * ny.unsqueeze(-2))
+    D = 1.0 - G / denom
+    if D.numel():
+        worst = torch.nan_to_num(D, nan=0.0).min().item()
+        if worst < -NEGATIVE_TOL:
+            raise ValueError(f"G: 1 - cos = {worst:.3e} < -{NEGATIVE_TOL:g}; not an accurate Gram matrix")
+    return D.clamp_min_(0.0)
+
+
+def cosine_distance(X, offsets: torch.Tensor, layers=None, **kw) -> torch.Tensor:
+    """1 - cos [N, N] float64 between snapshots (rows of X or row blocks), over the chosen layers."""
+    from . import ops
+    return cosine_distance_from_gram(layer_gram(ops.segment_gram(X, offsets, **kw), layers))
