@@ -170,7 +170,7 @@ def philox_normal_range(start: int, n: int, seed: int, offset: int, device=None)
     return z[lo:lo + n]
 
 
-def philox_normal(n: int, seed: int, offset: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def philox_normal(n: int, seed: int, offset: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Twin of torch.ops.pylandscape.philox_normal: the stream's first n normals (CPU)."""
     return philox_normal_range(0, int(n), seed, offset).to(dtype)
 

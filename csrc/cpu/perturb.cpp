@@ -32,11 +32,20 @@ inline void normal_block(uint64_t seed, uint64_t offset, uint64_t c0, float* z) 
     x2[j] = static_cast<uint32_t>(offset);
     x3[j] = static_cast<uint32_t>(offset >> 32);
   }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    for (int j = 0; j < kLanes; ++j) philox_round(x0[j], x1[j], x2[j], x3[j], k0, k1);
-    k0 += kPhiloxW0;
-    k1 += kPhiloxW1;
+  // Lane-outer, rounds unrolled: the compiler vectorises over the 16 lanes (round-outer loops do not).
+  const uint32_t K0 = static_cast<uint32_t>(seed), K1 = static_cast<uint32_t>(seed >> 32);
+  for (int j = 0; j < kLanes; ++j) {
+    uint32_t c0 = x0[j], c1 = x1[j], c2 = x2[j], c3 = x3[j], k0 = K0, k1 = K1;
+#pragma GCC unroll 10
+    for (int r = 0; r < 10; ++r) {
+      philox_round(c0, c1, c2, c3, k0, k1);
+      k0 += kPhiloxW0;
+      k1 += kPhiloxW1;
+    }
+    x0[j] = c0;
+    x1[j] = c1;
+    x2[j] = c2;
+    x3[j] = c3;
   }
   float r01[kLanes], r23[kLanes], s01[kLanes], c01[kLanes], s23[kLanes], c23[kLanes];
   for (int j = 0; j < kLanes; ++j) {
@@ -68,10 +77,10 @@ inline void noise_range_impl(const T* w, T* out, int64_t begin, int64_t end, uin
     if (w == nullptr) {
       for (int64_t i = lo - b; i < hi - b; ++i) o[i] = static_cast<T>(z[i]);
     } else if (w == out) {
-      for (int64_t i = lo - b; i < hi - b; ++i) o[i] = o[i] + sigma * static_cast<T>(z[i]);
+      for (int64_t i = lo - b; i < hi - b; ++i) o[i] = add_noise(o[i], sigma, z[i]);
     } else {
       const T* x = w + b;
-      for (int64_t i = lo - b; i < hi - b; ++i) o[i] = x[i] + sigma * static_cast<T>(z[i]);
+      for (int64_t i = lo - b; i < hi - b; ++i) o[i] = add_noise(x[i], sigma, z[i]);
     }
   }
 }

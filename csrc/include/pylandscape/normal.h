@@ -22,38 +22,10 @@
 #include <cstdint>
 #include <cstring>
 
+#include "pylandscape/exact.h"
 #include "pylandscape/philox.h"
 
 namespace pylandscape {
-namespace fp {
-
-#if defined(__CUDA_ARCH__)
-PLK_HD float mul(float a, float b) { return __fmul_rn(a, b); }
-PLK_HD float add(float a, float b) { return __fadd_rn(a, b); }
-PLK_HD float sub(float a, float b) { return __fsub_rn(a, b); }
-PLK_HD float div(float a, float b) { return __fdiv_rn(a, b); }
-PLK_HD float sqrt(float a) { return __fsqrt_rn(a); }
-PLK_HD uint32_t bits(float a) { return static_cast<uint32_t>(__float_as_int(a)); }
-PLK_HD float from_bits(uint32_t b) { return __int_as_float(static_cast<int>(b)); }
-#else
-PLK_HD float mul(float a, float b) { return a * b; }
-PLK_HD float add(float a, float b) { return a + b; }
-PLK_HD float sub(float a, float b) { return a - b; }
-PLK_HD float div(float a, float b) { return a / b; }
-PLK_HD float sqrt(float a) { return __builtin_sqrtf(a); }  // IEEE correctly rounded (sqrtss/vsqrtps)
-PLK_HD uint32_t bits(float a) {
-  uint32_t b;
-  std::memcpy(&b, &a, sizeof b);
-  return b;
-}
-PLK_HD float from_bits(uint32_t b) {
-  float a;
-  std::memcpy(&a, &b, sizeof a);
-  return a;
-}
-#endif
-
-}  // namespace fp
 
 // float32 constants (Taylor / atanh-series coefficients rounded to float32); _reference.py has the same.
 constexpr float kPi4 = 0x1.921fb6p-1f;
@@ -71,11 +43,11 @@ PLK_HD float log_u24(uint32_t n) {
   using namespace fp;
   const float nf = static_cast<float>(static_cast<int32_t>(n));  // exact
   const uint32_t b = bits(nf);
-  int32_t e = static_cast<int32_t>(b >> 23) - 127;                // 0 .. 24
-  float m = from_bits((b & 0x7FFFFFu) | 0x3F800000u);            // [1, 2)
-  const bool big = m > kSqrt2;
-  m = big ? mul(m, 0.5f) : m;                                     // [sqrt(1/2), sqrt(2)]
-  e = (big ? e + 1 : e) - 24;
+  // m = mantissa in [1, 2); when m > sqrt(2) (mantissa bits > those of sqrt(2)) take m / 2 instead (an
+  // exponent change, exact), so m lies in [sqrt(1/2), sqrt(2)]. Integer selects: no branches, SIMD-friendly.
+  const uint32_t big = (b & 0x7FFFFFu) > 0x3504F3u ? 1u : 0u;
+  const float m = from_bits((b & 0x7FFFFFu) | (0x3F800000u - (big << 23)));
+  const int32_t e = static_cast<int32_t>(b >> 23) - 127 + static_cast<int32_t>(big) - 24;  // -24 .. 0
   const float f = sub(m, 1.0f);                                   // exact (Sterbenz)
   const float s = div(f, add(f, 2.0f));
   const float s2 = mul(s, s);
@@ -104,8 +76,9 @@ PLK_HD float normal_radius(uint32_t x) { return fp::sqrt(fp::mul(log_u24((x >> 8
 PLK_HD void sincos_turn24(uint32_t x, float& sn_out, float& cs_out) {
   using namespace fp;
   const uint32_t o = x >> 29;
-  float t = mul(static_cast<float>(static_cast<int32_t>((x >> 8) & 0x1FFFFFu)), 0x1p-21f);  // exact
-  t = (o & 1u) ? sub(1.0f, t) : t;                                                            // exact
+  // Selections and sign changes below are bit operations (exact, and branch-free for SIMD).
+  const float t0 = mul(static_cast<float>(static_cast<int32_t>((x >> 8) & 0x1FFFFFu)), 0x1p-21f);  // exact
+  const float t = select_bits(0u - (o & 1u), sub(1.0f, t0), t0);                                 // exact
   const float th = mul(t, kPi4);
   const float x2 = mul(th, th);
   float ps = mul(x2, kSin4);
@@ -127,13 +100,11 @@ PLK_HD void sincos_turn24(uint32_t x, float& sn_out, float& cs_out) {
   pc = add(pc, kCos1);
   pc = mul(pc, x2);
   const float cs = add(pc, 1.0f);
-  const bool swap = ((o + 1u) >> 1) & 1u;
-  float so = swap ? cs : sn;
-  float co = swap ? sn : cs;
-  so = ((o >> 2) & 1u) ? -so : so;
-  co = (((o + 2u) >> 2) & 1u) ? -co : co;
-  sn_out = so;
-  cs_out = co;
+  const uint32_t swap = 0u - (((o + 1u) >> 1) & 1u);
+  const uint32_t so = bits(select_bits(swap, cs, sn)) ^ (((o >> 2) & 1u) << 31);
+  const uint32_t co = bits(select_bits(swap, sn, cs)) ^ ((((o + 2u) >> 2) & 1u) << 31);
+  sn_out = from_bits(so);
+  cs_out = from_bits(co);
 }
 
 // The four normals of counter c (elements 4c .. 4c+3) of stream (seed, offset).
@@ -150,6 +121,12 @@ PLK_HD void philox_normal4(uint64_t seed, uint64_t offset, uint64_t c, float z[4
   z[1] = fp::mul(r01, s01);
   z[2] = fp::mul(r23, c23);
   z[3] = fp::mul(r23, s23);
+}
+
+// One perturbed element: w + sigma * z, each operation rounded once in T (float or double).
+template <typename T>
+PLK_HD T add_noise(T w, T sigma, float z) {
+  return fp::add(w, fp::mul(sigma, static_cast<T>(z)));
 }
 
 }  // namespace pylandscape

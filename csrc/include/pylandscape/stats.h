@@ -88,7 +88,7 @@ PLK_HD void moments_finish(const Moments& m, double* out3) {
     return;
   }
   out3[0] = m.mean;
-  out3[1] = std::sqrt(m.m2 / m.n);
+  out3[1] = ::sqrt(m.m2 / m.n);
   out3[2] = m.sabs / m.n;
 }
 
