@@ -73,6 +73,17 @@ def _f32_to_bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(torch.int32).to(torch.int64) & _MASK32
 
 
+def _div32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    # Correctly rounded float32 a / b: exact in float64, then one rounding (double rounding is harmless
+    # for division and square root: 53 >= 2 * 24 + 2). torch's own float32 kernels are not always exact
+    # (its vectorised float32 sqrt was seen 0.53 ulp off), the C++ and CUDA kernels are.
+    return (a.to(torch.float64) / b.to(torch.float64)).to(torch.float32)
+
+
+def _sqrt32(a: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(a.to(torch.float64)).to(torch.float32)
+
+
 def _radius(x: torch.Tensor) -> torch.Tensor:
     """sqrt(-2 ln u), u = ((x >> 8) + 1) 2^-24, in float32 (see normal.h for the operation order)."""
     n = ((x >> 8) + 1).to(torch.float32)                      # exact: 1 .. 2^24
@@ -83,7 +94,7 @@ def _radius(x: torch.Tensor) -> torch.Tensor:
     m = torch.where(big, m * 0.5, m)                          # [sqrt(1/2), sqrt(2)]
     e = torch.where(big, e + 1, e) - 24
     f = m - 1.0                                               # exact (Sterbenz)
-    s = f / (f + 2.0)
+    s = _div32(f, f + 2.0)
     s2 = s * s
     p = s2 * _LOG[3]
     p = p + _LOG[2]
@@ -99,7 +110,7 @@ def _radius(x: torch.Tensor) -> torch.Tensor:
     lnu = ef * _LN2_LO
     lnu = lnu + ln1p
     lnu = lnu + ef * _LN2_HI                                  # ef * LN2_HI is exact
-    return torch.sqrt(lnu * -2.0)
+    return _sqrt32(lnu * -2.0)
 
 
 def _sincos(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,7 +170,7 @@ def philox_normal_range(start: int, n: int, seed: int, offset: int, device=None)
     return z[lo:lo + n]
 
 
-def philox_normal(n: int, seed: int, offset: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def philox_normal(n: int, seed: int, offset: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Twin of torch.ops.pylandscape.philox_normal: the stream's first n normals (CPU)."""
     return philox_normal_range(0, int(n), seed, offset).to(dtype)
 

@@ -1,0 +1,123 @@
+// layer_stats on CUDA: each block reduces whole chunks (the same chunk layout as the CPU kernel, so the
+// per-layer merge order is identical), then one thread per layer merges its chunks in order.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+#include "pylandscape/checks.h"
+#include "pylandscape/cuda_kernels.h"
+#include "pylandscape/stats.h"
+
+namespace pylandscape {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    chunk_moments_kernel(const T* __restrict__ x, const int64_t* __restrict__ table, int64_t nch, Moments* part) {
+  __shared__ double sh[3][kThreads];
+  for (int64_t c = blockIdx.x; c < nch; c += gridDim.x) {
+    const int64_t begin = table[3 * c + 1], end = table[3 * c + 2];
+    const double K = static_cast<double>(x[begin]);
+    double s1 = 0, s2 = 0, sa = 0;
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+      const double v = static_cast<double>(x[i]);
+      const double d = __dsub_rn(v, K);
+      s1 = __dadd_rn(s1, d);
+      s2 = __dadd_rn(s2, __dmul_rn(d, d));
+      sa = __dadd_rn(sa, fabs(v));
+    }
+    sh[0][threadIdx.x] = s1;
+    sh[1][threadIdx.x] = s2;
+    sh[2][threadIdx.x] = sa;
+    __syncthreads();
+    for (int w = kThreads / 2; w > 0; w >>= 1) {
+      if (threadIdx.x < w) {
+        sh[0][threadIdx.x] += sh[0][threadIdx.x + w];
+        sh[1][threadIdx.x] += sh[1][threadIdx.x + w];
+        sh[2][threadIdx.x] += sh[2][threadIdx.x + w];
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x == 0)
+      part[c] = moments_from_shifted(static_cast<double>(end - begin), K, sh[0][0], sh[1][0], sh[2][0]);
+    __syncthreads();  // sh is reused by the next chunk
+  }
+}
+
+__global__ void merge_kernel(const Moments* __restrict__ part, const int64_t* __restrict__ first, int64_t L,
+                             double* __restrict__ out) {
+  for (int64_t l = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; l < L;
+       l += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    Moments m;
+    for (int64_t i = first[l]; i < first[l + 1]; ++i) moments_merge(m, part[i]);
+    moments_finish(m, out + 3 * l);
+  }
+}
+
+}  // namespace
+
+int64_t upload_chunks(const int64_t* offs, int64_t L, const at::Device& device, at::Tensor& table) {
+  std::vector<int64_t> first;
+  const std::vector<Chunk> chunks = make_chunks(offs, L, &first);
+  const int64_t nch = static_cast<int64_t>(chunks.size());
+  at::Tensor host = at::empty({3 * nch + L + 1}, at::TensorOptions().dtype(at::kLong));
+  int64_t* h = host.data_ptr<int64_t>();
+  for (int64_t i = 0; i < nch; ++i) {
+    h[3 * i] = chunks[i].layer;
+    h[3 * i + 1] = chunks[i].begin;
+    h[3 * i + 2] = chunks[i].end;
+  }
+  std::copy(first.begin(), first.end(), h + 3 * nch);
+  table = host.to(device);  // small; a synchronous copy on the current stream
+  return nch;
+}
+
+at::Tensor layer_stats_device(const at::Tensor& flat, const at::Tensor& offs, const at::Tensor& table, int64_t nch) {
+  const int64_t L = offs.numel() - 1;
+  at::Tensor out = at::empty({L, 3}, flat.options().dtype(at::kDouble));
+  if (L == 0) return out;
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  static_assert(sizeof(Moments) == 4 * sizeof(double), "Moments is four doubles");
+  at::Tensor part = at::empty({std::max<int64_t>(nch, 1) * 4}, flat.options().dtype(at::kDouble));
+  Moments* pp = reinterpret_cast<Moments*>(part.data_ptr<double>());
+  const int64_t* tp = table.data_ptr<int64_t>();
+  if (nch > 0) {
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(nch, 65536));
+    if (flat.scalar_type() == at::kFloat)
+      chunk_moments_kernel<float><<<grid, kThreads, 0, stream>>>(flat.data_ptr<float>(), tp, nch, pp);
+    else
+      chunk_moments_kernel<double><<<grid, kThreads, 0, stream>>>(flat.data_ptr<double>(), tp, nch, pp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  const unsigned mgrid = static_cast<unsigned>(std::min<int64_t>((L + 127) / 128, 65536));
+  merge_kernel<<<mgrid, 128, 0, stream>>>(pp, tp + 3 * nch, L, out.data_ptr<double>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+namespace {
+
+at::Tensor layer_stats_cuda(const at::Tensor& flat_in, const at::Tensor& offsets) {
+  check_float(flat_in, "flat");
+  TORCH_CHECK_VALUE(flat_in.dim() == 1, "pylandscape: flat must be 1-D [P], got ", flat_in.sizes());
+  TORCH_CHECK_VALUE(flat_in.is_cuda(), "pylandscape: flat must be a CUDA tensor here, got ", flat_in.device());
+  c10::cuda::CUDAGuard guard(flat_in.device());
+  const at::Tensor flat = flat_in.contiguous();
+  const at::Tensor offs = check_offsets(offsets.to(at::kCPU), flat.numel());
+  at::Tensor table;
+  const int64_t nch = upload_chunks(offs.data_ptr<int64_t>(), offs.numel() - 1, flat.device(), table);
+  return layer_stats_device(flat, offs, table, nch);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace pylandscape
+
+TORCH_LIBRARY_IMPL(pylandscape, CUDA, m) { m.impl("layer_stats", &pylandscape::cuda::layer_stats_cuda); }

@@ -1,0 +1,39 @@
+// Argument checks of the C++ ops: the second line of defence behind pylandscape/ops.py, which raises
+// the same conditions earlier with friendlier messages. TORCH_CHECK_VALUE raises Python ValueError.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace pylandscape {
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "pylandscape: ", name,
+                    " must be float32 or float64, got ", t.scalar_type());
+}
+
+// offsets: int64 CPU [L+1], offsets[0] = 0, non-decreasing, offsets[L] = numel. Returns it contiguous.
+inline at::Tensor check_offsets(const at::Tensor& offsets, int64_t numel) {
+  TORCH_CHECK_VALUE(offsets.scalar_type() == at::kLong, "pylandscape: offsets must be int64, got ",
+                    offsets.scalar_type());
+  TORCH_CHECK_VALUE(offsets.device().is_cpu(),
+                    "pylandscape: offsets must be a CPU tensor (the kernels read layer bounds on the host)");
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.numel() >= 1, "pylandscape: offsets must be 1-D [L+1], got ",
+                    offsets.sizes());
+  at::Tensor o = offsets.contiguous();
+  const int64_t* p = o.data_ptr<int64_t>();
+  const int64_t n = o.numel();
+  TORCH_CHECK_VALUE(p[0] == 0, "pylandscape: offsets[0] must be 0, got ", p[0]);
+  for (int64_t i = 1; i < n; ++i) {
+    TORCH_CHECK_VALUE(p[i] >= p[i - 1], "pylandscape: offsets must be non-decreasing, but offsets[", i,
+                      "] = ", p[i], " < offsets[", i - 1, "] = ", p[i - 1]);
+  }
+  TORCH_CHECK_VALUE(p[n - 1] == numel, "pylandscape: offsets[-1] must equal the number of parameters ", numel,
+                    ", got ", p[n - 1]);
+  return o;
+}
+
+// scales [K, L] float64 on the CPU (moved there when needed; they are small).
+inline at::Tensor host_double(const at::Tensor& t) { return t.to(at::kCPU, at::kDouble).contiguous(); }
+
+}  // namespace pylandscape

@@ -1,0 +1,95 @@
+// Per-layer statistics (mean, population std, mean |w|) accumulated in float64, and the chunk layout
+// shared by the statistics and the noise kernels on CPU and CUDA.
+//
+// A layer is cut into chunks of at most kChunk elements whose boundaries are layer boundaries or
+// multiples of kChunk (so every chunk starts on a 4-element Philox counter boundary unless it starts
+// a layer). Each chunk sums (x - K), (x - K)^2 and |x| with K = its first element (shifted sums:
+// accurate for layers with a large mean), then chunks merge in order with Chan et al.'s formula.
+// The merge order is fixed, so the statistics do not depend on the number of threads.
+//
+// Empty layer: mean, std and mean |w| are NaN (0/0); the perturbation never touches it.
+// NaN/Inf in a layer makes its mean |w| non-finite; the perturbation rejects such layers.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "pylandscape/macros.h"
+
+namespace pylandscape {
+
+constexpr int64_t kChunk = 16384;  // elements; a multiple of 64 (the CPU noise block)
+
+struct Chunk {
+  int64_t layer, begin, end;
+};
+
+// Chunks in layer order; first[l] .. first[l+1]-1 are the chunks of layer l.
+inline std::vector<Chunk> make_chunks(const int64_t* offsets, int64_t L, std::vector<int64_t>* first = nullptr) {
+  std::vector<Chunk> chunks;
+  if (first) first->assign(L + 1, 0);
+  for (int64_t l = 0; l < L; ++l) {
+    if (first) (*first)[l] = static_cast<int64_t>(chunks.size());
+    int64_t b = offsets[l];
+    const int64_t e = offsets[l + 1];
+    while (b < e) {
+      const int64_t next = (b / kChunk + 1) * kChunk;
+      const int64_t stop = next < e ? next : e;
+      chunks.push_back(Chunk{l, b, stop});
+      b = stop;
+    }
+  }
+  if (first) (*first)[L] = static_cast<int64_t>(chunks.size());
+  return chunks;
+}
+
+// Partial moments of one chunk: n, mean, M2 = sum (x - mean)^2, sum |x|.
+struct Moments {
+  double n = 0, mean = 0, m2 = 0, sabs = 0;
+};
+
+// From shifted sums s1 = sum (x - K), s2 = sum (x - K)^2 over n elements.
+PLK_HD Moments moments_from_shifted(double n, double K, double s1, double s2, double sabs) {
+  Moments m;
+  m.n = n;
+  if (n > 0) {
+    const double d = s1 / n;
+    m.mean = K + d;
+    const double m2 = s2 - s1 * d;
+    m.m2 = m2 > 0 ? m2 : 0;  // rounding can leave a tiny negative for constant chunks
+    // NaN/Inf propagate through sabs (and s1/s2) unchanged by the clamp above
+    if (!(m2 == m2)) m.m2 = m2;
+  }
+  m.sabs = sabs;
+  return m;
+}
+
+// Chan, Golub, LeVeque (1979): merge b into a.
+PLK_HD void moments_merge(Moments& a, const Moments& b) {
+  if (b.n == 0) return;
+  if (a.n == 0) {
+    a = b;
+    return;
+  }
+  const double n = a.n + b.n;
+  const double delta = b.mean - a.mean;
+  const double wb = b.n / n;
+  a.mean = a.mean + delta * wb;
+  a.m2 = a.m2 + b.m2 + delta * delta * (a.n * wb);
+  a.sabs = a.sabs + b.sabs;
+  a.n = n;
+}
+
+// Writes (mean, population std, mean |w|); NaN for an empty layer.
+PLK_HD void moments_finish(const Moments& m, double* out3) {
+  if (m.n == 0) {
+    const double nan = NAN;
+    out3[0] = out3[1] = out3[2] = nan;
+    return;
+  }
+  out3[0] = m.mean;
+  out3[1] = ::sqrt(m.m2 / m.n);
+  out3[2] = m.sabs / m.n;
+}
+
+}  // namespace pylandscape

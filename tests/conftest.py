@@ -1,0 +1,48 @@
+"""Shared fixtures. Tests run against the INSTALLED package (tests/ has no __init__.py, so the source
+tree is not on sys.path when pytest runs from the repository root)."""
+from __future__ import annotations
+
+import os
+import pathlib
+
+import pytest
+import torch
+
+import pylandscape
+
+SOURCE_TREE = pathlib.Path(__file__).resolve().parent.parent
+
+# The paper's CIFAR-10 net has P = 188,810 parameters in 12 tensors (5 conv layers + a classifier,
+# weights and biases); these sizes reproduce that layout.
+PAPER_SIZES = [2400, 32, 9216, 32, 18432, 64, 36864, 64, 73728, 128, 47840, 10]
+
+
+def _in_source_tree(path: str) -> bool:
+    try:
+        pathlib.Path(path).resolve().relative_to(SOURCE_TREE / "pylandscape")
+        return True
+    except ValueError:
+        return False
+
+
+if os.environ.get("PYLANDSCAPE_REQUIRE_EXT", "0") not in ("", "0"):
+    assert not _in_source_tree(pylandscape.__file__), (
+        f"PYLANDSCAPE_REQUIRE_EXT=1 but pylandscape was imported from the source tree "
+        f"({pylandscape.__file__}), which has no compiled _C. Install it first "
+        f"(MAX_JOBS=2 pip install --no-build-isolation .) and run pytest from the repository root "
+        f"without PYTHONPATH pointing at the checkout.")
+
+
+def offsets_of(sizes) -> torch.Tensor:
+    return torch.cumsum(torch.tensor([0] + list(sizes), dtype=torch.int64), 0)
+
+
+@pytest.fixture
+def paper_offsets() -> torch.Tensor:
+    return offsets_of(PAPER_SIZES)
+
+
+needs_ext = pytest.mark.skipif(not pylandscape.has_extension(),
+                               reason="compiled extension not available (pure-torch fallback in use)")
+needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and pylandscape.has_cuda_kernels()),
+                                reason="needs a CUDA device and an extension built with CUDA kernels")

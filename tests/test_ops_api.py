@@ -1,0 +1,172 @@
+"""Argument errors, opcheck, torch.compile, the pure-torch fallback, and CPU == CUDA (when present)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import pylandscape
+from conftest import PAPER_SIZES, needs_cuda, needs_ext, offsets_of
+from pylandscape import _ext
+from pylandscape import _reference as ref
+from pylandscape import ops
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+
+
+# ---- bad input: ValueError naming the argument ------------------------------------------------------
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: ops.layer_stats(torch.randn(10).int(), [0, 10]), "flat must be float32 or float64"),
+    (lambda: ops.layer_stats(torch.randn(2, 5), [0, 10]), "flat must have 1 dimension"),
+    (lambda: ops.layer_stats(torch.randn(10), [1, 10]), r"offsets\[0\] must be 0"),
+    (lambda: ops.layer_stats(torch.randn(10), [0, 6, 4, 10]), "offsets must be non-decreasing"),
+    (lambda: ops.layer_stats(torch.randn(10), [0, 9]), r"offsets\[-1\] must equal the number of parameters 10"),
+    (lambda: ops.layer_stats(torch.randn(10), torch.tensor([0.0, 10.0])), "offsets must be an integer tensor"),
+    (lambda: ops.layer_stats(torch.randn(10), torch.tensor([[0, 10]])), "offsets must be 1-D"),
+    (lambda: ops.perturb_layerwise(torch.randn(10), [0, 10], -0.1, seed=1), "scale must be finite and >= 0"),
+    (lambda: ops.perturb_layerwise(torch.randn(10), [0, 5, 10], [0.1], seed=1), r"scale must be a float or a tensor of shape \[L\]"),
+    (lambda: ops.perturb_layerwise(torch.randn(10), [0, 10], 0.1, mode="abs", seed=1), "mode must be 'std' or 'magnitude'"),
+    (lambda: ops.perturb_batched(torch.randn(10), [0, 10], [[0.1, 0.2]]), r"scales must have shape \[K\] or \[K, L\]"),
+    (lambda: ops.perturb_batched(torch.randn(10), [0, 10], [0.1, 0.2], seeds=[1]), "seeds must be K = 2 integers"),
+    (lambda: ops.perturb_layerwise(torch.randn(20)[::2], [0, 10], 0.1, seed=1, inplace=True), "flat must be contiguous"),
+    (lambda: ops.interpolate(torch.randn(10), torch.randn(11), [0.5]), "a and b must have one shape"),
+    (lambda: ops.interpolate(torch.randn(10), torch.randn(10).double(), [0.5]), "a and b must have one dtype"),
+    (lambda: ops.interpolate(torch.randn(10), torch.randn(10), [[0.5]]), "alphas must be a float or a 1-D tensor"),
+    (lambda: ops.combine(torch.randn(3, 10), [0.5, 0.5]), r"coeffs must have shape \[K, M\] or \[M\] with M = 3"),
+    (lambda: ops.combine(torch.randn(10), [0.5]), "W must have 2 dimension"),
+    (lambda: ops.philox_normal(-1, 0), "n must be >= 0"),
+])
+def test_bad_input_names_the_argument(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ---- opcheck and torch.compile -------------------------------------------------------------------
+
+def _samples():
+    flat = torch.randn(100)
+    offs = torch.tensor([0, 30, 30, 100])
+    sc = torch.full((2, 3), 0.1, dtype=torch.float64)
+    return [
+        (torch.ops.pylandscape.layer_stats.default, (flat, offs)),
+        (torch.ops.pylandscape.perturb.default, (flat, offs, sc, torch.tensor([1, 2]), 0, 0)),
+        (torch.ops.pylandscape.perturb_.default, (flat.clone(), offs, sc[0].clone(), 3, 0, 1)),
+        (torch.ops.pylandscape.interpolate.default, (flat, flat * 2, torch.tensor([0.0, 0.5], dtype=torch.float64))),
+        (torch.ops.pylandscape.combine.default, (torch.randn(3, 100), torch.randn(2, 3, dtype=torch.float64))),
+    ]
+
+
+@needs_ext
+def test_opcheck_every_op():
+    for op, args in _samples():
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+@needs_ext
+def test_torch_compile_fullgraph():
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile unavailable in this torch")
+    offs = offsets_of([40, 60])
+    alphas = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    coeffs = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+
+    def f(flat):
+        st = ops.layer_stats(flat, offs)
+        p = ops.perturb_layerwise(flat, offs, 0.1, seed=7)
+        pb = ops.perturb_batched(flat, offs, torch.tensor([0.1, 0.2], dtype=torch.float64), seeds=[1, 2])
+        line = ops.interpolate(flat, p, alphas)
+        avg = ops.combine(torch.stack([flat, p]), coeffs)
+        return st, p, pb, line, avg
+
+    flat = torch.randn(100)
+    eager = f(flat)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(flat)
+    for e, c in zip(eager, compiled):
+        assert torch.equal(e, c)
+
+
+# ---- fallback: the references give the same results -------------------------------------------------
+
+@needs_ext
+def test_fallback_gives_same_results(monkeypatch):
+    flat = torch.randn(sum(PAPER_SIZES))
+    offs = offsets_of(PAPER_SIZES)
+
+    def run():
+        return (ops.layer_stats(flat, offs), ops.perturb_layerwise(flat, offs, 0.1, seed=3),
+                ops.interpolate(flat, flat * 2, [0.0, 0.3]), ops.combine(torch.stack([flat, -flat]), [0.2, 0.7]),
+                ops.philox_normal(1000, 5))
+
+    with_ext = run()
+    monkeypatch.setitem(_ext._state, "loaded", False)
+    monkeypatch.setitem(_ext._state, "why", "test")
+    monkeypatch.setitem(_ext._state, "warned", False)
+    monkeypatch.delenv("PYLANDSCAPE_REQUIRE_EXT", raising=False)
+    with pytest.warns(RuntimeWarning, match="pure-PyTorch references"):
+        fallback = run()
+    torch.testing.assert_close(fallback[0], with_ext[0], rtol=1e-12, atol=1e-15, equal_nan=True)
+    torch.testing.assert_close(fallback[1], with_ext[1], rtol=1e-6, atol=1e-7)
+    for a, b in zip(fallback[2:], with_ext[2:]):
+        assert torch.equal(a, b)
+
+
+def test_disable_ext_in_subprocess():
+    code = textwrap.dedent("""
+        import warnings, torch
+        warnings.simplefilter("ignore")
+        import pylandscape
+        from pylandscape import ops
+        assert not pylandscape.has_extension()
+        print(float(ops.philox_normal(3, 1)[2]), float(ops.interpolate(torch.ones(2), torch.zeros(2), 0.25)[0, 0]))
+    """)
+    env = dict(__import__("os").environ, PYLANDSCAPE_DISABLE_EXT="1", PYLANDSCAPE_REQUIRE_EXT="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    z2, mid = map(float, out.stdout.split())
+    assert z2 == float(ref.philox_normal(3, 1)[2]) and mid == 0.75
+
+
+def test_require_ext_turns_fallback_into_error(monkeypatch):
+    monkeypatch.setitem(_ext._state, "loaded", False)
+    monkeypatch.setitem(_ext._state, "why", "test reason")
+    monkeypatch.setenv("PYLANDSCAPE_REQUIRE_EXT", "1")
+    with pytest.raises(RuntimeError, match="test reason.*Rebuild with"):
+        ops.layer_stats(torch.randn(3), [0, 3])
+
+
+# ---- CPU == CUDA ----------------------------------------------------------------------------------
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_equals_cpu(dtype):
+    sizes = PAPER_SIZES + [0, 1, 5]
+    g = torch.Generator().manual_seed(0)
+    flat = (torch.randn(sum(sizes), generator=g, dtype=torch.float64) * 0.1 + 0.05).to(dtype)
+    flat[-6:] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=dtype)
+    offs = offsets_of(sizes)
+    fc = flat.cuda()
+    st_cpu, st_gpu = ops.layer_stats(flat, offs), ops.layer_stats(fc, offs)
+    assert st_gpu.is_cuda
+    torch.testing.assert_close(st_gpu.cpu(), st_cpu, rtol=1e-13, atol=1e-16, equal_nan=True)
+    scales = torch.rand(5, len(sizes), dtype=torch.float64, generator=g)
+    scales[:, -2] = 0.0  # the one-element layer has std 0
+    seeds = [0, 1, -7, 2**62, 12345]
+    cpu = ops.perturb_batched(flat, offs, scales, seeds=seeds)
+    gpu = ops.perturb_batched(fc, offs, scales, seeds=seeds)
+    # noise bits are identical; sigmas may differ by an ulp of the statistics
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-6 if dtype == torch.float32 else 1e-12, atol=0)
+    sig = ref.layer_sigmas(st_gpu.cpu(), offs, scales, 0)
+    for k, s in enumerate(seeds):
+        assert torch.equal(gpu[k].cpu(), ref.apply_noise(flat, offs, sig[k], s, 0))
+    buf = fc.clone()
+    ops.perturb_layerwise(buf, offs, scales[1], seed=seeds[1], inplace=True)
+    assert torch.equal(buf, gpu[1])
+    al = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
+    assert torch.equal(ops.interpolate(fc, fc * 2, al).cpu(), ops.interpolate(flat, flat * 2, al))
+    W = torch.stack([flat, flat * 3, -flat])
+    c = torch.randn(4, 3, dtype=torch.float64, generator=g)
+    assert torch.equal(ops.combine(W.cuda(), c).cpu(), ops.combine(W, c))
