@@ -347,4 +347,24 @@ def segment_gram(X: torch.Tensor, offsets: torch.Tensor, Y: torch.Tensor | None 
                 # the shifted formula is symmetric in exact arithmetic; make it so bit for bit
                 blk = out[:, a:a + A.shape[0], a:a + A.shape[0]]
                 blk.copy_(torch.triu(blk) + torch.triu(blk, 1).transpose(1, 2))
+    if sym:
+        _exact_duplicates(X, off, out)
     return out
+
+
+def _exact_duplicates(X: torch.Tensor, off: list[int], out: torch.Tensor) -> None:
+    """Rows equal on a layer get identical Gram entries there, so their 1 - cos is exactly 0."""
+    for l in range(len(off) - 1):
+        lo, hi = off[l], off[l + 1]
+        if hi == lo or X.shape[0] < 2:
+            continue
+        _, inv = torch.unique(X[:, lo:hi], dim=0, return_inverse=True)
+        if int(inv.max()) + 1 == X.shape[0]:
+            continue  # no duplicates
+        first = torch.full((int(inv.max()) + 1,), X.shape[0], dtype=torch.long, device=X.device)
+        first.scatter_reduce_(0, inv, torch.arange(X.shape[0], device=X.device), reduce="amin")
+        rep = first[inv]  # each row's first twin
+        g = out[l]
+        val = g.diagonal()[rep]
+        same = inv[:, None] == inv[None, :]
+        g.copy_(torch.where(same, val[:, None].expand_as(g), g))

@@ -351,6 +351,13 @@ def segment_gram(X, offsets, *, Y=None, device=None, progress: bool = False,
                                memory_budget=budget)
 
 
+if _ext.loaded() and hasattr(torch.ops.pylandscape, "segment_gram"):
+    @torch.library.register_fake("pylandscape::segment_gram")
+    def _segment_gram_fake(X, offsets, Y=None):
+        M = X.shape[0] if Y is None else Y.shape[0]
+        return X.new_empty((offsets.shape[0] - 1, X.shape[0], M), dtype=torch.float64)
+
+
 
 # ======================================================================================
 # Section: torch.compile support (register_fake), guarded on the extension being loaded

@@ -1,0 +1,381 @@
+"""segment_gram: per-layer Grams accurate enough for 1 - cos of nearly parallel snapshots.
+
+The oracle for 1 - cos is independent of any Gram: with exact fp64 differences of the fp32 data,
+1 - cos = (d^2 - (n_i - n_j)^2) / (2 n_i n_j), d = |x_i - x_j|, n_i - n_j = (x_i - x_j).(x_i + x_j) / (n_i + n_j).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+from pylandscape import _ext, ops
+from pylandscape import _reference as ref
+from pylandscape.gram import NEGATIVE_TOL
+
+HAS_OP = _ext.loaded() and hasattr(torch.ops.pylandscape, "segment_gram")
+
+IMPLS = ["ops"] + (["op"] if HAS_OP else [])
+
+
+def gram(impl, X, off, Y=None):
+    if impl == "op":
+        return torch.ops.pylandscape.segment_gram(X, off, Y)
+    if impl == "reference":
+        return ref.segment_gram(X, off, Y)
+    return ops.segment_gram(X, off, Y=Y)
+
+
+def offsets(sizes):
+    return torch.cumsum(torch.tensor([0] + list(sizes), dtype=torch.int64), 0)
+
+
+def random_walks(n_traj, n_per, sizes, s0=1e-2, s1=1e-6, seed=0):
+    """n_traj trajectories of n_per fp32 snapshots from ONE shared start (so row 0 of every trajectory is
+    the same vector); step k moves each layer by s_k * (layer norm) in a random direction, s_k shrinking
+    geometrically from s0 to s1. Layers get very different scales."""
+    g = torch.Generator().manual_seed(seed)
+    off = offsets(sizes)
+    P = int(off[-1])
+    lay_scale = torch.cat([torch.full((s,), 10.0 ** float(torch.empty(1).uniform_(-2, 1, generator=g)))
+                           for s in sizes]).double()
+    x0 = torch.randn(P, generator=g, dtype=torch.float64) * lay_scale + 0.1 * lay_scale
+    rows = []
+    for _ in range(n_traj):
+        x = x0.float().double()
+        for k in range(n_per):
+            rows.append(x.float())
+            s = s0 * (s1 / s0) ** (k / max(n_per - 1, 1))
+            u = torch.randn(P, generator=g, dtype=torch.float64)
+            for l in range(len(sizes)):
+                a, b = int(off[l]), int(off[l + 1])
+                if b > a:
+                    x[a:b] += s * x[a:b].norm() * u[a:b] / u[a:b].norm()
+            x = x.float().double()
+    return torch.stack(rows), off
+
+
+def exact_one_minus_cos(X, off):
+    """[L + 1, N, N]: 1 - cos per layer, then for the whole model (see the module docstring)."""
+    Xd = X.double()
+    N, P = Xd.shape
+    L = off.numel() - 1
+    ind = torch.zeros(P, L, dtype=torch.float64)
+    for l in range(L):
+        ind[int(off[l]):int(off[l + 1]), l] = 1.0
+    ind = torch.cat([ind, torch.ones(P, 1, dtype=torch.float64)], 1)  # last column: whole model
+    d2 = torch.zeros(L + 1, N, N, dtype=torch.float64)
+    sd = torch.zeros_like(d2)
+    for i in range(N):
+        diff = Xd[i] - Xd
+        d2[:, i] = ((diff * diff) @ ind).T
+        sd[:, i] = ((diff * (Xd[i] + Xd)) @ ind).T
+    n2 = ((Xd * Xd) @ ind).T  # [L+1, N]
+    n = n2.sqrt()
+    dn = sd / (n[:, :, None] + n[:, None, :])
+    return (d2 - dn * dn) / (2 * n[:, :, None] * n[:, None, :])
+
+
+def one_minus_cos_raw(G):
+    """1 - G_ij / sqrt(G_ii G_jj) without clipping (to see negatives)."""
+    d = torch.diagonal(G, dim1=-2, dim2=-1)
+    return 1.0 - G / torch.sqrt(d.unsqueeze(-1) * d.unsqueeze(-2))
+
+
+def worst_rel_error(G, O, floor=1e-10):
+    """Worst relative error of 1 - cos over layers and the whole model, for pairs with 1 - cos >= floor;
+    layers where some row is zero are skipped (1 - cos undefined)."""
+    Gall = torch.cat([G, G.sum(0, keepdim=True)])
+    worst, neg = 0.0, math.inf
+    for l in range(Gall.shape[0]):
+        if (torch.diagonal(Gall[l]) == 0).any():
+            continue
+        D = one_minus_cos_raw(Gall[l])
+        m = O[l] >= floor
+        if m.any():
+            worst = max(worst, ((D - O[l]).abs() / O[l])[m].max().item())
+        neg = min(neg, D.min().item())
+    return worst, neg
+
+
+def scaled_err(G, R, na2=None, nb2=None):
+    """max |G - R| / (n_i n_j) over all layers (zero rows ignored); squared norms from R's diagonal
+    unless given ([L, N], [L, M])."""
+    na2 = torch.diagonal(R, dim1=-2, dim2=-1) if na2 is None else na2
+    nb2 = na2 if nb2 is None else nb2
+    sc = torch.sqrt(na2.unsqueeze(-1) * nb2.unsqueeze(-2))
+    e = (G - R).abs() / sc
+    return torch.nan_to_num(e, nan=0.0, posinf=0.0).max().item()
+
+
+def fp64_products(X, off, Y=None):
+    Xd = X.double()
+    Yd = Xd if Y is None else Y.double()
+    return torch.stack([Xd[:, a:b] @ Yd[:, a:b].T for a, b in zip(off[:-1].tolist(), off[1:].tolist())])
+
+
+@pytest.fixture(scope="module")
+def walks():
+    # three trajectories from the same start: close pairs sit far apart in index order too
+    X, off = random_walks(3, 60, [3000, 64, 1500, 1, 10, 800, 0], seed=3)
+    return X, off, exact_one_minus_cos(X, off)
+
+
+# ---------------------------------------------------------------------------------------------------
+# accuracy
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS + ["reference"])
+def test_random_walk_accuracy_bar(impl, walks):
+    X, off, O = walks
+    G = gram(impl, X, off)
+    worst, neg = worst_rel_error(G, O)
+    print(f"\n[{impl}] random walks: worst relative error of 1 - cos (>= 1e-10) = {worst:.3e}, "
+          f"most negative raw 1 - cos = {neg:.3e}")
+    assert worst <= 1e-3
+    assert neg >= -1e-15
+    D = ops.cosine_distance_from_gram(ops.layer_gram(G))
+    assert (D >= 0).all()
+
+
+def test_naive_fp32_fails_the_bar(walks):
+    # the test above can fail: the plain fp32 route is far off on the same data
+    X, off, O = walks
+    G = torch.stack([(X[:, a:b] @ X[:, a:b].T).double() for a, b in zip(off[:-1].tolist(), off[1:].tolist())])
+    worst, neg = worst_rel_error(G, O)
+    assert worst > 1e-1 and neg < 0
+
+
+def planar_rotation(N, P, seed=0, perm=True):
+    """x_k = 4095 u + (k + 1) v with u, v of disjoint supports and 12-bit entries (all exact in fp32),
+    |v| ~ 2^-5 |u|: 1 - cos in closed form via Lagrange's identity, from ~3e-11 upward."""
+    g = torch.Generator().manual_seed(seed)
+    h = P // 2
+    u = torch.zeros(P, dtype=torch.float64)
+    v = torch.zeros(P, dtype=torch.float64)
+    u[:h] = 1 + torch.randint(0, 2048, (h,), generator=g).double() / 2048
+    v[h:] = (1 + torch.randint(0, 2048, (P - h,), generator=g).double() / 2048) / 32
+    a = 4095.0
+    b = torch.arange(1, N + 1, dtype=torch.float64)
+    if perm:
+        b = b[torch.randperm(N, generator=g)]
+    X = a * u[None, :] + b[:, None] * v[None, :]
+    assert torch.equal(X.float().double(), X)  # exactly representable
+    U, V = float((u * u).sum()), float((v * v).sum())  # exact: sums of 24-bit squares
+    nk = a * a * U + b * b * V
+    dot = a * a * U + b[:, None] * b[None, :] * V
+    cross = a * (b[None, :] - b[:, None])  # a b_m - a_m b_k, exact
+    root = torch.sqrt(nk[:, None] * nk[None, :])
+    omc = U * V * cross * cross / (root * (root + dot))
+    return X.float(), omc, h
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_known_geometry_rotation(impl):
+    X, omc, h = planar_rotation(120, 6000)
+    G = gram(impl, X, offsets([h, 6000 - h]))
+    D = one_minus_cos_raw(G.sum(0))
+    m = omc >= 1e-10
+    assert m.sum() > 100 and (omc[~torch.eye(120, dtype=torch.bool)] < 1e-10).sum() > 10
+    rel = ((D - omc).abs() / omc)[m].max().item()
+    print(f"\n[{impl}] rotation: worst relative error {rel:.3e}, min 1 - cos {omc[omc > 0].min().item():.2e}")
+    assert rel <= 1e-3
+    assert (D - omc).abs().max().item() <= 1e-14
+    # layer 0 holds the same vector 4095 u in every row: 1 - cos exactly 0
+    assert (one_minus_cos_raw(G[0]) == 0).all()
+    # layer 1 rows are exactly parallel (multiples of v)
+    assert one_minus_cos_raw(G[1]).abs().max().item() <= 1e-15
+
+
+def test_naive_fp32_fails_rotation():
+    X, omc, h = planar_rotation(120, 6000)
+    D = one_minus_cos_raw((X @ X.T).double())
+    m = omc >= 1e-10
+    assert ((D - omc).abs() / omc)[m].max().item() > 1.0
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_generic_data_against_fp64(impl):
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(150, 3000, generator=g) * torch.linspace(0.1, 3, 3000)
+    off = offsets([1000, 1, 0, 1999])
+    G = gram(impl, X, off)
+    R = fp64_products(X, off)
+    # far-apart rows: error ~ eps32 * |x_i - ref||x_j - ref|, certified <= 2.5e-4 (n_i n_j - G_ij)
+    assert scaled_err(G, R) <= 2e-6
+    assert torch.allclose(torch.diagonal(G, dim1=1, dim2=2), torch.diagonal(R, dim1=1, dim2=2), rtol=1e-14,
+                          atol=0)
+    assert torch.equal(G, G.transpose(1, 2))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_float64_input(impl, walks):
+    X, off, _ = walks
+    Xd = X[:100].double() * (1 + 1e-9 * torch.randn(100, X.shape[1], dtype=torch.float64,
+                                                     generator=torch.Generator().manual_seed(0)))
+    G = gram(impl, Xd, off)
+    assert G.dtype == torch.float64
+    assert scaled_err(G, fp64_products(Xd, off)) <= 1e-12
+
+
+def test_reference_matches_plain_fp64_on_generic_data():
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(70, 900, generator=g)
+    off = offsets([300, 600])
+    assert scaled_err(ref.segment_gram(X, off, block_bytes=20 * 900 * 8), fp64_products(X, off)) <= 1e-13
+
+
+# ---------------------------------------------------------------------------------------------------
+# duplicates, X vs Y, shapes, streaming
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_duplicates_give_exact_zero(impl, walks):
+    X, off, _ = walks
+    idx = torch.tensor([0, 5, 0, 17, 5, 150, 17, 0, 179, 150])
+    Xs = X[idx]
+    G = gram(impl, Xs, off)
+    Gall = torch.cat([G, G.sum(0, keepdim=True)])
+    for l in range(Gall.shape[0]):
+        if (torch.diagonal(Gall[l]) == 0).any():
+            continue
+        D = one_minus_cos_raw(Gall[l])
+        same = idx[:, None] == idx[None, :]
+        if l < G.shape[0]:
+            assert (D[same] == 0).all(), l
+        assert D.min().item() >= -1e-15
+    # rows 0, 60, 120 are the shared start of the three trajectories
+    G = gram(impl, X, off)
+    for a, b in [(0, 60), (0, 120), (60, 120)]:
+        assert torch.equal(G[:, a, b], G[:, a, a])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_x_and_y_different(impl, walks):
+    X, off, O = walks
+    A, B = X[::2], X[1::2][:50]
+    G = gram(impl, A, off, B)
+    assert G.shape == (off.numel() - 1, A.shape[0], B.shape[0])
+    Gs = gram(impl, X, off)
+    na2 = torch.diagonal(fp64_products(A, off), dim1=1, dim2=2)
+    nb2 = torch.diagonal(fp64_products(B, off), dim1=1, dim2=2)
+    assert scaled_err(G, fp64_products(A, off, B), na2, nb2) <= 1e-6
+    # 1 - cos from the cross Gram, with the rows' squared norms (the symmetric Gram's diagonals)
+    dA = torch.diagonal(gram(impl, A, off), dim1=1, dim2=2).sum(0)
+    dB = torch.diagonal(gram(impl, B, off), dim1=1, dim2=2).sum(0)
+    D = ops.cosine_distance_from_gram(G.sum(0), dA, dB)
+    o = O[-1][::2][:, 1::2][:, :50]
+    m = o >= 1e-10
+    assert ((D - o).abs() / o)[m].max().item() <= 1e-3
+    assert torch.allclose(dA, torch.diagonal(Gs.sum(0))[::2], rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("N", [1, 2, 511, 513])
+def test_odd_row_counts(impl, N):
+    g = torch.Generator().manual_seed(N)
+    base = torch.randn(1, 40, generator=g)
+    X = base + 1e-3 * torch.cumsum(torch.randn(N, 40, generator=g), 0)
+    off = offsets([17, 0, 1, 22])
+    G = gram(impl, X, off)
+    assert G.shape == (4, N, N)
+    R = fp64_products(X, off)
+    assert scaled_err(G, R) <= 1e-9
+    assert (G[1] == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_single_layer_and_noncontiguous(impl):
+    g = torch.Generator().manual_seed(4)
+    big = torch.randn(60, 2 * 700, generator=g)
+    X = big[:, ::2]  # non-contiguous rows
+    assert not X.is_contiguous()
+    off = offsets([700])
+    G = gram(impl, X, off)
+    assert G.shape == (1, 60, 60)
+    assert torch.equal(G, gram(impl, X.contiguous(), off))
+    Xt = X.contiguous().T.contiguous().T  # column-major storage
+    assert torch.equal(G, gram(impl, Xt, off))
+
+
+def test_streamed_blocks_equal_one_tensor(walks):
+    X, off, O = walks
+    G = ops.segment_gram(X, off)
+    blocks = [X[:7], X[7:8], X[8:100], X[100:]]
+    budget = 4 * 4 * X.shape[1] * 50  # panels of 50 rows: several panel pairs
+    for src in (blocks, iter(blocks), tuple(blocks)):
+        Gs = ops.segment_gram(src, off, memory_budget=budget)
+        assert Gs.shape == G.shape
+        assert scaled_err(Gs, G) <= 1e-6  # block pairs use other references: equal to rounding
+        worst, neg = worst_rel_error(Gs, O)
+        assert worst <= 1e-3 and neg >= -1e-15
+    # the diagonal is canonical (per-row compensated sums) whatever the blocking
+    assert torch.equal(torch.diagonal(Gs, dim1=1, dim2=2), torch.diagonal(G, dim1=1, dim2=2)) or not HAS_OP
+
+    class Reiterable:  # e.g. snapshots read from disk on each pass
+        def __iter__(self):
+            yield from blocks
+
+    Gr = ops.segment_gram(Reiterable(), off, Y=[X[:50], X[50:60]], memory_budget=budget)
+    d = torch.diagonal(G, dim1=1, dim2=2)
+    assert scaled_err(Gr, G[:, :, :60], d, d[:, :60]) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------
+# op registration and bad input
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_OP, reason="compiled extension not loaded")
+def test_opcheck():
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(9, 30, generator=g)
+    Y = torch.randn(4, 30, generator=g)
+    off = offsets([10, 0, 20])
+    torch.library.opcheck(torch.ops.pylandscape.segment_gram.default, (X, off, None))
+    torch.library.opcheck(torch.ops.pylandscape.segment_gram.default, (X, off, Y))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_input(impl):
+    X = torch.randn(5, 10)
+    off = offsets([4, 6])
+    with pytest.raises(ValueError, match="X"):
+        gram(impl, X.int(), off)
+    with pytest.raises(ValueError, match="offsets"):
+        gram(impl, X, offsets([4, 5]))
+    with pytest.raises(ValueError, match="offsets"):
+        gram(impl, X, torch.tensor([0, 6, 4, 10]))
+    with pytest.raises(ValueError, match="offsets"):
+        gram(impl, X, off.int())
+    bad = X.clone()
+    bad[3, 7] = float("nan")
+    with pytest.raises(ValueError, match="layer 1"):
+        gram(impl, bad, off)
+    with pytest.raises(ValueError, match="Y"):
+        gram(impl, X, off, torch.randn(3, 9))
+    with pytest.raises(ValueError, match="Y|dtype"):
+        gram(impl, X, off, torch.randn(3, 10, dtype=torch.float64))
+
+
+def test_cosine_distance_helpers():
+    G = torch.tensor([[4.0, 2.0, 4.0], [2.0, 1.0, 2.0], [4.0, 2.0, 4.0]], dtype=torch.float64)
+    D = ops.cosine_distance_from_gram(G)
+    assert torch.equal(D, torch.zeros(3, 3, dtype=torch.float64))  # parallel rows, exactly 0
+    G2 = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    assert torch.allclose(ops.cosine_distance_from_gram(G2), torch.tensor([[0.0, 1.0], [1.0, 0.0]],
+                                                                          dtype=torch.float64))
+    tiny = torch.tensor([[1.0, 1.0 + 2e-16], [1.0 + 2e-16, 1.0]], dtype=torch.float64)
+    assert (ops.cosine_distance_from_gram(tiny) == 0).all()  # round-off below 0 is clipped
+    with pytest.raises(ValueError, match="not an accurate Gram"):
+        ops.cosine_distance_from_gram(torch.tensor([[1.0, 1.1], [1.1, 1.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="zero norm"):
+        ops.cosine_distance_from_gram(torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+    Gl = torch.arange(24, dtype=torch.float64).view(3, 2, 4)
+    assert torch.equal(ops.layer_gram(Gl), Gl.sum(0))
+    assert torch.equal(ops.layer_gram(Gl, [0, 2]), Gl[0] + Gl[2])
+    assert torch.equal(ops.layer_gram(Gl, 1), Gl[1])
+    with pytest.raises(ValueError, match="sq_norms"):
+        ops.cosine_distance_from_gram(Gl[0])
+    assert NEGATIVE_TOL < 1e-12
