@@ -1,0 +1,112 @@
+"""The experiment runner's command line: listing, help, errors, config overrides and the output folder rules."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pylandscape.experiments import MODULES, _common as C, cli, load_all
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_list_names_every_module(capsys):
+    assert cli.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    mods = load_all()
+    # every module file present in the package is registered and listed
+    present = [m for m in MODULES if (ROOT / "pylandscape" / "experiments" / f"{m}.py").exists()]
+    assert len(mods) == len(present)
+    for name, mod in mods.items():
+        assert name in out and mod.FIGURE in out
+    for name in ("sgd-stages", "bgd-branches", "perturb-retrain", "agreement", "interpolate", "polynomial",
+                 "overparam", "random-labels"):
+        assert name in mods
+
+
+@pytest.mark.parametrize("name", sorted(load_all()))
+def test_help_explains_the_figure(name, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([name, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    mod = load_all()[name]
+    assert mod.FIGURE in out and "--preset" in out and "--set" in out
+    for f in dataclasses.fields(mod.PRESETS["quick"]):
+        assert f.name in out
+
+
+def test_unknown_experiment_is_one_line_error(capsys):
+    assert cli.main(["no-such-thing"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unknown experiment 'no-such-thing'" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("sets, msg", [
+    (["nofield=1"], "unknown field 'nofield'"),
+    (["epochs=abc"], "epochs: expected an integer"),
+    (["epochs"], "field=value"),
+])
+def test_bad_set_is_one_line_error(tmp_path, capsys, sets, msg):
+    argv = ["bgd-branches", "--out", str(tmp_path / "o")]
+    for s in sets:
+        argv += ["--set", s]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_overrides_parse_types():
+    from pylandscape.experiments import bgd_branches as B
+    c = C.apply_overrides(B.PRESETS["quick"], ["branch_epochs=0,5", "branch_scale=0.5", "train_size=none",
+                                                "lr=1e-3", "chunk-size=64", "mds_layer=2"])
+    assert c.branch_epochs == (0, 5) and c.branch_scale == (0.5,) and c.train_size is None
+    assert c.lr == 1e-3 and c.chunk_size == 64 and c.mds_layer == "2"
+    with pytest.raises(ValueError, match="integer"):
+        C.apply_overrides(B.PRESETS["quick"], ["epochs=2.5"])
+    from pylandscape.experiments import perturb_retrain as PR
+    assert C.apply_overrides(PR.PRESETS["quick"], ["reference=false"]).reference is False
+
+
+@pytest.mark.parametrize("name", sorted(load_all()))
+def test_config_roundtrip(name):
+    mod = load_all()[name]
+    for cfg in mod.PRESETS.values():
+        d = json.loads(json.dumps(C.config_to_dict(cfg)))
+        assert C.config_from_dict(type(cfg), d) == cfg
+    with pytest.raises(ValueError, match="unknown config field"):
+        C.config_from_dict(type(cfg), {**C.config_to_dict(cfg), "bogus": 1})
+
+
+def test_out_folder_rules(tmp_path):
+    from pylandscape.experiments import bgd_branches as B
+    cfg = B.PRESETS["quick"]
+    out = tmp_path / "o"
+    C.prepare_out(out, B.NAME, cfg)
+    C.Progress(out)  # the run started but finished nothing (e.g. the data set was missing): may start over
+    C.prepare_out(out, B.NAME, cfg)
+    C.Progress(out).mark("main")
+    with pytest.raises(ValueError, match="--resume"):
+        C.prepare_out(out, B.NAME, cfg)
+    C.prepare_out(out, B.NAME, cfg, resume=True)  # same settings: fine
+    with pytest.raises(ValueError, match="epochs"):
+        C.prepare_out(out, B.NAME, dataclasses.replace(cfg, epochs=3), resume=True)
+    with pytest.raises(ValueError, match="holds a 'bgd-branches' run"):
+        C.prepare_out(out, "sgd-stages", cfg, resume=True)
+
+
+def test_plot_refuses_non_run_folder(tmp_path, capsys):
+    from pylandscape import plot
+    assert plot.main([str(tmp_path)]) == 2
+    assert "not an experiment output folder" in capsys.readouterr().err
+
+
+def test_module_entry_point_lists():
+    r = subprocess.run([sys.executable, "-m", "pylandscape", "run", "--list"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 0 and "bgd-branches" in r.stdout

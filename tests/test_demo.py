@@ -1,0 +1,41 @@
+"""`python -m pylandscape demo --quick`: writes the report with its figures and numbers, prints its path."""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_quick_writes_report(tmp_path):
+    out = tmp_path / "demo"
+    r = subprocess.run([sys.executable, "-m", "pylandscape", "demo", "--quick", "--out", str(out), "--threads", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"^report: (.+)$", r.stdout, re.M)
+    assert m, r.stdout
+    report = Path(m.group(1))
+    assert report == (out / "report.html").resolve() and report.exists()
+    text = report.read_text()
+    for needle in ("zero training error", "average of main and branch 1", "variance captured", "figures/mds_all.png"):
+        assert needle in text
+    for src in re.findall(r"<img src='([^']+)'", text):
+        assert (out / src).stat().st_size > 1000
+    assert len(re.findall(r"<img src=", text)) >= 5
+    res = json.loads((out / "results.json").read_text())
+    assert 0 < res["mds_captured"] <= 1 + 1e-9
+    # the demo is the bgd-branches experiment: `plot` redraws it and rewrites the report
+    (out / "report.html").unlink()
+    r2 = subprocess.run([sys.executable, "-m", "pylandscape", "plot", str(out)], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    assert (out / "report.html").exists()
+
+
+def test_demo_help():
+    r = subprocess.run([sys.executable, "-m", "pylandscape", "demo", "--help"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "--quick" in r.stdout and "--out" in r.stdout
