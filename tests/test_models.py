@@ -1,0 +1,94 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pylandscape.flat import flatten_module
+from pylandscape.models import (DCNN_WIDTHS, PAPER_NUM_PARAMETERS, GroupedNet, PolyActivation, count_parameters,
+                                dcnn, fc2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny tensors: intra-op threads only add overhead (and spin-wait on a busy 2-core runner).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_paper_parameter_count_and_names():
+    m = dcnn()
+    assert count_parameters(m) == PAPER_NUM_PARAMETERS == 188_810
+    # independent count from the widths: 3x3 kernels with biases
+    ch = [3, *DCNN_WIDTHS, 10]
+    assert sum(ch[i] * ch[i + 1] * 9 + ch[i + 1] for i in range(5)) == 188_810
+    names = [n for n, _ in m.named_parameters()]
+    assert names == [f"conv{i}.{t}" for i in range(1, 6) for t in ("weight", "bias")]
+    bns = [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)]
+    assert len(bns) == 4 and all(not b.affine for b in bns)
+
+
+def test_spatial_path_and_logits():
+    m = dcnn(0.25)
+    sizes = []
+    for mod in m:
+        if isinstance(mod, nn.Conv2d):
+            mod.register_forward_hook(lambda _m, _i, out: sizes.append(tuple(out.shape[-2:])))
+    out = m(torch.randn(4, 3, 32, 32))
+    assert out.shape == (4, 10)
+    assert sizes == [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+
+
+def test_width_multiplier_and_options():
+    assert count_parameters(dcnn(2.0)) > 3 * PAPER_NUM_PARAMETERS
+    m = dcnn(0.5, in_channels=1, num_classes=4, image_size=8)
+    assert m(torch.randn(2, 1, 8, 8)).shape == (2, 4)
+    with pytest.raises(ValueError, match="activation"):
+        dcnn(activation="swish")
+    with pytest.raises(ValueError, match="image_size"):
+        dcnn(image_size=64)
+    with pytest.raises(ValueError, match="width"):
+        dcnn(width=0)
+
+
+def test_poly_activation_is_least_squares_fit_of_relu():
+    act = PolyActivation(3, (-2.0, 2.0))
+    # independent least squares in the monomial basis on the same Chebyshev-Gauss nodes
+    n = 512
+    x = 2.0 * np.cos(np.pi * (np.arange(n) + 0.5) / n)
+    V = np.vander(x, 4, increasing=True)
+    c, *_ = np.linalg.lstsq(V, np.maximum(x, 0), rcond=None)
+    np.testing.assert_allclose(act.coeffs.double().numpy(), c, atol=1e-6)
+    t = torch.linspace(-2, 2, 41, dtype=torch.float64)
+    np.testing.assert_allclose(act.double()(t).numpy(), np.polyval(c[::-1], t.numpy()), atol=1e-6)
+    # a fit, not a copy: close to ReLU but not equal
+    err = (act.double()(t) - torch.relu(t)).abs().max()
+    assert 0.01 < err < 0.3
+    m = dcnn(0.25, activation="poly", poly_degree=2)
+    assert "act1.coeffs" not in m.state_dict()  # not a weight
+    assert m(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_fc2():
+    m = fc2(12, 7, 3)
+    assert count_parameters(m) == 12 * 7 + 7 + 7 * 3 + 3
+    assert m(torch.randn(5, 12)).shape == (5, 3)
+    assert count_parameters(fc2(4, 5, bias=False)) == 25
+
+
+@pytest.mark.parametrize("impl", ["split", "grouped"])
+@pytest.mark.parametrize("make", [lambda: dcnn(0.125).double(), lambda: fc2(48, 6, 3, activation="poly").double()])
+def test_grouped_net_equals_loop(make, impl):
+    torch.manual_seed(0)
+    ms = [make() for _ in range(3)]
+    flats = torch.stack([flatten_module(m)[0] for m in ms])
+    g = GroupedNet(ms[0], 3, conv_impl=impl).load_flats_(flats)
+    assert torch.equal(g.flats(), flats)
+    xs = torch.randn(3, 6, 3, 4, 4, dtype=torch.float64) if isinstance(ms[0][0], nn.Flatten) else \
+        torch.randn(3, 6, 3, 32, 32, dtype=torch.float64)
+    out = g(xs)
+    ref = torch.stack([m(xs[k]) for k, m in enumerate(ms)])
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    with pytest.raises(NotImplementedError):
+        GroupedNet(nn.Sequential(nn.Conv2d(3, 3, 3), nn.MaxPool2d(2)), 2)
