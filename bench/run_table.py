@@ -19,7 +19,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-k", default=None, help="pytest -k expression to select benchmarks")
     ap.add_argument("--json", default=None, help="also keep pytest-benchmark's JSON here")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch.set_num_threads(N) first (1 gives steadier numbers on a busy shared machine)")
     args = ap.parse_args(argv)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     here = os.path.dirname(os.path.abspath(__file__))
     files = sorted(glob.glob(os.path.join(here, "bench_*.py")))
     out = args.json or os.path.join(tempfile.mkdtemp(), "bench.json")
