@@ -72,7 +72,9 @@ def extensions():
     # -ffp-contract=off: the noise transform must round exactly as the CUDA code and the torch reference
     # (no fused multiply-add). -fno-math-errno: sqrt without an errno branch, so its loops vectorise
     # (results unchanged).
-    cxx = opt + ["-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-DPy_LIMITED_API=0x03090000"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 in torch 2.13 and
+    # 2.14; 2.14's headers refuse anything older).
+    cxx = opt + ["-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-DPy_LIMITED_API=0x03090000"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     sources = ["csrc/pylandscape.cpp"] + _sources("cpu", "cpp")
     define_macros = []
@@ -93,7 +95,8 @@ def extensions():
         sources += _sources("cuda", "cu")
         include_dirs += _torch_nvidia_includes()
         define_macros.append(("PYLANDSCAPE_WITH_CUDA", "1"))
-        nvcc = opt + ["-std=c++17", "--fmad=false", "--threads", os.environ.get("MAX_JOBS", "2")]
+        # --fmad=false: no FMA contraction anywhere (the noise code also uses explicit __f*_rn intrinsics).
+        nvcc = opt + ["--fmad=false", "--threads", os.environ.get("MAX_JOBS", "2")]
         ext = cext.CUDAExtension(
             "pylandscape._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=ldflags, py_limited_api=True)

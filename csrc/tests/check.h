@@ -1,12 +1,12 @@
-// Minimal test harness (no gtest dependency): CHECK(cond) records failures; main returns their count.
+// Minimal test harness (no gtest dependency): EXPECT(cond) records failures; main returns their count.
 #pragma once
 #include <cstdio>
 
 static int g_failures = 0;
-#define CHECK(cond)                                                          \
+#define EXPECT(cond)                                                          \
   do {                                                                       \
     if (!(cond)) {                                                           \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
+      std::fprintf(stderr, "%s:%d: EXPECT failed: %s\n", __FILE__, __LINE__, #cond); \
       ++g_failures;                                                          \
     }                                                                        \
   } while (0)

@@ -17,13 +17,13 @@ int main() {
   };
   for (const Kat& t : kats) {
     const Philox4 r = philox4x32_10(t.c[0], t.c[1], t.c[2], t.c[3], t.k[0], t.k[1]);
-    for (int i = 0; i < 4; ++i) CHECK(r.x[i] == t.want[i]);
+    for (int i = 0; i < 4; ++i) EXPECT(r.x[i] == t.want[i]);
   }
   // Normals are finite and bounded by the tail cut sqrt(-2 ln 2^-24) = 5.77.
   float z[4];
   for (uint64_t c = 0; c < 100000; ++c) {
     philox_normal4(0x123456789abcdefULL, 3, c, z);
-    for (float v : z) CHECK(v == v && v > -5.78f && v < 5.78f);
+    for (float v : z) EXPECT(v == v && v > -5.78f && v < 5.78f);
   }
   TEST_MAIN_END();
 }
