@@ -1,0 +1,180 @@
+"""Classical MDS numerics against independent float64 references (numpy, scikit-learn)."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pylandscape.mds import ClassicalMDS, _segment_gram_fallback, double_center, embed, squared_dissimilarity
+
+
+def _procrustes_residual(A: np.ndarray, B: np.ndarray) -> float:
+    """min over orthogonal R of ||A - B R|| / ||A|| (both centred configurations)."""
+    A = A - A.mean(0)
+    B = B - B.mean(0)
+    U, _, Vt = np.linalg.svd(B.T @ A)
+    return float(np.linalg.norm(A - B @ (U @ Vt)) / np.linalg.norm(A))
+
+
+def _reference_cmds(X: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Textbook classical MDS in float64 with an explicit J (independent of the package)."""
+    X = X.astype(np.float64)
+    if metric == "euclidean":
+        D2 = ((X[:, None, :] - X[None, :, :]) ** 2).sum(-1)
+    else:
+        U = X / np.linalg.norm(X, axis=1, keepdims=True)
+        # 1 - cos from the chord, accurate for nearly parallel rows
+        one_minus_cos = 0.5 * ((U[:, None, :] - U[None, :, :]) ** 2).sum(-1)
+        D2 = one_minus_cos ** 2 if metric == "cosine" else 2 * one_minus_cos
+    n = len(X)
+    J = np.eye(n) - np.ones((n, n)) / n
+    B = -0.5 * J @ D2 @ J
+    w, V = np.linalg.eigh(B)
+    w, V = w[::-1], V[:, ::-1]
+    return V[:, :k] * np.sqrt(np.maximum(w[:k], 0)), w
+
+
+def _trajectories(n_traj=3, n=15, p=400, step=0.05, seed=0):
+    rng = np.random.default_rng(seed)
+    out = []
+    for t in range(n_traj):
+        w = rng.standard_normal(p)
+        for i in range(n):
+            w = w + step * rng.standard_normal(p)
+            out.append(w.copy())
+    return np.array(out, dtype=np.float32)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "chordal", "euclidean"])
+def test_matches_independent_reference(metric):
+    X = _trajectories()
+    ref, w = _reference_cmds(X, 3, metric)
+    est = ClassicalMDS(3, metric=metric).fit(X)
+    assert _procrustes_residual(ref, est.embedding_) <= 1e-4
+    np.testing.assert_allclose(est.eigenvalues_, w, rtol=1e-6, atol=1e-9 * abs(w).max())
+
+
+def test_matches_sklearn_classical_mds():
+    sk = pytest.importorskip("sklearn.manifold")
+    if not hasattr(sk, "ClassicalMDS"):
+        pytest.skip("scikit-learn without ClassicalMDS")
+    X = _trajectories(seed=1).astype(np.float64)
+    theirs = sk.ClassicalMDS(n_components=2, metric="cosine").fit(X)
+    ours = ClassicalMDS(2, metric="cosine").fit(X)
+    assert _procrustes_residual(theirs.embedding_, ours.embedding_) <= 1e-4
+    np.testing.assert_allclose(ours.eigenvalues_[:2], theirs.eigenvalues_, rtol=1e-6)
+
+
+def test_nearly_parallel_snapshots():
+    """Neighbouring snapshots with 1 - cos ~ 1e-8: still a faithful map (float32 weights)."""
+    rng = np.random.default_rng(3)
+    p = 5000
+    base = rng.standard_normal(p)
+    X = []
+    for t in range(3):
+        d = rng.standard_normal(p)
+        d2 = rng.standard_normal(p)
+        for i in range(12):
+            # relative moves of ~1e-4 give 1 - cos ~ 1e-8 between neighbours
+            X.append(base + 1e-4 * (i * d + 0.3 * i * i / 12 * d2) / np.sqrt(p) * np.linalg.norm(base))
+    X = np.array(X, dtype=np.float32)
+    Xd = X.astype(np.float64)
+    U = Xd / np.linalg.norm(Xd, axis=1, keepdims=True)
+    omc = 0.5 * ((U[1] - U[0]) ** 2).sum()
+    assert 1e-9 < omc < 1e-7
+    ref, _ = _reference_cmds(Xd, 2, "cosine")
+    ours = ClassicalMDS(2, metric="cosine").fit(X).embedding_
+    assert _procrustes_residual(ref, ours) <= 1e-4
+
+
+def test_planar_configuration_recovered_exactly():
+    rng = np.random.default_rng(5)
+    P2 = rng.standard_normal((20, 2)) * [3.0, 1.0]
+    # embed the planar points in 50-D with a random rotation and offset: distances are preserved
+    Q, _ = np.linalg.qr(rng.standard_normal((50, 50)))
+    X = np.hstack([P2, np.zeros((20, 48))]) @ Q + 7.0
+    est = ClassicalMDS(2, metric="euclidean").fit(X)
+    assert _procrustes_residual(P2, est.embedding_) <= 1e-10
+    D_true = np.linalg.norm(P2[:, None] - P2[None], axis=-1)
+    D_ours = np.linalg.norm(est.embedding_[:, None] - est.embedding_[None], axis=-1)
+    np.testing.assert_allclose(D_ours, D_true, atol=1e-9)
+    assert est.captured_ == pytest.approx(1.0, abs=1e-12)
+    assert est.negative_mass_ == pytest.approx(0.0, abs=1e-12)
+
+
+def test_eigenvalue_bookkeeping_non_euclidean():
+    # 4 points: a square's sides 1, diagonals 3 violate the triangle inequality -> negative eigenvalue
+    D = np.array([[0, 1, 3, 1], [1, 0, 1, 3], [3, 1, 0, 1], [1, 3, 1, 0]], float)
+    B = -0.5 * (np.eye(4) - 0.25) @ (D ** 2) @ (np.eye(4) - 0.25)
+    w = np.sort(np.linalg.eigvalsh(B))[::-1]
+    assert w[-1] < -1e-9
+    est = ClassicalMDS(2, metric="precomputed").fit(D)
+    pos, neg = w[w > 1e-12].sum(), -w[w < -1e-12].sum()
+    assert est.captured_ == pytest.approx(w[:2][w[:2] > 0].sum() / pos)
+    assert est.negative_mass_ == pytest.approx(neg / (pos + neg))
+    np.testing.assert_allclose(est.eigenvalues_, w, atol=1e-12)
+    # asking for the negative dimension: warning and a zero coordinate, never sqrt of a negative
+    with pytest.warns(UserWarning, match="eigenvalue <= 0"):
+        e4 = ClassicalMDS(4, metric="precomputed").fit(D)
+    assert np.all(e4.embedding_[:, 3] == 0) and np.isfinite(e4.embedding_).all()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_dense_and_iterative_solvers_agree(metric):
+    X = _trajectories(n_traj=4, n=40, p=300, seed=7)
+    d = ClassicalMDS(3, metric=metric, solver="dense").fit(X)
+    it = ClassicalMDS(3, metric=metric, solver="iterative").fit(X)
+    assert it.solver_ == "iterative" and it.eigenvalues_.shape == (3,)
+    np.testing.assert_allclose(it.eigenvalues_, d.eigenvalues_[:3], rtol=1e-8)
+    assert _procrustes_residual(d.embedding_, it.embedding_) <= 1e-8
+    if metric == "euclidean":  # no negative eigenvalues: the estimate is exact
+        assert it.captured_ == pytest.approx(d.captured_, rel=1e-8)
+    else:  # trace + found negatives: an upper bound on captured
+        assert it.captured_ >= d.captured_ - 1e-12 and not it.mass_exact_
+
+
+def test_double_center_and_gram_fallback():
+    rng = np.random.default_rng(0)
+    D2 = rng.random((7, 7))
+    D2 = D2 + D2.T
+    np.fill_diagonal(D2, 0)
+    J = np.eye(7) - 1 / 7
+    np.testing.assert_allclose(double_center(D2), -0.5 * J @ D2 @ J, atol=1e-14)
+    X = torch.randn(6, 11)
+    offs = torch.tensor([0, 4, 4, 11])  # includes an empty segment
+    G = _segment_gram_fallback(X, offs)
+    Xd = X.double()
+    torch.testing.assert_close(G[0], Xd[:, :4] @ Xd[:, :4].T)
+    assert torch.all(G[1] == 0)
+    torch.testing.assert_close(G[2], Xd[:, 4:] @ Xd[:, 4:].T)
+
+
+def test_squared_dissimilarity_zero_norm():
+    G = np.diag([1.0, 0.0, 2.0])
+    with pytest.raises(ValueError, match="zero norm"):
+        squared_dissimilarity(G, "cosine")
+
+
+def test_embed_in_memory_with_spec():
+    from pylandscape.flat import ParamSpec
+    X = torch.from_numpy(_trajectories(n_traj=2, n=6, p=30))
+    spec = ParamSpec(("a.weight", "a.bias", "b.weight"), ((2, 10), (5,), (5,)))
+    res = embed((X, spec), layer="2", metric="euclidean")
+    ref, _ = _reference_cmds(X[:, :25].numpy(), 2, "euclidean")
+    assert res.selected == ["a.weight", "a.bias"] and res.n_params == 25
+    assert _procrustes_residual(ref, res.coords) <= 1e-6
+    pairs = [({"epoch": i, "trajectory": "t"}, X[i]) for i in range(X.shape[0])]
+    res2 = embed(pairs, metric="cosine", select="epoch >= 3")
+    assert res2.n == X.shape[0] - 3
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_dense_solver_matches_cpu():
+    X = _trajectories(seed=11)
+    cpu = ClassicalMDS(2, metric="cosine", device="cpu").fit(X)
+    gpu = ClassicalMDS(2, metric="cosine", device="cuda").fit(X)
+    np.testing.assert_allclose(gpu.eigenvalues_, cpu.eigenvalues_, rtol=1e-9, atol=1e-12)
+    assert _procrustes_residual(cpu.embedding_, gpu.embedding_) <= 1e-9

@@ -1,0 +1,179 @@
+"""`python -m pylandscape.mds`: outputs, cache, and one clear line for each kind of bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pylandscape import mds
+from pylandscape.store import SnapshotStore
+from pylandscape.flat import ParamSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_run(folder: Path, n_traj=2, n=6, seed=0, fmt="pt", nan_at=None, zero_at=None):
+    g = torch.Generator().manual_seed(seed)
+    for t in range(n_traj):
+        d = folder / f"run{t}"
+        d.mkdir(parents=True, exist_ok=True)
+        sd = {"conv.weight": torch.randn(4, 1, 3, 3, generator=g), "conv.bias": torch.randn(4, generator=g),
+              "bn.weight": torch.ones(4), "bn.bias": torch.zeros(4), "bn.running_mean": torch.zeros(4),
+              "bn.num_batches_tracked": torch.tensor(3), "fc.weight": torch.randn(2, 16, generator=g),
+              "fc.bias": torch.randn(2, generator=g)}
+        for e in range(n):
+            for k, v in sd.items():
+                if v.is_floating_point() and "running" not in k:
+                    v.add_(0.1 * torch.randn(v.shape, generator=g))
+            cur = {k: v.clone() for k, v in sd.items()}
+            if nan_at == (t, e):
+                cur["fc.weight"][0, 0] = float("nan")
+            if zero_at == (t, e):
+                cur["conv.weight"].zero_()
+                cur["conv.bias"].zero_()
+            if fmt == "pt":
+                torch.save({"state_dict": cur, "epoch": e}, d / f"epoch_{e}.pt")
+            else:
+                save_file(cur, d / f"epoch_{e}.safetensors")
+
+
+def _run(argv, capsys):
+    rc = mds.main(argv + ["--no-progress"])
+    cap = capsys.readouterr()
+    return rc, cap.err
+
+
+def test_outputs_and_cache(tmp_path, capsys):
+    _write_run(tmp_path / "ck")
+    out = tmp_path / "out"
+    rc, err = _run(["--snapshots", str(tmp_path / "ck"), "--out", str(out)], capsys)
+    assert rc == 0, err
+    assert "12 snapshots in 2 trajectories" in err and "bn.running_mean" in err and "cache written" in err
+    rows = list(csv.DictReader(open(out / "mds.csv")))
+    assert len(rows) == 12 and list(rows[0])[:4] == ["path", "x", "y", "trajectory"]
+    assert rows[0]["path"] == "run0/epoch_0.pt" and rows[5]["epoch"] == "5"
+    js = json.loads((out / "mds.json").read_text())
+    assert js["n_snapshots"] == 12 and js["metric"] == "cosine" and "bn.running_mean" not in js["selected_tensors"]
+    assert (out / "mds.png").stat().st_size > 10_000
+    html = (out / "mds.html").read_text()
+    assert "<svg" in html and "run1/epoch_5.pt" in html and html.count("<circle") == 12
+    # second run, other layer / metric / subset: served from the cache, same numbers as without it
+    out2 = tmp_path / "out2"
+    rc, err = _run(["--snapshots", str(tmp_path / "ck"), "--out", str(out2), "--layer", "2",
+                    "--metric", "euclidean", "--trajectory", "run1", "--dims", "3"], capsys)
+    assert rc == 0 and "cache hit" in err, err
+    rc, err = _run(["--snapshots", str(tmp_path / "ck"), "--out", str(tmp_path / "out3"), "--layer", "2",
+                    "--metric", "euclidean", "--trajectory", "run1", "--dims", "3", "--no-cache"], capsys)
+    a = np.loadtxt(out2 / "mds.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3))
+    b = np.loadtxt(tmp_path / "out3" / "mds.csv", delimiter=",", skiprows=1, usecols=(1, 2, 3))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-12)
+    assert open(out2 / "mds.csv").readline().startswith("path,x,y,z,")
+    # touching a file invalidates the cache for it
+    import os
+    f = tmp_path / "ck/run0/epoch_0.pt"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    rc, err = _run(["--snapshots", str(tmp_path / "ck"), "--out", str(out2)], capsys)
+    assert rc == 0 and "cache written" in err
+
+
+def test_streaming_matches_in_memory(tmp_path, capsys):
+    _write_run(tmp_path / "ck", fmt="safetensors")
+    res_a = mds.embed(tmp_path / "ck", cache=False, progress=False)
+    res_b = mds.embed(tmp_path / "ck", cache=False, progress=False, max_memory=3 * 12 * 4 * 7)  # 7 columns at a time
+    assert res_a.timings["read_chunks"] == 1 and res_b.timings["read_chunks"] > 5
+    np.testing.assert_allclose(res_a.coords, res_b.coords, atol=1e-12)
+
+
+def test_store_and_select(tmp_path, capsys):
+    spec = ParamSpec(("l1.weight", "l1.bias"), ((5, 3), (5,)))
+    st = SnapshotStore(tmp_path / "store", spec)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(spec.numel, generator=g)
+    for stage in range(8):
+        w = w + 0.1 * torch.randn(spec.numel, generator=g)
+        st.append(w, run="r", trajectory="sgd", stage=stage, epoch=stage * 10, train_error=0.5 / (stage + 1))
+    rc, err = _run(["--snapshots", str(tmp_path / "store"), "--out", str(tmp_path / "o"),
+                    "--select", "stage>=5", "--annotate", "train_error"], capsys)
+    assert rc == 0, err
+    rows = list(csv.DictReader(open(tmp_path / "o" / "mds.csv")))
+    assert [int(r["stage"]) for r in rows] == [5, 6, 7]
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", r"error: .*nope: no such folder"),
+    ("empty", r"error: .*empty: no checkpoints found"),
+    ("few", r"error: .*1 snapshot\(s\) selected, MDS needs at least 3"),
+    ("truncated", r"error: .*epoch_2\.safetensors: truncated"),
+    ("mismatch", r"error: .*epoch_9\.pt: has other tensors .*extra extra\.weight"),
+    ("nan", r"error: .*run1/epoch_3\.pt: tensor 'fc\.weight' has NaN or Inf"),
+    ("zero", r"error: .*run0/epoch_1\.pt: the selected tensors \(conv\.weight, conv\.bias\) are all zero"),
+    ("layer", r"error: --layer 'conv9' matches no tensor; tensors are: conv\.weight, conv\.bias"),
+    ("select", r"error: --select: no metadata column 'stage'"),
+])
+def test_bad_input_one_line(tmp_path, capsys, case, pattern):
+    ck = tmp_path / "ck"
+    argv = ["--snapshots", str(ck), "--out", str(tmp_path / "out"), "--no-cache"]
+    if case == "missing":
+        argv[1] = str(tmp_path / "nope")
+    elif case == "empty":
+        ck = tmp_path / "empty"
+        ck.mkdir()
+        argv[1] = str(ck)
+    elif case == "few":
+        _write_run(ck, n_traj=1, n=1)
+    elif case == "truncated":
+        _write_run(ck, fmt="safetensors")
+        p = ck / "run1/epoch_2.safetensors"
+        p.write_bytes(p.read_bytes()[:-10])
+    elif case == "mismatch":
+        _write_run(ck)
+        torch.save({"extra.weight": torch.ones(2, 2)} | torch.load(ck / "run0/epoch_0.pt")["state_dict"],
+                   ck / "run0/epoch_9.pt")
+    elif case == "nan":
+        _write_run(ck, nan_at=(1, 3))
+    elif case == "zero":
+        _write_run(ck, zero_at=(0, 1))
+        argv += ["--layer", "2"]
+    elif case == "layer":
+        _write_run(ck)
+        argv += ["--layer", "conv9"]
+    elif case == "select":
+        _write_run(ck)
+        argv += ["--select", "stage > 2"]
+    rc, err = _run(argv, capsys)
+    assert rc != 0
+    lines = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    import re
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+def test_skip_bad_and_duplicates(tmp_path, capsys):
+    ck = tmp_path / "ck"
+    _write_run(ck, nan_at=(1, 3))
+    import shutil
+    shutil.copy(ck / "run0/epoch_2.pt", ck / "run0/epoch_7.pt")  # a duplicate: zero distance is fine
+    rc, err = _run(["--snapshots", str(ck), "--out", str(tmp_path / "o"), "--skip-bad"], capsys)
+    assert rc == 0, err
+    assert "warning: skipped: run1/epoch_3.pt" in err
+    rows = list(csv.DictReader(open(tmp_path / "o" / "mds.csv")))
+    assert len(rows) == 12
+    dup = {r["path"]: (float(r["x"]), float(r["y"])) for r in rows}
+    np.testing.assert_allclose(dup["run0/epoch_2.pt"], dup["run0/epoch_7.pt"], atol=1e-12)
+
+
+def test_help_and_module_entry_points(tmp_path):
+    env = {"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "PYLANDSCAPE_DISABLE_EXT": "1"}
+    r = subprocess.run([sys.executable, "-m", "pylandscape", "mds", "--help"], capture_output=True, text=True,
+                       env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and "--snapshots" in r.stdout and "examples:" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "pylandscape.mds", "--snapshots", str(tmp_path / "x")],
+                       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "no such folder" in r.stderr
