@@ -330,17 +330,20 @@ def segment_gram(X, offsets, *, Y=None, device=None, progress: bool = False,
     only one triangle of block pairs is computed). The products stay accurate for nearly parallel rows
     (1 - cos from them is good to ~1e-3 relative down to 1 - cos = 1e-10), unlike a plain fp32 X @ X.T.
     device: where to compute (blocks are moved there); the result lives there too.
-    memory_budget: bytes of input rows to hold at once (default 1 GiB; X given as one tensor that fits
-    is processed in one call). Use cosine_distance_from_gram(layer_gram(G, layers)) for 1 - cos.
+    memory_budget: bytes of input rows to hold at once for row blocks or for tensors moved to `device`
+    (default 1 GiB). A tensor already on the compute device is processed in one call unless a budget is
+    given; the op then needs about one more copy of the largest layer's columns as workspace. Use cosine_distance_from_gram(layer_gram(G, layers)) for 1 - cos.
     """
     budget = (1 << 30) if memory_budget is None else int(memory_budget)
     if budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget}")
     if isinstance(X, torch.Tensor) and (Y is None or isinstance(Y, torch.Tensor)) and not progress:
         X = _gram_check_rows(X, "X")
+        dev = X.device if device is None else torch.device(device)
         tot = X.numel() * X.element_size() + (0 if Y is None else Y.numel() * Y.element_size())
-        if tot <= budget:
-            dev = X.device if device is None else torch.device(device)
+        # resident on the compute device already: one call (the op's workspace is about one copy of the
+        # largest layer's columns); otherwise only what fits the budget is moved at a time
+        if (dev == X.device and (Y is None or Y.device == dev) and memory_budget is None) or tot <= budget:
             return _gram_pair(X.to(dev), offsets, None if Y is None else Y.to(dev))
     if isinstance(X, torch.Tensor):
         X = _gram_check_rows(X, "X")

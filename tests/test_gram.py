@@ -119,7 +119,7 @@ def fp64_products(X, off, Y=None):
 @pytest.fixture(scope="module")
 def walks():
     # three trajectories from the same start: close pairs sit far apart in index order too
-    X, off = random_walks(3, 60, [3000, 64, 1500, 1, 10, 800, 0], seed=3)
+    X, off = random_walks(3, 50, [2000, 64, 1000, 1, 10, 600, 0], seed=3)
     return X, off, exact_one_minus_cos(X, off)
 
 
@@ -234,7 +234,7 @@ def test_reference_matches_plain_fp64_on_generic_data():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_duplicates_give_exact_zero(impl, walks):
     X, off, _ = walks
-    idx = torch.tensor([0, 5, 0, 17, 5, 150, 17, 0, 179, 150])
+    idx = torch.tensor([0, 5, 0, 17, 5, 120, 17, 0, 149, 120])
     Xs = X[idx]
     G = gram(impl, Xs, off)
     Gall = torch.cat([G, G.sum(0, keepdim=True)])
@@ -246,9 +246,9 @@ def test_duplicates_give_exact_zero(impl, walks):
         if l < G.shape[0]:
             assert (D[same] == 0).all(), l
         assert D.min().item() >= -1e-15
-    # rows 0, 60, 120 are the shared start of the three trajectories
+    # rows 0, 50, 100 are the shared start of the three trajectories
     G = gram(impl, X, off)
-    for a, b in [(0, 60), (0, 120), (60, 120)]:
+    for a, b in [(0, 50), (0, 100), (50, 100)]:
         assert torch.equal(G[:, a, b], G[:, a, a])
 
 
@@ -304,8 +304,8 @@ def test_streamed_blocks_equal_one_tensor(walks):
     X, off, O = walks
     G = ops.segment_gram(X, off)
     blocks = [X[:7], X[7:8], X[8:100], X[100:]]
-    budget = 4 * 4 * X.shape[1] * 50  # panels of 50 rows: several panel pairs
-    for src in (blocks, iter(blocks), tuple(blocks)):
+    budget = 4 * 4 * X.shape[1] * 64  # panels of 64 rows: several panel pairs
+    for src in (blocks, iter(blocks)):
         Gs = ops.segment_gram(src, off, memory_budget=budget)
         assert Gs.shape == G.shape
         assert scaled_err(Gs, G) <= 1e-6  # block pairs use other references: equal to rounding

@@ -48,7 +48,7 @@ namespace gram {
 
 constexpr int64_t kBlock = 512;      // rows per top-level block
 constexpr int64_t kLeaf = 32;        // at most this many rows per side: fp64 pass
-constexpr int64_t kChunk = 512;      // fp32 GEMM k-chunk (summed in fp64): bounds the fp32 error growth
+constexpr int64_t kChunk = 1024;     // fp32 GEMM k-chunk (summed in fp64): bounds the fp32 error growth
 constexpr int64_t kColChunk = 4096;  // column chunk of the fp64 precomputation passes
 constexpr int64_t kSmallLayer = 512; // layers this small go straight to the fp64 pass (cheap, exact-er)
 constexpr double kU32 = 5.9604644775390625e-08;   // 2^-24
@@ -83,6 +83,14 @@ PLG_HD void acc_sq(double x, double& s, double& c) {
   c += e + l;
 }
 
+// x*x exact in fp64 (x from fp32 data): only the sum's rounding needs keeping.
+PLG_HD void acc_sq_exact(double x, double& s, double& c) {
+  double t, e;
+  two_sum(s, x * x, t, e);
+  s = t;
+  c += e;
+}
+
 struct GramKernels {
   // [n] fp64: canonical squared norms of rows[:, c0:c1] (compensated, deterministic, finite check left
   // to the caller).
@@ -91,7 +99,43 @@ struct GramKernels {
   std::function<at::Tensor(const at::Tensor& A, const at::Tensor& B, const at::Tensor& ii,
                            const at::Tensor& jj, int64_t c0, int64_t c1)>
       dist2;
+  // Rows [r0, r1) of X on columns [c0, c1), against reference row p of X:
+  //   D [nchunks, n, kChunk] chunk-major (each GEMM operand contiguous; rounded x_i - x_p in D's dtype;
+  //   preallocated, padding columns already zero), dn2 [n] = |x_i - x_p|^2 (exact
+  //   differences, fp64), T [n, nq] = Q[qidx[k]] . (x_i - x_p) (fp64). One fused pass over the rows.
+  std::function<void(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::Tensor& Q,
+                     const at::Tensor& qidx, int64_t c0, int64_t c1, at::Tensor& D, at::Tensor& dn2,
+                     at::Tensor& T)>
+      prep;
+  // S (fp64) += T (fp32 or fp64), elementwise, same shape.
+  std::function<void(at::Tensor& S, const at::Tensor& T)> acc;
 };
+
+inline int64_t n_chunks(int64_t s) { return (s + kChunk - 1) / kChunk; }
+
+// Chunk-major workspace for n rows of an s-column layer, the padding columns zeroed.
+inline at::Tensor chunked_workspace(int64_t n, int64_t s, const at::TensorOptions& opt) {
+  const int64_t nck = n_chunks(s);
+  at::Tensor D = at::empty({nck, n, kChunk}, opt);
+  const int64_t tail = nck * kChunk - s;
+  if (tail > 0) D.select(0, nck - 1).narrow(1, kChunk - tail, tail).zero_();
+  return D;
+}
+
+// sum over chunks of DA[c] @ DB[c]^T, fp32 products summed in fp64 (fp64 workspaces: fp64 GEMMs).
+inline at::Tensor chunked_gemm(const at::Tensor& DA, const at::Tensor& DB, const GramKernels& kern) {
+  const int64_t nck = DA.size(0), na = DA.size(1), nb = DB.size(1);
+  at::Tensor S = at::zeros({na, nb}, DA.options().dtype(at::kDouble));
+  if (DA.scalar_type() == at::kDouble) {
+    for (int64_t c = 0; c < nck; ++c) S.addmm_(DA.select(0, c), DB.select(0, c).t());
+    return S;
+  }
+  // one batched GEMM over all chunks (as fast as a single long GEMM, unlike a loop of short ones), then
+  // the chunk products summed in fp64, always in chunk order
+  at::Tensor prod = at::bmm(DA, DB.transpose(1, 2));
+  for (int64_t c = 0; c < nck; ++c) kern.acc(S, prod.select(0, c));
+  return S;
+}
 
 // fp32 GEMMs must not silently become TF32/bf16 (torch.set_float32_matmul_precision): force "highest".
 struct HighestMatmulPrecision {
@@ -136,31 +180,25 @@ inline void local_pass(LayerCtx& ctx, int64_t a0, int64_t a1, int64_t b0, int64_
   const int64_t s = ctx.c1 - ctx.c0;
   const int64_t p = (a0 + a1 - 1) / 2, q = (b0 + b1 - 1) / 2;
   auto f64 = ctx.A.options().dtype(at::kDouble);
+  auto dopt = ctx.A.options().dtype(use64 ? at::kDouble : at::kFloat);
   const int64_t na = a1 - a0, nb = b1 - b0;
-  at::Tensor S = at::zeros({na, nb}, f64), tA = at::zeros({na}, f64), tB = at::zeros({nb}, f64);
-  at::Tensor dnA2 = at::zeros({na}, f64), dnB2 = at::zeros({nb}, f64);
-  at::Tensor tmp = use64 ? at::Tensor() : at::empty({na, nb}, ctx.A.options().dtype(at::kFloat));
-  for (int64_t k0 = ctx.c0; k0 < ctx.c1; k0 += kColChunk) {
-    const int64_t kl = std::min(kColChunk, ctx.c1 - k0);
-    at::Tensor pr = ctx.A.select(0, p).narrow(0, k0, kl).to(at::kDouble);
-    at::Tensor qr = ctx.B.select(0, q).narrow(0, k0, kl).to(at::kDouble);
-    at::Tensor DA = ctx.A.narrow(0, a0, na).narrow(1, k0, kl).to(at::kDouble) - pr;
-    at::Tensor DB = ctx.B.narrow(0, b0, nb).narrow(1, k0, kl).to(at::kDouble) - qr;
-    dnA2 += (DA * DA).sum(1);
-    dnB2 += (DB * DB).sum(1);
-    tA += at::mv(DA, qr);
-    tB += at::mv(DB, pr);
-    if (use64) {
-      S.addmm_(DA, DB.t());
-    } else {
-      at::Tensor DAf = DA.to(at::kFloat), DBf = DB.to(at::kFloat);
-      for (int64_t j0 = 0; j0 < kl; j0 += kChunk) {
-        const int64_t jl = std::min(kChunk, kl - j0);
-        at::mm_out(tmp, DAf.narrow(1, j0, jl), DBf.narrow(1, j0, jl).t());
-        S.add_(tmp);
-      }
-    }
+  auto iopt = ctx.A.options().dtype(at::kLong);
+  at::Tensor DA = chunked_workspace(na, s, dopt), dnA2 = at::empty({na}, f64), tA = at::empty({na, 1}, f64);
+  ctx.k->prep(ctx.A, a0, a1, p, ctx.B, at::full({1}, q, iopt), ctx.c0, ctx.c1, DA, dnA2, tA);
+  at::Tensor DB, dnB2, tB;
+  if (ctx.sym && a0 == b0 && a1 == b1) {
+    DB = DA;
+    dnB2 = dnA2;
+    tB = tA;
+  } else {
+    DB = chunked_workspace(nb, s, dopt);
+    dnB2 = at::empty({nb}, f64);
+    tB = at::empty({nb, 1}, f64);
+    ctx.k->prep(ctx.B, b0, b1, q, ctx.A, at::full({1}, p, iopt), ctx.c0, ctx.c1, DB, dnB2, tB);
   }
+  at::Tensor S = chunked_gemm(DA, DB, *ctx.k);
+  tA = tA.select(1, 0);
+  tB = tB.select(1, 0);
   auto opt_i = ctx.A.options().dtype(at::kLong);
   at::Tensor w_t = ctx.k->dist2(ctx.A, ctx.B, at::full({1}, p, opt_i), at::full({1}, q, opt_i), ctx.c0, ctx.c1);
   const double w = w_t.item<double>();
@@ -249,26 +287,20 @@ inline std::vector<int64_t> block_refs(const std::vector<int64_t>& st) {
   return r;
 }
 
-// D, dn and T = (x_i - ref(i)) . other_refs for one side, in column chunks (exact fp64 differences).
-inline void prepare_side(const at::Tensor& X, int64_t c0, int64_t c1, Side& sd, const at::Tensor& other_refs64,
-                         bool in64) {
+// D, dn and T = (x_i - ref(i)) . other_refs for one side, block by block (fused kernel pass).
+inline void prepare_side(const at::Tensor& X, int64_t c0, int64_t c1, Side& sd, const at::Tensor& other,
+                         const at::Tensor& other_refs, bool in64, const GramKernels& kern) {
   const int64_t n = X.size(0), s = c1 - c0;
   auto f64 = X.options().dtype(at::kDouble);
-  sd.D = at::empty({n, s}, X.options().dtype(in64 ? at::kDouble : at::kFloat));
-  at::Tensor dn2 = at::zeros({n}, f64);
-  sd.T = at::zeros({n, other_refs64.size(0)}, f64);
+  sd.D = chunked_workspace(n, s, X.options().dtype(in64 ? at::kDouble : at::kFloat));
+  at::Tensor dn2 = at::empty({n}, f64);
+  sd.T = at::empty({n, other_refs.size(0)}, f64);
   const int64_t nblk = static_cast<int64_t>(sd.refs.size());
   for (int64_t b = 0; b < nblk; ++b) {
-    const int64_t r0 = sd.starts[b], rn = sd.starts[b + 1] - r0;
-    if (rn == 0) continue;
-    for (int64_t k0 = c0; k0 < c1; k0 += kColChunk) {
-      const int64_t kl = std::min(kColChunk, c1 - k0);
-      at::Tensor ref = X.select(0, sd.refs[b]).narrow(0, k0, kl).to(at::kDouble);
-      at::Tensor D64 = X.narrow(0, r0, rn).narrow(1, k0, kl).to(at::kDouble) - ref;
-      sd.D.narrow(0, r0, rn).narrow(1, k0 - c0, kl).copy_(D64);
-      dn2.narrow(0, r0, rn).add_((D64 * D64).sum(1));
-      sd.T.narrow(0, r0, rn).addmm_(D64, other_refs64.narrow(1, k0 - c0, kl).t());
-    }
+    const int64_t r0 = sd.starts[b], r1 = sd.starts[b + 1];
+    if (r1 == r0) continue;
+    at::Tensor D = sd.D.narrow(1, r0, r1 - r0), dn = dn2.narrow(0, r0, r1 - r0), T = sd.T.narrow(0, r0, r1 - r0);
+    kern.prep(X, r0, r1, sd.refs[b], other, other_refs, c0, c1, D, dn, T);
   }
   sd.dn = at::sqrt(dn2);
 }
@@ -313,11 +345,9 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
     sb.refs = sym ? sa.refs : block_refs(sb.starts);
     at::Tensor refsA = at::tensor(sa.refs, at::TensorOptions().dtype(at::kLong)).to(X.device());
     at::Tensor refsB = at::tensor(sb.refs, at::TensorOptions().dtype(at::kLong)).to(X.device());
-    at::Tensor RA64 = X.index_select(0, refsA).narrow(1, c0, s).to(at::kDouble);
-    at::Tensor RB64 = Y.index_select(0, refsB).narrow(1, c0, s).to(at::kDouble);
     const bool small = s <= kSmallLayer || in64;
-    prepare_side(X, c0, c1, sa, RB64, small);
-    if (!sym) prepare_side(Y, c0, c1, sb, RA64, small);
+    prepare_side(X, c0, c1, sa, Y, refsB, small, kern);
+    if (!sym) prepare_side(Y, c0, c1, sb, X, refsA, small, kern);
     const Side& B = sym ? sa : sb;
     // |p_I - q_J|^2 for every block pair, and the reference norms
     const int64_t nA = static_cast<int64_t>(sa.refs.size()), nB = static_cast<int64_t>(B.refs.size());
@@ -332,19 +362,7 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
       for (int64_t J = sym ? I : 0; J < nB; ++J) {
         const int64_t b0 = B.starts[J], nb = B.starts[J + 1] - b0;
         if (na == 0 || nb == 0) continue;
-        at::Tensor DA = sa.D.narrow(0, a0, na), DB = B.D.narrow(0, b0, nb);
-        at::Tensor S;
-        if (small) {
-          S = at::mm(DA, DB.t());
-        } else {
-          S = at::zeros({na, nb}, X.options().dtype(at::kDouble));
-          at::Tensor tmp = at::empty({na, nb}, X.options().dtype(at::kFloat));
-          for (int64_t k0 = 0; k0 < s; k0 += kChunk) {
-            const int64_t kl = std::min(kChunk, s - k0);
-            at::mm_out(tmp, DA.narrow(1, k0, kl), DB.narrow(1, k0, kl).t());
-            S.add_(tmp);
-          }
-        }
+        at::Tensor S = chunked_gemm(sa.D.narrow(1, a0, na), B.D.narrow(1, b0, nb), kern);
         const double w = W[I][J].item<double>();
         const double gp = gdp[I].item<double>(), gq = gdq[J].item<double>();
         const double cc = 0.5 * ((gp + gq) - w);
