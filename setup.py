@@ -136,7 +136,7 @@ _write_build_info(_EXTS)
 
 setup(
     ext_modules=_EXTS,
-    install_requires=[_torch_requirement(), "numpy>=1.24", "matplotlib>=3.7", "safetensors>=0.4", "tqdm>=4.60"],
+    install_requires=[_torch_requirement(), "numpy>=1.24", "scipy>=1.10", "matplotlib>=3.7", "safetensors>=0.4", "tqdm>=4.60"],
     cmdclass={"build_ext": cext.BuildExtension.with_options(use_ninja=True)},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )
