@@ -42,6 +42,15 @@ def paper_offsets() -> torch.Tensor:
     return offsets_of(PAPER_SIZES)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add overhead (and spin-wait on a busy 2-core runner)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 needs_ext = pytest.mark.skipif(not pylandscape.has_extension(),
                                reason="compiled extension not available (pure-torch fallback in use)")
 needs_cuda = pytest.mark.skipif(not (torch.cuda.is_available() and pylandscape.has_cuda_kernels()),

@@ -8,13 +8,7 @@ import torch
 from pylandscape.data import DIGITS_TRAIN_SIZE, load_dataset, safe_unpickle
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and spin-wait on a busy 2-core runner).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,7 @@ from pylandscape.models import (DCNN_WIDTHS, PAPER_NUM_PARAMETERS, GroupedNet, P
                                 dcnn, fc2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and spin-wait on a busy 2-core runner).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_paper_parameter_count_and_names():

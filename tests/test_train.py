@@ -14,13 +14,7 @@ from pylandscape.store import SnapshotStore
 from pylandscape.train import TrainConfig, init_flats_for, train, train_many
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny tensors: intra-op threads only add overhead (and spin-wait on a busy 2-core runner).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 W = 0.125
