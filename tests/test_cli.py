@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 from pylandscape.experiments import MODULES, _common as C, cli, load_all
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run `python -m pylandscape` away from the checkout, so it imports the installed package (with _C).
+OUTSIDE_SOURCE = tempfile.gettempdir()
 
 
 def test_list_names_every_module(capsys):
@@ -108,5 +111,5 @@ def test_plot_refuses_non_run_folder(tmp_path, capsys):
 
 def test_module_entry_point_lists():
     r = subprocess.run([sys.executable, "-m", "pylandscape", "run", "--list"], capture_output=True, text=True,
-                       cwd=ROOT, timeout=120)
+                       cwd=OUTSIDE_SOURCE, timeout=120)
     assert r.returncode == 0 and "bgd-branches" in r.stdout

@@ -4,16 +4,19 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import tempfile
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# Run `python -m pylandscape` away from the checkout, so it imports the installed package (with _C).
+OUTSIDE_SOURCE = tempfile.gettempdir()
 
 
 def test_demo_quick_writes_report(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "pylandscape", "demo", "--quick", "--out", str(out), "--threads", "1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+                       cwd=OUTSIDE_SOURCE, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     m = re.search(r"^report: (.+)$", r.stdout, re.M)
     assert m, r.stdout
@@ -29,13 +32,13 @@ def test_demo_quick_writes_report(tmp_path):
     assert 0 < res["mds_captured"] <= 1 + 1e-9
     # the demo is the bgd-branches experiment: `plot` redraws it and rewrites the report
     (out / "report.html").unlink()
-    r2 = subprocess.run([sys.executable, "-m", "pylandscape", "plot", str(out)], cwd=ROOT, capture_output=True,
+    r2 = subprocess.run([sys.executable, "-m", "pylandscape", "plot", str(out)], cwd=OUTSIDE_SOURCE, capture_output=True,
                         text=True, timeout=300)
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert (out / "report.html").exists()
 
 
 def test_demo_help():
-    r = subprocess.run([sys.executable, "-m", "pylandscape", "demo", "--help"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "pylandscape", "demo", "--help"], cwd=OUTSIDE_SOURCE, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "--quick" in r.stdout and "--out" in r.stdout

@@ -254,11 +254,10 @@ def test_cli_killed_subprocess_resumes_bit_identically(tmp_path):
     args = ["--width", "0.125", "--train-size", "60", "--epochs", "10", "--batch-size", "20",
             "--momentum", "0.9", "--no-progress"]
     assert T.main(args + ["--out", str(tmp_path / "ref")]) == 0
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}  # same thread count as this process: identical float reductions
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count as this process: identical float reductions
+    # cwd away from the checkout: the child imports the same (installed) package as this process.
     proc = subprocess.Popen([sys.executable, "-m", "pylandscape", "train", *args, "--out", str(tmp_path / "a")],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = tmp_path / "a" / "manifest.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
