@@ -162,13 +162,17 @@ void prep_cpu(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::
 }
 
 void acc_cpu(at::Tensor& S, const at::Tensor& T) {
-  TORCH_CHECK(S.is_contiguous() && T.is_contiguous(), "segment_gram: bad accumulator");
+  // one parallel region for all chunks (a region per chunk costs a barrier each, ruinous on a busy machine)
+  TORCH_CHECK(S.is_contiguous() && T.is_contiguous() && T.dim() == 3, "segment_gram: bad accumulator");
   double* s = S.data_ptr<double>();
-  const int64_t n = S.numel();
+  const int64_t n = S.numel(), nck = T.size(0);
   AT_DISPATCH_FLOATING_TYPES(T.scalar_type(), "segment_gram_acc", [&] {
     const scalar_t* t = T.const_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 16384, [&](int64_t b, int64_t e) {
-      for (int64_t k = b; k < e; ++k) s[k] += static_cast<double>(t[k]);
+    at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t c = 0; c < nck; ++c) {
+        const scalar_t* tc = t + c * n;
+        for (int64_t k = b; k < e; ++k) s[k] += static_cast<double>(tc[k]);
+      }
     });
   });
 }

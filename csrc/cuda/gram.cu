@@ -176,7 +176,7 @@ void prep_cuda(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at:
   });
 }
 
-void acc_cuda(at::Tensor& S, const at::Tensor& T) { S.add_(T); }
+void acc_cuda(at::Tensor& S, const at::Tensor& T) { S.add_(T.sum(0, /*keepdim=*/false, at::kDouble)); }
 
 at::Tensor segment_gram_cuda(const at::Tensor& X, const at::Tensor& offsets, const std::optional<at::Tensor>& Y) {
   std::vector<int64_t> off = gram_check_args(X, offsets, Y);

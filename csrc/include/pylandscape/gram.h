@@ -107,7 +107,7 @@ struct GramKernels {
                      const at::Tensor& qidx, int64_t c0, int64_t c1, at::Tensor& D, at::Tensor& dn2,
                      at::Tensor& T)>
       prep;
-  // S (fp64) += T (fp32 or fp64), elementwise, same shape.
+  // S [n, m] (fp64) += sum over c of T[c] ([nck, n, m] fp32), chunks added in order c = 0, 1, ...
   std::function<void(at::Tensor& S, const at::Tensor& T)> acc;
 };
 
@@ -133,7 +133,7 @@ inline at::Tensor chunked_gemm(const at::Tensor& DA, const at::Tensor& DB, const
   // one batched GEMM over all chunks (as fast as a single long GEMM, unlike a loop of short ones), then
   // the chunk products summed in fp64, always in chunk order
   at::Tensor prod = at::bmm(DA, DB.transpose(1, 2));
-  for (int64_t c = 0; c < nck; ++c) kern.acc(S, prod.select(0, c));
+  kern.acc(S, prod);
   return S;
 }
 
