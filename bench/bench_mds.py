@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import pylandscape  # noqa: E402
 from pylandscape import mds  # noqa: E402
 from pylandscape.flat import ParamSpec  # noqa: E402
 from pylandscape.snapshots import discover  # noqa: E402
@@ -138,8 +138,7 @@ def main(argv=None) -> int:
     t, _ = _time(lambda: make_store(root, args.n))
     print(f"# store: {root} ({args.n} x {SPEC.numel:,} float32 = {args.n * SPEC.numel * 4 / 1e9:.2f} GB; "
           f"prepared in {t:.1f}s); torch threads {torch.get_num_threads()}, segment_gram = "
-          f"{'pylandscape.ops' if mds.segment_gram is not mds._segment_gram_fallback else 'fallback (float64 torch)'}"
-          f" (compiled kernels: {__import__('pylandscape').has_extension()})", flush=True)
+          f"{'compiled pylandscape._C' if pylandscape.has_extension() else 'pure-torch reference'}", flush=True)
     t_disc, sset = _time(lambda: discover(root))
     gb = args.n * SPEC.numel * 4 / 1e9
 

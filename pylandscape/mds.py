@@ -48,42 +48,11 @@ import numpy as np
 import torch
 
 from .flat import ParamSpec
+from .ops import segment_gram
 
 DENSE_MAX_N = 3000
 METRICS = ("cosine", "chordal", "euclidean")
 SOLVERS = ("auto", "dense", "iterative")
-
-
-# ======================================================================================
-# Per-tensor Gram: the real op when it exists, else a float64 blocked fallback (same signature)
-# ======================================================================================
-
-def _segment_gram_fallback(X, offsets, *, Y=None, device=None, progress=False,
-                           memory_budget=None) -> torch.Tensor:
-    """[L, N, N] float64 dot products per segment; inputs are widened to float64 so that products of
-    float32 weights are exact and only the accumulation rounds (keeps 1 - cos ~ 1e-8 meaningful)."""
-    if Y is not None:
-        raise NotImplementedError("the fallback Gram supports Y=None only")
-    if not isinstance(X, torch.Tensor):
-        X = torch.cat([torch.as_tensor(b) for b in X], 0)
-    offs = [int(o) for o in torch.as_tensor(offsets).tolist()]
-    n = X.shape[0]
-    dev = torch.device(device) if device is not None else X.device
-    out = torch.zeros(len(offs) - 1, n, n, dtype=torch.float64)
-    # Column sub-blocks bound the float64 temporary to ~256 MB.
-    step = max(1, (256 << 20) // (8 * max(n, 1)))
-    for l in range(len(offs) - 1):
-        for a in range(offs[l], offs[l + 1], step):
-            b = min(a + step, offs[l + 1])
-            xs = X[:, a:b].to(dev, torch.float64)
-            out[l] += (xs @ xs.T).cpu()
-    return out
-
-
-try:  # swap to the real kernel: this import is the one line that changes
-    from .ops import segment_gram  # type: ignore[attr-defined]
-except ImportError:
-    segment_gram = _segment_gram_fallback
 
 
 # ======================================================================================

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from pylandscape.mds import ClassicalMDS, _segment_gram_fallback, double_center, embed, squared_dissimilarity
+from pylandscape.mds import ClassicalMDS, double_center, embed, segment_gram, squared_dissimilarity
 
 
 def _procrustes_residual(A: np.ndarray, B: np.ndarray) -> float:
@@ -135,7 +135,7 @@ def test_dense_and_iterative_solvers_agree(metric):
         assert it.captured_ >= d.captured_ - 1e-12 and not it.mass_exact_
 
 
-def test_double_center_and_gram_fallback():
+def test_double_center_and_gram_with_empty_segment():
     rng = np.random.default_rng(0)
     D2 = rng.random((7, 7))
     D2 = D2 + D2.T
@@ -144,7 +144,7 @@ def test_double_center_and_gram_fallback():
     np.testing.assert_allclose(double_center(D2), -0.5 * J @ D2 @ J, atol=1e-14)
     X = torch.randn(6, 11)
     offs = torch.tensor([0, 4, 4, 11])  # includes an empty segment
-    G = _segment_gram_fallback(X, offs)
+    G = segment_gram(X, offs)
     Xd = X.double()
     torch.testing.assert_close(G[0], Xd[:, :4] @ Xd[:, :4].T)
     assert torch.all(G[1] == 0)
