@@ -16,7 +16,7 @@ namespace {
 constexpr int64_t kSpan = 16384;  // elements per parallel task
 
 template <typename T>
-inline void lerp_row_impl(const T* a, const T* b, T* out, int64_t n, double alpha) {
+PLK_ALWAYS_INLINE void lerp_row_impl(const T* a, const T* b, T* out, int64_t n, double alpha) {
   for (int64_t i = 0; i < n; ++i)
     out[i] = static_cast<T>(lerp_exact(static_cast<double>(a[i]), static_cast<double>(b[i]), alpha));
 }
@@ -57,7 +57,7 @@ at::Tensor interpolate_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const
 // Columns [lo, lo + n) of every output row: for each k, acc = sum_m c[k, m] W[m, :] in float64, in the
 // order m = 0..M-1. The W tile (M x n) is reused from cache for all K rows.
 template <typename T>
-inline void combine_tile_impl(const T* W, int64_t P, int64_t M, const double* c, int64_t K, T* out, int64_t lo,
+PLK_ALWAYS_INLINE void combine_tile_impl(const T* W, int64_t P, int64_t M, const double* c, int64_t K, T* out, int64_t lo,
                               int64_t n, double* acc) {
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t j = 0; j < n; ++j) acc[j] = 0.0;

@@ -14,7 +14,7 @@ namespace {
 // Eight independent accumulators per sum: the compiler vectorises them without reassociating
 // (the order is fixed, so results do not depend on the SIMD width).
 template <typename T>
-inline Moments chunk_moments_impl(const T* x, int64_t n) {
+PLK_ALWAYS_INLINE Moments chunk_moments_impl(const T* x, int64_t n) {
   constexpr int V = 8;
   const double K = static_cast<double>(x[0]);
   double s1[V] = {}, s2[V] = {}, sa[V] = {};
