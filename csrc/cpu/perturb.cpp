@@ -223,7 +223,9 @@ void perturb_into(const at::Tensor& flat, const at::Tensor& offs, const at::Tens
   const std::vector<Chunk> chunks = make_chunks(o, L);
   const int64_t nch = static_cast<int64_t>(chunks.size());
   const size_t es = flat.element_size();
-  at::parallel_for(0, K * nch, 1, [&](int64_t b, int64_t e) {
+  // Tasks are (copy, chunk) pairs, copy-major; grain 4 (up to 64K elements) so that a tiny problem does
+  // not pay for a parallel region. The noise of an element does not depend on the split.
+  at::parallel_for(0, K * nch, 4, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
       const int64_t k = t / nch;
       const Chunk& c = chunks[t % nch];
