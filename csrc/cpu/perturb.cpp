@@ -9,6 +9,9 @@
 
 #include <algorithm>
 #include <cstring>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "pylandscape/macros.h"
 #if defined(PLK_MULTIVERSION_ON) && !defined(__clang__)
@@ -235,6 +238,22 @@ void perturb_into(const at::Tensor& flat, const at::Tensor& offs, const at::Tens
   });
 }
 
+// A large fresh output is first-touched page by page: at K = 64 the 4 KiB page faults (kernel zeroing
+// included) cost about as much as generating the noise (~30 ms for 48 MB, measured). Asking for
+// transparent huge pages on it (advisory, like c10's THP_MEM_ALLOC_ENABLE) cuts that to a few ms.
+void advise_huge_pages(void* p, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  if (nbytes < 4 * kHuge) return;
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + nbytes) & ~(kHuge - 1);
+  if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);  // a hint: failure is fine
+#else
+  (void)p;
+  (void)nbytes;
+#endif
+}
+
 at::Tensor perturb_cpu(const at::Tensor& flat_in, const at::Tensor& offsets, const at::Tensor& scales,
                        const at::Tensor& seeds, int64_t offset, int64_t mode) {
   check_float(flat_in, "flat");
@@ -245,6 +264,7 @@ at::Tensor perturb_cpu(const at::Tensor& flat_in, const at::Tensor& offsets, con
   const at::Tensor sd = seeds.to(at::kCPU).contiguous();
   const int64_t K = sd.numel();
   at::Tensor out = at::empty({K, flat.numel()}, flat.options());
+  advise_huge_pages(out.data_ptr(), out.nbytes());
   perturb_into(flat, offs, scales, sd.data_ptr<int64_t>(), K, offset, mode, out.data_ptr());
   return out;
 }
