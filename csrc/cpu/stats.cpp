@@ -14,7 +14,7 @@ namespace {
 // Eight independent accumulators per sum: the compiler vectorises them without reassociating
 // (the order is fixed, so results do not depend on the SIMD width).
 template <typename T>
-inline Moments chunk_moments_impl(const T* x, int64_t n) {
+PLK_ALWAYS_INLINE Moments chunk_moments_impl(const T* x, int64_t n) {
   constexpr int V = 8;
   const double K = static_cast<double>(x[0]);
   double s1[V] = {}, s2[V] = {}, sa[V] = {};
@@ -55,7 +55,9 @@ std::vector<Moments> layer_moments(const at::Tensor& flat, const int64_t* offs, 
   std::vector<Moments> part(chunks.size());
   const bool f32 = flat.scalar_type() == at::kFloat;
   const void* base = flat.data_ptr();
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+  // Grain 32 chunks (up to 512K elements, ~0.1 ms): a smaller pass is not worth waking a second thread
+  // (on a busy machine one parallel region cost ~8 ms, measured). The merge order is fixed either way.
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 32, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) {
       const Chunk& c = chunks[i];
       part[i] = f32 ? chunk_moments_f32(static_cast<const float*>(base) + c.begin, c.end - c.begin)
