@@ -46,8 +46,9 @@
 namespace pylandscape {
 namespace gram {
 
-constexpr int64_t kBlock = 512;      // rows per top-level block
+constexpr int64_t kBlock = 256;      // rows per top-level block
 constexpr int64_t kLeaf = 32;        // at most this many rows per side: fp64 pass
+constexpr int64_t kDirectCost = 64;  // one direct fp64 distance ~ this many entries of a sub-block pass
 constexpr int64_t kChunk = 1024;     // fp32 GEMM k-chunk (summed in fp64): bounds the fp32 error growth
 constexpr int64_t kColChunk = 4096;  // column chunk of the fp64 precomputation passes
 constexpr int64_t kSmallLayer = 512; // layers this small go straight to the fp64 pass (cheap, exact-er)
@@ -113,17 +114,33 @@ struct GramKernels {
 
 inline int64_t n_chunks(int64_t s) { return (s + kChunk - 1) / kChunk; }
 
+// A buffer reused across layers and block pairs. Large fresh allocations are not free on the CPU: each
+// one is a new mmap whose pages fault in on first touch (measured: most of the op's time went there).
+struct Workspace {
+  at::Tensor buf;
+  at::Tensor view(at::IntArrayRef shape, const at::TensorOptions& opt) {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    if (!buf.defined() || buf.numel() < n || buf.scalar_type() != opt.dtype().toScalarType() ||
+        buf.device() != opt.device())
+      buf = at::empty({n}, opt);
+    return buf.narrow(0, 0, n).view(shape);
+  }
+};
+
 // Chunk-major workspace for n rows of an s-column layer, the padding columns zeroed.
-inline at::Tensor chunked_workspace(int64_t n, int64_t s, const at::TensorOptions& opt) {
+inline at::Tensor chunked_workspace(int64_t n, int64_t s, const at::TensorOptions& opt,
+                                    Workspace* ws = nullptr) {
   const int64_t nck = n_chunks(s);
-  at::Tensor D = at::empty({nck, n, kChunk}, opt);
+  at::Tensor D = ws ? ws->view({nck, n, kChunk}, opt) : at::empty({nck, n, kChunk}, opt);
   const int64_t tail = nck * kChunk - s;
   if (tail > 0) D.select(0, nck - 1).narrow(1, kChunk - tail, tail).zero_();
   return D;
 }
 
 // sum over chunks of DA[c] @ DB[c]^T, fp32 products summed in fp64 (fp64 workspaces: fp64 GEMMs).
-inline at::Tensor chunked_gemm(const at::Tensor& DA, const at::Tensor& DB, const GramKernels& kern) {
+inline at::Tensor chunked_gemm(const at::Tensor& DA, const at::Tensor& DB, const GramKernels& kern,
+                               Workspace* ws = nullptr) {
   const int64_t nck = DA.size(0), na = DA.size(1), nb = DB.size(1);
   at::Tensor S = at::zeros({na, nb}, DA.options().dtype(at::kDouble));
   if (DA.scalar_type() == at::kDouble) {
@@ -132,7 +149,13 @@ inline at::Tensor chunked_gemm(const at::Tensor& DA, const at::Tensor& DB, const
   }
   // one batched GEMM over all chunks (as fast as a single long GEMM, unlike a loop of short ones), then
   // the chunk products summed in fp64, always in chunk order
-  at::Tensor prod = at::bmm(DA, DB.transpose(1, 2));
+  at::Tensor prod;
+  if (ws) {
+    prod = ws->view({nck, na, nb}, DA.options());
+    at::bmm_out(prod, DA, DB.transpose(1, 2));
+  } else {
+    prod = at::bmm(DA, DB.transpose(1, 2));
+  }
   kern.acc(S, prod);
   return S;
 }
@@ -233,6 +256,12 @@ inline void refine(LayerCtx& ctx, int64_t a0, int64_t a1, int64_t b0, int64_t b1
     direct_entries(ctx, a0, b0, mask);
     return;
   }
+  // Few flagged entries (the usual case: neighbours along a trajectory): their exact fp64 distances cost
+  // less than recomputing whole sub-blocks, which costs the block's full GEMM at every level.
+  if (mask.sum().item<int64_t>() * kDirectCost <= na * nb) {
+    direct_entries(ctx, a0, b0, mask);
+    return;
+  }
   if (std::max(na, nb) <= kLeaf) {
     at::Tensor Gn, fl;
     local_pass(ctx, a0, a1, b0, b1, /*use64=*/true, Gn, fl);
@@ -289,10 +318,11 @@ inline std::vector<int64_t> block_refs(const std::vector<int64_t>& st) {
 
 // D, dn and T = (x_i - ref(i)) . other_refs for one side, block by block (fused kernel pass).
 inline void prepare_side(const at::Tensor& X, int64_t c0, int64_t c1, Side& sd, const at::Tensor& other,
-                         const at::Tensor& other_refs, bool in64, const GramKernels& kern) {
+                         const at::Tensor& other_refs, bool in64, const GramKernels& kern,
+                         Workspace* ws = nullptr) {
   const int64_t n = X.size(0), s = c1 - c0;
   auto f64 = X.options().dtype(at::kDouble);
-  sd.D = chunked_workspace(n, s, X.options().dtype(in64 ? at::kDouble : at::kFloat));
+  sd.D = chunked_workspace(n, s, X.options().dtype(in64 ? at::kDouble : at::kFloat), ws);
   at::Tensor dn2 = at::empty({n}, f64);
   sd.T = at::empty({n, other_refs.size(0)}, f64);
   const int64_t nblk = static_cast<int64_t>(sd.refs.size());
@@ -316,6 +346,16 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
   const bool in64 = X.scalar_type() == at::kDouble;
   at::Tensor out = at::zeros({L, N, M}, X.options().dtype(at::kDouble));
   if (N == 0 || M == 0) return out;
+  Workspace wsA, wsB, wsProd, wsMirror;  // large buffers, reused by every layer and block pair
+  int64_t max_nck = 0;
+  for (int64_t l = 0; l < L; ++l)
+    if (off[l + 1] - off[l] > kSmallLayer && !in64) max_nck = std::max(max_nck, n_chunks(off[l + 1] - off[l]));
+  if (max_nck > 0) {  // sized once for the largest layer: growing them layer by layer re-faults every page
+    const auto fopt = X.options().dtype(at::kFloat);
+    wsA.view({max_nck, N, kChunk}, fopt);
+    if (!sym) wsB.view({max_nck, M, kChunk}, fopt);
+    wsProd.view({max_nck, std::min(N, kBlock), std::min(M, kBlock)}, fopt);
+  }
   for (int64_t l = 0; l < L; ++l) {
     const int64_t c0 = off[l], c1 = off[l + 1], s = c1 - c0;
     if (s == 0) continue;
@@ -346,8 +386,8 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
     at::Tensor refsA = at::tensor(sa.refs, at::TensorOptions().dtype(at::kLong)).to(X.device());
     at::Tensor refsB = at::tensor(sb.refs, at::TensorOptions().dtype(at::kLong)).to(X.device());
     const bool small = s <= kSmallLayer || in64;
-    prepare_side(X, c0, c1, sa, Y, refsB, small, kern);
-    if (!sym) prepare_side(Y, c0, c1, sb, X, refsA, small, kern);
+    prepare_side(X, c0, c1, sa, Y, refsB, small, kern, small ? nullptr : &wsA);
+    if (!sym) prepare_side(Y, c0, c1, sb, X, refsA, small, kern, small ? nullptr : &wsB);
     const Side& B = sym ? sa : sb;
     // |p_I - q_J|^2 for every block pair, and the reference norms
     const int64_t nA = static_cast<int64_t>(sa.refs.size()), nB = static_cast<int64_t>(B.refs.size());
@@ -362,7 +402,7 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
       for (int64_t J = sym ? I : 0; J < nB; ++J) {
         const int64_t b0 = B.starts[J], nb = B.starts[J + 1] - b0;
         if (na == 0 || nb == 0) continue;
-        at::Tensor S = chunked_gemm(sa.D.narrow(1, a0, na), B.D.narrow(1, b0, nb), kern);
+        at::Tensor S = chunked_gemm(sa.D.narrow(1, a0, na), B.D.narrow(1, b0, nb), kern, small ? nullptr : &wsProd);
         const double w = W[I][J].item<double>();
         const double gp = gdp[I].item<double>(), gq = gdq[J].item<double>();
         const double cc = 0.5 * ((gp + gq) - w);
@@ -384,10 +424,12 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
                    static_cast<long long>(ctx.n_refined), static_cast<long long>(ctx.n_direct),
                    static_cast<long long>(sym ? N * (N - 1) / 2 : N * M));
     }
-    if (sym) {
+    if (sym) {  // mirror the upper triangle, through a reused buffer (no fresh N x N temporaries)
       at::Tensor g = ctx.G;
-      at::Tensor up = at::triu(g, 1);
-      g.copy_(up + up.t());
+      g.triu_(1);
+      at::Tensor low = wsMirror.view({N, N}, g.options());
+      low.copy_(g.t());
+      g.add_(low);
       g.diagonal().copy_(ctx.gdA);
     }
   }
