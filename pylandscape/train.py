@@ -44,8 +44,8 @@ RESUME_KEY = "pylandscape_resume"
 # Config fields that may differ when resuming (more epochs, another device, finer logging).
 RESUMABLE_CHANGES = ("epochs", "device", "eval_every", "eval_batch_size")
 IDENTITY_FIELDS = ("run", "stage", "trajectory")
-# How train_many runs K models: "grouped" (one GroupedNet: grouped convolutions, one wide network; the
-# default, "auto"), "loop" (K models in lockstep; bit-identical to train()).
+# How train_many runs K models: "grouped" (one GroupedNet: grouped convolutions, one wide network),
+# "loop" (K models in lockstep; bit-identical to train()); "auto": grouped on CUDA, loop on CPU.
 TRAIN_MANY_ROUTES = ("auto", "loop", "grouped")
 
 
@@ -439,8 +439,9 @@ def train_many(model_fn: Callable[[], nn.Module], init_flats: torch.Tensor, data
     data, config with seed=seeds[k]) (config.seed is not used). Its snapshots carry metadata metas[k]
     (default {"trajectory": k}). callback(k, row). Returns the K histories.
 
-    route: "grouped" (= "auto") = one GroupedNet (grouped convolutions), equal to K train() runs within
-    float tolerance; "loop" = K models stepped in lockstep, bit-identical to K train() runs. Measured
+    route: "auto" = "grouped" on CUDA, "loop" on CPU; "grouped" = one GroupedNet (grouped convolutions),
+    equal to K train() runs within float tolerance; "loop" = K models stepped in lockstep, bit-identical to
+    K train() runs. Measured
     (bench/bench_train.py, K=8 paper nets, SGD epoch on 500 digits, shared loaded 2-core CPU): with 2
     threads grouped 4.4-5.7x the time of one trajectory, loop 8.8-9.5x; with 1 thread both 7-12x
     (within noise). GPUs: not measured. Models GroupedNet cannot group use the loop.
@@ -467,7 +468,11 @@ def train_many(model_fn: Callable[[], nn.Module], init_flats: torch.Tensor, data
     st = _open_store(store, template, config)
     dev = torch.device(config.device)
     runner: _SingleRunner | None = None
-    if route in ("grouped", "auto"):
+    if route == "auto":
+        # Measured side by side on the 2-core CPU (bench/bench_train.py, K=8, quiet machine): loop 5.3x the
+        # time of one trajectory, grouped 10x; grouped convolutions are meant for GPUs.
+        route = "grouped" if dev.type == "cuda" else "loop"
+    if route == "grouped":
         try:
             g = GroupedNet(template, K).to(dev)
             p0 = next(g.parameters())
@@ -554,8 +559,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--seeds", default=None, help="explicit comma-separated seeds, one per trajectory")
     r.add_argument("--trajectories", "-K", type=int, default=1, help="K trajectories trained at once")
     r.add_argument("--route", default="auto", choices=TRAIN_MANY_ROUTES,
-                   help="how K trajectories run: grouped (one wide grouped-convolution network; auto = "
-                        "grouped) or loop (K models in lockstep, bit-identical to K single runs)")
+                   help="how K trajectories run: grouped (one wide grouped-convolution network) or loop "
+                        "(K models in lockstep, bit-identical to K single runs); auto = grouped on CUDA, "
+                        "loop on CPU")
     r.add_argument("--same-init", action="store_true", help="all trajectories start from the init of the first seed")
     r.add_argument("--out", default=None, help="store folder for snapshots (created); none = no snapshots")
     r.add_argument("--run", default=None, help="run name recorded in every snapshot's metadata")
