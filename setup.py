@@ -10,6 +10,7 @@ Environment:
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -134,9 +135,28 @@ def _write_build_info(exts):
 _EXTS = extensions()
 _write_build_info(_EXTS)
 
+class BuildExt(cext.BuildExtension.with_options(use_ninja=True)):
+    """Also puts the built library beside the sources: `python -m pylandscape ...` run from the checkout
+    imports the source folder (the current directory comes first on sys.path), which then has the
+    compiled kernels too instead of silently falling back to the references."""
+
+    def run(self):
+        super().run()
+        if self.inplace:
+            return
+        for ext in self.extensions:
+            built = self.get_ext_fullpath(ext.name)
+            dest = os.path.join(ROOT, *ext.name.split(".")[:-1], os.path.basename(built))
+            if os.path.exists(built) and os.path.isdir(os.path.dirname(dest)):
+                try:
+                    shutil.copyfile(built, dest)
+                except OSError as e:  # a read-only checkout still installs fine
+                    _log(f"could not copy {os.path.basename(built)} into the source tree: {e}")
+
+
 setup(
     ext_modules=_EXTS,
     install_requires=[_torch_requirement(), "numpy>=1.24", "scipy>=1.10", "matplotlib>=3.7", "safetensors>=0.4", "tqdm>=4.60"],
-    cmdclass={"build_ext": cext.BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt},
     options={"bdist_wheel": {"py_limited_api": "cp39"}},
 )
