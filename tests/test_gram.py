@@ -127,6 +127,48 @@ def walks():
 # accuracy
 # ---------------------------------------------------------------------------------------------------
 
+@pytest.fixture(scope="module")
+def long_walks():
+    # 512 rows: two 256-row blocks (off-diagonal block pair, halved diagonal blocks), a layer of several
+    # fp32 k-chunks with uneven width (3000 columns), a small fp64 layer, and an empty one
+    X, off = random_walks(2, 256, [3000, 40, 700, 0], seed=11)
+    return X, off, exact_one_minus_cos(X, off)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_multi_block_accuracy_bar(impl, long_walks):
+    X, off, O = long_walks
+    G = gram(impl, X, off)
+    worst, neg = worst_rel_error(G, O)
+    print(f"\n[{impl}] 512-row walks: worst relative error of 1 - cos (>= 1e-10) = {worst:.3e}, "
+          f"most negative raw 1 - cos = {neg:.3e}")
+    assert worst <= 1e-3
+    assert neg >= -1e-15
+    assert (G[3] == 0).all()
+    assert torch.equal(G, G.transpose(1, 2))
+    sq = torch.stack([(X.double()[:, a:b] ** 2).sum(1) for a, b in zip(off[:-1].tolist(), off[1:].tolist())])
+    assert torch.allclose(torch.diagonal(G, dim1=1, dim2=2), sq, rtol=1e-14, atol=0)
+
+
+@pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
+def test_multi_block_thread_count_invariant(long_walks):
+    X, off, _ = long_walks
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        G1 = torch.ops.pylandscape.segment_gram(X, off)
+        torch.set_num_threads(2)
+        G2 = torch.ops.pylandscape.segment_gram(X, off)
+    finally:
+        torch.set_num_threads(before)
+    # the fp32 GEMM may round differently with another thread count; the certified result may not move
+    # by more than the accuracy bar allows
+    scale = torch.sqrt(torch.diagonal(G1, dim1=1, dim2=2).unsqueeze(-1)
+                       * torch.diagonal(G1, dim1=1, dim2=2).unsqueeze(-2)).clamp_min(1e-300)
+    assert ((G1 - G2).abs() / scale).max().item() <= 1e-9
+    assert torch.equal(torch.diagonal(G1, dim1=1, dim2=2), torch.diagonal(G2, dim1=1, dim2=2))
+
+
 @pytest.mark.parametrize("impl", IMPLS + ["reference"])
 def test_random_walk_accuracy_bar(impl, walks):
     X, off, O = walks

@@ -1,15 +1,17 @@
-// segment_gram on CPU: the device-generic driver of pylandscape/gram.h (BLAS through at::mm) plus the
-// compensated fp64 reductions it needs, as plain loops (one row or pair per task, so results do not
-// depend on the thread count).
+// segment_gram on CPU: the device-generic driver of pylandscape/gram.h (BLAS through at::bmm) plus the
+// fp64 passes around it, as plain loops (one row or pair per task, so results do not depend on the thread
+// count), multiversioned for AVX-512/AVX2 with the same results on every ISA.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
 #include "pylandscape/gram.h"
+#include "pylandscape/macros.h"
 
 namespace pylandscape {
 namespace {
@@ -17,10 +19,21 @@ namespace {
 using gram::acc_sq;
 using gram::two_sum;
 
-constexpr int kLanes = 4;
+// Every loop below adds into a fixed number of lanes (lane j takes elements j, j + kW, ...) and combines the
+// lanes in a fixed order: the compiler vectorises them the same way on every ISA, so the AVX-512, AVX2 and
+// baseline clones (PLK_MULTIVERSION) give bit-identical results, whatever the machine.
+constexpr int kLanes = 8;
+
+// Longest fp32 k-chunk on CPU (PYLANDSCAPE_GRAM_CHUNK overrides it, for benchmarks): fewer, longer chunks
+// cost less packing and fp64 accumulation; the error bound grows only as sqrt(chunk).
+int64_t max_chunk_cpu() {
+  const char* env = std::getenv("PYLANDSCAPE_GRAM_CHUNK");
+  const int64_t v = env ? std::atoll(env) : 0;
+  return v >= 64 && v <= (1 << 20) ? v : 2048;
+}
 
 // Sum of lanes (s_k, c_k) as one compensated total, always in the same order.
-inline double finish(const double* s, const double* c) {
+PLK_ALWAYS_INLINE double finish(const double* s, const double* c) {
   double tot = s[0], err = c[0];
   for (int k = 1; k < kLanes; ++k) {
     double t, e;
@@ -31,12 +44,17 @@ inline double finish(const double* s, const double* c) {
   return tot + err;
 }
 
+// Plain lane sum, fixed pairwise order.
+PLK_ALWAYS_INLINE double lane_sum(const double* a) {
+  return ((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]));
+}
+
 template <typename scalar_t>
-double sumsq_row(const scalar_t* x, int64_t n) {
-  double s[kLanes] = {0, 0, 0, 0}, c[kLanes] = {0, 0, 0, 0};
+PLK_ALWAYS_INLINE double sumsq_row(const scalar_t* x, int64_t n) {
+  double s[kLanes] = {}, c[kLanes] = {};
   int64_t k = 0;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    // squares of fp32 values are exact in fp64: no fma needed (and none in hardware for generic x86-64)
+    // squares of fp32 values are exact in fp64: only the sum's rounding needs keeping
     for (; k + kLanes <= n; k += kLanes) {
 #pragma omp simd
       for (int q = 0; q < kLanes; ++q) gram::acc_sq_exact(static_cast<double>(x[k + q]), s[q], c[q]);
@@ -44,6 +62,7 @@ double sumsq_row(const scalar_t* x, int64_t n) {
     for (; k < n; ++k) gram::acc_sq_exact(static_cast<double>(x[k]), s[0], c[0]);
   } else {
     for (; k + kLanes <= n; k += kLanes) {
+#pragma omp simd
       for (int q = 0; q < kLanes; ++q) acc_sq(static_cast<double>(x[k + q]), s[q], c[q]);
     }
     for (; k < n; ++k) acc_sq(static_cast<double>(x[k]), s[0], c[0]);
@@ -51,10 +70,20 @@ double sumsq_row(const scalar_t* x, int64_t n) {
   return finish(s, c);
 }
 
+PLK_MULTIVERSION void sumsq_rows_f32(const float* base, int64_t ld, int64_t c0, int64_t len, int64_t b, int64_t e,
+                                     double* o) {
+  for (int64_t i = b; i < e; ++i) o[i] = sumsq_row(base + i * ld + c0, len);
+}
+
+PLK_MULTIVERSION void sumsq_rows_f64(const double* base, int64_t ld, int64_t c0, int64_t len, int64_t b,
+                                     int64_t e, double* o) {
+  for (int64_t i = b; i < e; ++i) o[i] = sumsq_row(base + i * ld + c0, len);
+}
+
 template <typename scalar_t>
 double dist2_row(const scalar_t* a, const scalar_t* b, int64_t n) {
   // for fp32 data the fp64 difference is exact; for fp64 data it rounds relative to |a - b|
-  double s[kLanes] = {0, 0, 0, 0}, c[kLanes] = {0, 0, 0, 0};
+  double s[kLanes] = {}, c[kLanes] = {};
   int64_t k = 0;
   for (; k + kLanes <= n; k += kLanes) {
     for (int q = 0; q < kLanes; ++q)
@@ -68,11 +97,12 @@ at::Tensor sumsq_cpu(const at::Tensor& rows, int64_t c0, int64_t c1) {
   const int64_t n = rows.size(0), len = c1 - c0, ld = rows.stride(0);
   at::Tensor out = at::empty({n}, rows.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(rows.scalar_type(), "segment_gram_sumsq", [&] {
-    const scalar_t* base = rows.const_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
-      for (int64_t i = b; i < e; ++i) o[i] = sumsq_row(base + i * ld + c0, len);
-    });
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    if (rows.scalar_type() == at::kFloat) {
+      sumsq_rows_f32(rows.const_data_ptr<float>(), ld, c0, len, b, e, o);
+    } else {
+      sumsq_rows_f64(rows.const_data_ptr<double>(), ld, c0, len, b, e, o);
+    }
   });
   return out;
 }
@@ -96,69 +126,106 @@ at::Tensor dist2_cpu(const at::Tensor& A, const at::Tensor& B, const at::Tensor&
   return out;
 }
 
+struct PrepArgs {
+  int64_t ldx, r0, ldq, nq, c0, s, K, ldc, ldd;
+  const int64_t* qidx;
+  double* dn2;
+  double* T;
+};
+
+// Rows [b, e): D (chunk-major: column c of row i at D[(c / K) * ldc + i * ldd + c % K]), |d|^2 and the dot
+// products with the nq reference rows, tile by tile (a tile of d stays in L1 for the dot products).
 template <typename scalar_t, typename dst_t>
-void prep_rows(const scalar_t* X, int64_t ldx, int64_t r0, int64_t r1, int64_t p, const scalar_t* Q, int64_t ldq,
-               const int64_t* qidx, int64_t nq, int64_t c0, int64_t c1, dst_t* D, int64_t ldc, int64_t ldd,
-               double* dn2, double* T) {
-  // D is chunk-major: column c of row i lives at D[(c / kChunk) * ldc + i * ldd + c % kChunk]
-  constexpr int64_t K = gram::kChunk;
+PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const scalar_t* Q, dst_t* D,
+                                 const PrepArgs& a, int64_t b, int64_t e) {
   constexpr int64_t kTile = 512;
-  static_assert(K % kTile == 0, "tiles must not straddle chunks");
-  const int64_t s = c1 - c0;
-  const scalar_t* pr = X + p * ldx + c0;
-  at::parallel_for(r0, r1, 1, [&](int64_t b, int64_t e) {
-    std::vector<double> d(kTile), acc(nq);
-    for (int64_t i = b; i < e; ++i) {
-      const scalar_t* x = X + i * ldx + c0;
-      dst_t* drow0 = D + (i - r0) * ldd;
-      double sq = 0.0;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t t0 = 0; t0 < s; t0 += kTile) {
-        const int64_t tl = std::min(kTile, s - t0);
-        dst_t* drow = drow0 + (t0 / K) * ldc + (t0 % K);
-        double sqt = 0.0;
-#pragma omp simd reduction(+ : sqt)
-        for (int64_t c = 0; c < tl; ++c) {
-          const double v = static_cast<double>(x[t0 + c]) - static_cast<double>(pr[t0 + c]);
-          d[c] = v;
-          drow[c] = static_cast<dst_t>(v);
-          sqt += v * v;
-        }
-        sq += sqt;
-        for (int64_t k = 0; k < nq; ++k) {
-          const scalar_t* q = Q + qidx[k] * ldq + c0 + t0;
-          double a = 0.0;
-          const double* dd = d.data();
-#pragma omp simd reduction(+ : a)
-          for (int64_t c = 0; c < tl; ++c) a += static_cast<double>(q[c]) * dd[c];
-          acc[k] += a;
+  alignas(64) double d[kTile];
+  std::vector<double> acc(static_cast<size_t>(a.nq) * kLanes);
+  for (int64_t i = b; i < e; ++i) {
+    const scalar_t* x = X + i * a.ldx + a.c0;
+    dst_t* drow0 = D + (i - a.r0) * a.ldd;
+    double sq[kLanes] = {};
+    std::fill(acc.begin(), acc.end(), 0.0);
+    for (int64_t t0 = 0, tl = 0; t0 < a.s; t0 += tl) {
+      tl = std::min({kTile, a.s - t0, a.K - t0 % a.K});  // tiles never straddle chunks
+      dst_t* drow = drow0 + (t0 / a.K) * a.ldc + (t0 % a.K);
+      const scalar_t* xt = x + t0;
+      const scalar_t* pt = pr + t0;
+      int64_t c = 0;
+      for (; c + kLanes <= tl; c += kLanes) {
+#pragma omp simd
+        for (int j = 0; j < kLanes; ++j) {
+          const double v = static_cast<double>(xt[c + j]) - static_cast<double>(pt[c + j]);
+          d[c + j] = v;
+          drow[c + j] = static_cast<dst_t>(v);
+          sq[j] += v * v;
         }
       }
-      dn2[i - r0] = sq;
-      for (int64_t k = 0; k < nq; ++k) T[(i - r0) * nq + k] = acc[k];
+      for (; c < tl; ++c) {
+        const double v = static_cast<double>(xt[c]) - static_cast<double>(pt[c]);
+        d[c] = v;
+        drow[c] = static_cast<dst_t>(v);
+        sq[c % kLanes] += v * v;
+      }
+      for (int64_t k = 0; k < a.nq; ++k) {
+        const scalar_t* q = Q + a.qidx[k] * a.ldq + a.c0 + t0;
+        double l[kLanes];
+        for (int j = 0; j < kLanes; ++j) l[j] = acc[k * kLanes + j];
+        int64_t cc = 0;
+        for (; cc + kLanes <= tl; cc += kLanes) {
+#pragma omp simd
+          for (int j = 0; j < kLanes; ++j) l[j] += static_cast<double>(q[cc + j]) * d[cc + j];
+        }
+        for (; cc < tl; ++cc) l[cc % kLanes] += static_cast<double>(q[cc]) * d[cc];
+        for (int j = 0; j < kLanes; ++j) acc[k * kLanes + j] = l[j];
+      }
     }
-  });
+    a.dn2[i - a.r0] = lane_sum(sq);
+    for (int64_t k = 0; k < a.nq; ++k) a.T[(i - a.r0) * a.nq + k] = lane_sum(&acc[k * kLanes]);
+  }
+}
+
+PLK_MULTIVERSION void prep_f32_f32(const float* X, const float* pr, const float* Q, float* D, const PrepArgs& a,
+                                   int64_t b, int64_t e) {
+  prep_body(X, pr, Q, D, a, b, e);
+}
+PLK_MULTIVERSION void prep_f32_f64(const float* X, const float* pr, const float* Q, double* D, const PrepArgs& a,
+                                   int64_t b, int64_t e) {
+  prep_body(X, pr, Q, D, a, b, e);
+}
+PLK_MULTIVERSION void prep_f64_f64(const double* X, const double* pr, const double* Q, double* D,
+                                   const PrepArgs& a, int64_t b, int64_t e) {
+  prep_body(X, pr, Q, D, a, b, e);
 }
 
 void prep_cpu(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::Tensor& Q, const at::Tensor& qidx,
               int64_t c0, int64_t c1, at::Tensor& D, at::Tensor& dn2, at::Tensor& T) {
   TORCH_CHECK(D.dim() == 3 && D.stride(2) == 1 && dn2.is_contiguous() && T.is_contiguous(),
               "segment_gram: bad workspace");
+  TORCH_CHECK(X.scalar_type() == Q.scalar_type(), "segment_gram: X and Q dtypes differ");
   at::Tensor qi = qidx.to(at::kCPU).contiguous();
-  const int64_t nq = qi.numel();
-  AT_DISPATCH_FLOATING_TYPES(X.scalar_type(), "segment_gram_prep", [&] {
-    const scalar_t* x = X.const_data_ptr<scalar_t>();
-    const scalar_t* q = Q.const_data_ptr<scalar_t>();
-    if (D.scalar_type() == at::kFloat) {
-      prep_rows<scalar_t, float>(x, X.stride(0), r0, r1, p, q, Q.stride(0), qi.const_data_ptr<int64_t>(), nq, c0,
-                                 c1, D.data_ptr<float>(), D.stride(0), D.stride(1), dn2.data_ptr<double>(),
-                                 T.data_ptr<double>());
+  PrepArgs a{X.stride(0), r0, Q.stride(0), qi.numel(), c0, c1 - c0, D.size(2), D.stride(0), D.stride(1),
+             qi.const_data_ptr<int64_t>(), dn2.data_ptr<double>(), T.data_ptr<double>()};
+  at::parallel_for(r0, r1, 1, [&](int64_t b, int64_t e) {
+    if (X.scalar_type() == at::kFloat) {
+      const float* x = X.const_data_ptr<float>();
+      if (D.scalar_type() == at::kFloat) {
+        prep_f32_f32(x, x + p * a.ldx + c0, Q.const_data_ptr<float>(), D.data_ptr<float>(), a, b, e);
+      } else {
+        prep_f32_f64(x, x + p * a.ldx + c0, Q.const_data_ptr<float>(), D.data_ptr<double>(), a, b, e);
+      }
     } else {
-      prep_rows<scalar_t, double>(x, X.stride(0), r0, r1, p, q, Q.stride(0), qi.const_data_ptr<int64_t>(), nq, c0,
-                                  c1, D.data_ptr<double>(), D.stride(0), D.stride(1), dn2.data_ptr<double>(),
-                                  T.data_ptr<double>());
+      const double* x = X.const_data_ptr<double>();
+      prep_f64_f64(x, x + p * a.ldx + c0, Q.const_data_ptr<double>(), D.data_ptr<double>(), a, b, e);
     }
   });
+}
+
+PLK_MULTIVERSION void acc_f32(double* s, const float* t, int64_t n, int64_t nck, int64_t b, int64_t e) {
+  for (int64_t c = 0; c < nck; ++c) {
+    const float* tc = t + c * n;
+    for (int64_t k = b; k < e; ++k) s[k] += static_cast<double>(tc[k]);
+  }
 }
 
 void acc_cpu(at::Tensor& S, const at::Tensor& T) {
@@ -166,14 +233,91 @@ void acc_cpu(at::Tensor& S, const at::Tensor& T) {
   TORCH_CHECK(S.is_contiguous() && T.is_contiguous() && T.dim() == 3, "segment_gram: bad accumulator");
   double* s = S.data_ptr<double>();
   const int64_t n = S.numel(), nck = T.size(0);
-  AT_DISPATCH_FLOATING_TYPES(T.scalar_type(), "segment_gram_acc", [&] {
-    const scalar_t* t = T.const_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
-      for (int64_t c = 0; c < nck; ++c) {
-        const scalar_t* tc = t + c * n;
-        for (int64_t k = b; k < e; ++k) s[k] += static_cast<double>(tc[k]);
+  if (T.scalar_type() == at::kFloat) {
+    const float* t = T.const_data_ptr<float>();
+    at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) { acc_f32(s, t, n, nck, b, e); });
+    return;
+  }
+  const double* t = T.const_data_ptr<double>();
+  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
+    for (int64_t c = 0; c < nck; ++c)
+      for (int64_t k = b; k < e; ++k) s[k] += t[c * n + k];
+  });
+}
+
+// The fused form of gram::combine_and_check (same operations in the same order, so the same bits): writes
+// the block of G in place and the flags; returns how many entries were flagged in rows [b, e).
+PLK_MULTIVERSION int64_t combine_rows(const double* S, const double* tA, int64_t stA, const double* tB,
+                                      const gram::CombineArgs& a, const double* dnA, const double* dnB,
+                                      const double* gdA, const double* gdB, double* G, int64_t ldg, bool* flag,
+                                      int64_t nb, int64_t b, int64_t e) {
+  const double uc = a.u * a.C, uc64 = gram::kU64 * a.C64, c0 = a.c0, np = a.np, tau = gram::kTau;
+  int64_t count = 0;
+  for (int64_t i = b; i < e; ++i) {
+    const double ta = tA[i * stA], da = dnA[i], ga = gdA[i], wa = a.w + a.nq * da;
+    const double* Si = S + i * nb;
+    double* Gi = G + i * ldg;
+    bool* fi = flag + i * nb;
+    const int64_t j0 = a.upper ? std::min(i + 1, nb) : 0;  // diagonal blocks: only j > i may be flagged
+    for (int64_t j = 0; j < j0; ++j) {
+      Gi[j] = ((Si[j] + ta) + tB[j]) + c0;
+      fi[j] = false;
+    }
+    int64_t cnt = 0;
+#pragma omp simd reduction(+ : cnt)
+    for (int64_t j = j0; j < nb; ++j) {
+      const double g = ((Si[j] + ta) + tB[j]) + c0;
+      Gi[j] = g;
+      const double bound = (da * dnB[j]) * uc + (wa + np * dnB[j]) * uc64;
+      const double est = std::sqrt(ga * gdB[j]) - g;
+      const bool f = bound > est * tau;
+      fi[j] = f;
+      cnt += f ? 1 : 0;
+    }
+    count += cnt;
+  }
+  return count;
+}
+
+int64_t combine_cpu(const at::Tensor& S, const at::Tensor& tA, const at::Tensor& tB, const gram::CombineArgs& a,
+                    const at::Tensor& dnA, const at::Tensor& dnB, const at::Tensor& gdA, const at::Tensor& gdB,
+                    at::Tensor& G, at::Tensor& flag) {
+  TORCH_CHECK(S.is_contiguous() && dnA.is_contiguous() && dnB.is_contiguous() && gdA.is_contiguous() &&
+                  gdB.is_contiguous() && G.stride(1) == 1 && flag.is_contiguous(),
+              "segment_gram: bad combine operands");
+  const int64_t na = S.size(0), nb = S.size(1);
+  at::Tensor tBc = tB.contiguous();
+  std::vector<int64_t> counts(static_cast<size_t>(na), 0);
+  at::parallel_for(0, na, 16, [&](int64_t b, int64_t e) {
+    counts[b] = combine_rows(S.const_data_ptr<double>(), tA.const_data_ptr<double>(), tA.stride(0),
+                             tBc.const_data_ptr<double>(), a, dnA.const_data_ptr<double>(),
+                             dnB.const_data_ptr<double>(), gdA.const_data_ptr<double>(),
+                             gdB.const_data_ptr<double>(), G.data_ptr<double>(), G.stride(0),
+                             flag.data_ptr<bool>(), nb, b, e);
+  });
+  int64_t total = 0;
+  for (int64_t c : counts) total += c;
+  return total;
+}
+
+// G [N, N] (row stride ld): lower triangle := upper triangle, diagonal := gd. 64 x 64 tiles.
+void mirror_cpu(at::Tensor& G, const at::Tensor& gd) {
+  TORCH_CHECK(G.stride(1) == 1 && gd.is_contiguous(), "segment_gram: bad mirror operands");
+  const int64_t n = G.size(0), ld = G.stride(0);
+  constexpr int64_t kT = 64;
+  double* g = G.data_ptr<double>();
+  const double* d = gd.const_data_ptr<double>();
+  const int64_t nt = (n + kT - 1) / kT;
+  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+    for (int64_t ti = tb; ti < te; ++ti) {
+      const int64_t i0 = ti * kT, i1 = std::min(n, i0 + kT);
+      for (int64_t j0 = 0; j0 <= i0; j0 += kT) {
+        const int64_t j1 = std::min(n, j0 + kT);
+        for (int64_t i = i0; i < i1; ++i)
+          for (int64_t j = j0; j < std::min(j1, i); ++j) g[i * ld + j] = g[j * ld + i];
       }
-    });
+      for (int64_t i = i0; i < i1; ++i) g[i * ld + i] = d[i];
+    }
   });
 }
 
@@ -208,7 +352,8 @@ std::vector<int64_t> gram_check_args(const at::Tensor& X, const at::Tensor& offs
 
 at::Tensor segment_gram_cpu(const at::Tensor& X, const at::Tensor& offsets, const std::optional<at::Tensor>& Y) {
   std::vector<int64_t> off = gram_check_args(X, offsets, Y);
-  static const gram::GramKernels kern{sumsq_cpu, dist2_cpu, prep_cpu, acc_cpu};
+  static const gram::GramKernels kern{sumsq_cpu, dist2_cpu, prep_cpu, acc_cpu, max_chunk_cpu(), combine_cpu,
+                                      mirror_cpu};
   return gram::segment_gram_impl(X, off, Y.has_value() ? *Y : at::Tensor(), kern);
 }
 
@@ -217,3 +362,4 @@ TORCH_LIBRARY_IMPL(pylandscape, CPU, m) {
 }
 
 }  // namespace pylandscape
+

@@ -87,8 +87,8 @@ template <typename scalar_t, typename dst_t>
 __global__ void prep_kernel(const scalar_t* __restrict__ X, int64_t ldx, int64_t r0, int64_t p,
                             const scalar_t* __restrict__ Q, int64_t ldq, const int64_t* __restrict__ qidx, int64_t q0,
                             int64_t nq_here, int64_t nq_total, int64_t c0, int64_t s, dst_t* __restrict__ D,
-                            int64_t ldc, int64_t ldd, double* __restrict__ dn2, double* __restrict__ T,
-                            bool write_d) {
+                            int64_t kc, int64_t ldc, int64_t ldd, double* __restrict__ dn2,
+                            double* __restrict__ T, bool write_d) {
   __shared__ double buf[kThreads];
   const int64_t i = blockIdx.x;  // row offset from r0
   const scalar_t* x = X + (r0 + i) * ldx + c0;
@@ -100,7 +100,7 @@ __global__ void prep_kernel(const scalar_t* __restrict__ X, int64_t ldx, int64_t
   for (int64_t c = threadIdx.x; c < s; c += blockDim.x) {
     const double v = static_cast<double>(x[c]) - static_cast<double>(pr[c]);
     if (write_d) {
-      D[(c / gram::kChunk) * ldc + i * ldd + (c % gram::kChunk)] = static_cast<dst_t>(v);
+      D[(c / kc) * ldc + i * ldd + (c % kc)] = static_cast<dst_t>(v);
       sq += v * v;
     }
 #pragma unroll
@@ -163,8 +163,8 @@ void prep_cuda(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at:
         const int64_t here = std::min<int64_t>(kMaxQ, nq - q0);
         prep_kernel<scalar_t, dst_t><<<static_cast<unsigned>(n), kThreads, 0, stream>>>(
             X.const_data_ptr<scalar_t>(), X.stride(0), r0, p, Q.const_data_ptr<scalar_t>(), Q.stride(0),
-            qi.const_data_ptr<int64_t>(), q0, std::max<int64_t>(here, 0), nq, c0, c1 - c0, dptr, D.stride(0),
-            D.stride(1), dn2.data_ptr<double>(), T.data_ptr<double>(), q0 == 0);
+            qi.const_data_ptr<int64_t>(), q0, std::max<int64_t>(here, 0), nq, c0, c1 - c0, dptr, D.size(2),
+            D.stride(0), D.stride(1), dn2.data_ptr<double>(), T.data_ptr<double>(), q0 == 0);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     };

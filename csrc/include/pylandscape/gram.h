@@ -6,7 +6,7 @@
 //       a_i . b_j = p.q + q.d_i + p.e_j + d_i.e_j,
 //   with p.q = (|p|^2 + |q|^2 - |p - q|^2) / 2 and |x|^2 the row's "canonical" squared norm (compensated
 //   fp64 sum, computed once per row; the Gram's diagonal IS that value). Only d_i.e_j goes through an
-//   fp32 GEMM (on fp32-rounded d, e; k-chunks of kChunk columns summed in fp64); q.d_i and p.e_j are
+//   fp32 GEMM (on fp32-rounded d, e; k-chunks of <= max_chunk columns summed in fp64); q.d_i and p.e_j are
 //   fp64 products of exact differences. Every error is then ~eps * |d_i||e_j| (or ~eps64 * |x||d|), not
 //   eps32 * |x|^2: what matters for 1 - cos of nearly parallel rows. The errors of |x|^2 (one ulp) are
 //   shared consistently by the diagonal and p.q, so they cancel in 1 - cos to first order.
@@ -29,6 +29,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -49,9 +50,12 @@ namespace gram {
 constexpr int64_t kBlock = 256;      // rows per top-level block
 constexpr int64_t kLeaf = 32;        // at most this many rows per side: fp64 pass
 constexpr int64_t kDirectCost = 64;  // one direct fp64 distance ~ this many entries of a sub-block pass
-constexpr int64_t kChunk = 1024;     // fp32 GEMM k-chunk (summed in fp64): bounds the fp32 error growth
+constexpr int64_t kChunk = 1024;     // default longest fp32 GEMM k-chunk (chunks summed in fp64): bounds
+                                     // the fp32 error growth; GramKernels::max_chunk overrides it per device
 constexpr int64_t kColChunk = 4096;  // column chunk of the fp64 precomputation passes
 constexpr int64_t kSmallLayer = 512; // layers this small go straight to the fp64 pass (cheap, exact-er)
+constexpr int64_t kSmallBlock = 1024;  // their rows per block: few block pairs (per-pair overhead dominates)
+constexpr int64_t kSplitDiag = 128;    // diagonal blocks at least 2x this: three half-size GEMMs, not four
 constexpr double kU32 = 5.9604644775390625e-08;   // 2^-24
 constexpr double kU64 = 1.1102230246251565e-16;   // 2^-53
 constexpr double kTau = 2.5e-4;      // certified when the error bound <= kTau * estimated (n_i n_j - G_ij)
@@ -92,6 +96,13 @@ PLG_HD void acc_sq_exact(double x, double& s, double& c) {
   c += e;
 }
 
+// Scalars of one block pair's combine-and-check (see combine_and_check). upper: a diagonal block of the
+// symmetric case, where only entries above the diagonal may be flagged.
+struct CombineArgs {
+  double c0, w, np, nq, C, u, C64;
+  bool upper;
+};
+
 struct GramKernels {
   // [n] fp64: canonical squared norms of rows[:, c0:c1] (compensated, deterministic, finite check left
   // to the caller).
@@ -101,7 +112,7 @@ struct GramKernels {
                            const at::Tensor& jj, int64_t c0, int64_t c1)>
       dist2;
   // Rows [r0, r1) of X on columns [c0, c1), against reference row p of X:
-  //   D [nchunks, n, kChunk] chunk-major (each GEMM operand contiguous; rounded x_i - x_p in D's dtype;
+  //   D [nchunks, n, kc] chunk-major (each GEMM operand contiguous; rounded x_i - x_p in D's dtype;
   //   preallocated, padding columns already zero), dn2 [n] = |x_i - x_p|^2 (exact
   //   differences, fp64), T [n, nq] = Q[qidx[k]] . (x_i - x_p) (fp64). One fused pass over the rows.
   std::function<void(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::Tensor& Q,
@@ -110,9 +121,28 @@ struct GramKernels {
       prep;
   // S [n, m] (fp64) += sum over c of T[c] ([nck, n, m] fp32), chunks added in order c = 0, 1, ...
   std::function<void(at::Tensor& S, const at::Tensor& T)> acc;
+  // Longest k-chunk of the fp32 GEMMs: error growth vs GEMM efficiency of the device's BLAS.
+  int64_t max_chunk = kChunk;
+  // Optional fused combine_and_check: writes the block G (a strided view) in place and flag [na, nb] (bool,
+  // contiguous); returns the number flagged. Empty: the ATen composition below.
+  std::function<int64_t(const at::Tensor& S, const at::Tensor& tA, const at::Tensor& tB, const CombineArgs& a,
+                        const at::Tensor& dnA, const at::Tensor& dnB, const at::Tensor& gdA, const at::Tensor& gdB,
+                        at::Tensor& G, at::Tensor& flag)>
+      combine;
+  // Optional: G [N, N] lower triangle := upper, diagonal := gd. Empty: ATen ops through a buffer.
+  std::function<void(at::Tensor& G, const at::Tensor& gd)> mirror;
 };
 
-inline int64_t n_chunks(int64_t s) { return (s + kChunk - 1) / kChunk; }
+// Chunk width for an s-column layer: chunks of at most max_chunk columns, as equal as possible (a
+// multiple of 16), so that padding costs almost no GEMM work.
+inline int64_t chunk_width(int64_t s, int64_t max_chunk) {
+  if (s <= 0) return 16;
+  const int64_t nck = (s + max_chunk - 1) / max_chunk;
+  const int64_t kc = (s + nck - 1) / nck;
+  return (kc + 15) / 16 * 16;
+}
+
+inline int64_t n_chunks(int64_t s, int64_t kc) { return (s + kc - 1) / kc; }
 
 // A buffer reused across layers and block pairs. Large fresh allocations are not free on the CPU: each
 // one is a new mmap whose pages fault in on first touch (measured: most of the op's time went there).
@@ -128,20 +158,45 @@ struct Workspace {
   }
 };
 
-// Chunk-major workspace for n rows of an s-column layer, the padding columns zeroed.
-inline at::Tensor chunked_workspace(int64_t n, int64_t s, const at::TensorOptions& opt,
+// Wall time per phase (PYLANDSCAPE_GRAM_STATS=1, CPU: the ops there are synchronous).
+struct Prof {
+  static constexpr int kN = 8;
+  bool on = std::getenv("PYLANDSCAPE_GRAM_STATS") != nullptr;
+  double t[kN] = {};
+  std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
+  void lap(int k) {
+    if (!on) return;
+    const auto now = std::chrono::steady_clock::now();
+    t[k] += std::chrono::duration<double>(now - last).count();
+    last = now;
+  }
+};
+
+// Chunk-major workspace [nck, n, kc] for n rows of an s-column layer, the padding columns zeroed.
+inline at::Tensor chunked_workspace(int64_t n, int64_t s, int64_t kc, const at::TensorOptions& opt,
                                     Workspace* ws = nullptr) {
-  const int64_t nck = n_chunks(s);
-  at::Tensor D = ws ? ws->view({nck, n, kChunk}, opt) : at::empty({nck, n, kChunk}, opt);
-  const int64_t tail = nck * kChunk - s;
-  if (tail > 0) D.select(0, nck - 1).narrow(1, kChunk - tail, tail).zero_();
+  const int64_t nck = n_chunks(s, kc);
+  at::Tensor D = ws ? ws->view({nck, n, kc}, opt) : at::empty({nck, n, kc}, opt);
+  const int64_t tail = nck * kc - s;
+  if (tail > 0) D.select(0, nck - 1).narrow(1, kc - tail, tail).zero_();
   return D;
 }
 
 // sum over chunks of DA[c] @ DB[c]^T, fp32 products summed in fp64 (fp64 workspaces: fp64 GEMMs).
+// upper: DB is DA and only the upper triangle (with the diagonal) is needed: the block is cut in halves and
+// the lower-left quarter skipped (three GEMMs of a quarter's size instead of four; that quarter stays zero).
 inline at::Tensor chunked_gemm(const at::Tensor& DA, const at::Tensor& DB, const GramKernels& kern,
-                               Workspace* ws = nullptr) {
+                               Workspace* ws = nullptr, Prof* prof = nullptr, bool upper = false) {
   const int64_t nck = DA.size(0), na = DA.size(1), nb = DB.size(1);
+  if (upper && na == nb && na >= 2 * kSplitDiag && DA.scalar_type() == at::kFloat) {
+    const int64_t h = na / 2;
+    at::Tensor S = at::zeros({na, nb}, DA.options().dtype(at::kDouble));
+    at::Tensor top = DA.narrow(1, 0, h), bot = DA.narrow(1, h, na - h);
+    S.narrow(0, 0, h).narrow(1, 0, h).copy_(chunked_gemm(top, top, kern, ws, prof));
+    S.narrow(0, 0, h).narrow(1, h, na - h).copy_(chunked_gemm(top, bot, kern, ws, prof));
+    S.narrow(0, h, na - h).narrow(1, h, na - h).copy_(chunked_gemm(bot, bot, kern, ws, prof));
+    return S;
+  }
   at::Tensor S = at::zeros({na, nb}, DA.options().dtype(at::kDouble));
   if (DA.scalar_type() == at::kDouble) {
     for (int64_t c = 0; c < nck; ++c) S.addmm_(DA.select(0, c), DB.select(0, c).t());
@@ -149,14 +204,11 @@ inline at::Tensor chunked_gemm(const at::Tensor& DA, const at::Tensor& DB, const
   }
   // one batched GEMM over all chunks (as fast as a single long GEMM, unlike a loop of short ones), then
   // the chunk products summed in fp64, always in chunk order
-  at::Tensor prod;
-  if (ws) {
-    prod = ws->view({nck, na, nb}, DA.options());
-    at::bmm_out(prod, DA, DB.transpose(1, 2));
-  } else {
-    prod = at::bmm(DA, DB.transpose(1, 2));
-  }
+  at::Tensor prod = ws ? ws->view({nck, na, nb}, DA.options()) : at::empty({nck, na, nb}, DA.options());
+  at::bmm_out(prod, DA, DB.transpose(1, 2));
+  if (prof) prof->lap(3);
   kern.acc(S, prod);
+  if (prof) prof->lap(4);
   return S;
 }
 
@@ -205,8 +257,9 @@ inline void local_pass(LayerCtx& ctx, int64_t a0, int64_t a1, int64_t b0, int64_
   auto f64 = ctx.A.options().dtype(at::kDouble);
   auto dopt = ctx.A.options().dtype(use64 ? at::kDouble : at::kFloat);
   const int64_t na = a1 - a0, nb = b1 - b0;
+  const int64_t kc = chunk_width(s, ctx.k->max_chunk);
   auto iopt = ctx.A.options().dtype(at::kLong);
-  at::Tensor DA = chunked_workspace(na, s, dopt), dnA2 = at::empty({na}, f64), tA = at::empty({na, 1}, f64);
+  at::Tensor DA = chunked_workspace(na, s, kc, dopt), dnA2 = at::empty({na}, f64), tA = at::empty({na, 1}, f64);
   ctx.k->prep(ctx.A, a0, a1, p, ctx.B, at::full({1}, q, iopt), ctx.c0, ctx.c1, DA, dnA2, tA);
   at::Tensor DB, dnB2, tB;
   if (ctx.sym && a0 == b0 && a1 == b1) {
@@ -214,7 +267,7 @@ inline void local_pass(LayerCtx& ctx, int64_t a0, int64_t a1, int64_t b0, int64_
     dnB2 = dnA2;
     tB = tA;
   } else {
-    DB = chunked_workspace(nb, s, dopt);
+    DB = chunked_workspace(nb, s, kc, dopt);
     dnB2 = at::empty({nb}, f64);
     tB = at::empty({nb, 1}, f64);
     ctx.k->prep(ctx.B, b0, b1, q, ctx.A, at::full({1}, p, iopt), ctx.c0, ctx.c1, DB, dnB2, tB);
@@ -228,7 +281,7 @@ inline void local_pass(LayerCtx& ctx, int64_t a0, int64_t a1, int64_t b0, int64_
   const double gp = ctx.gdA[p].item<double>(), gq = ctx.gdB[q].item<double>();
   const double c0 = 0.5 * ((gp + gq) - w);
   const double C = use64 ? (1.0 + kKappa * std::sqrt(static_cast<double>(std::max<int64_t>(s, 1))))
-                         : gemm_const(s, kChunk);
+                         : gemm_const(s, kc);
   const double u = use64 ? kU64 : kU32;
   combine_and_check(S, tA, tB, c0, w, std::sqrt(gp), std::sqrt(gq), at::sqrt(dnA2), at::sqrt(dnB2),
                     ctx.gdA.narrow(0, a0, na), ctx.gdB.narrow(0, b0, nb), C, u,
@@ -302,9 +355,9 @@ struct Side {  // per-block precomputation of one side (A or B) for one layer
   at::Tensor T;                 // [n, nblk_other] fp64: ref_other_J . (x_i - ref(i))
 };
 
-inline std::vector<int64_t> block_starts(int64_t n) {
+inline std::vector<int64_t> block_starts(int64_t n, int64_t block = kBlock) {
   std::vector<int64_t> st;
-  const int64_t nblk = std::max<int64_t>(1, (n + kBlock - 1) / kBlock);
+  const int64_t nblk = std::max<int64_t>(1, (n + block - 1) / block);
   // equal-ish blocks (no tiny last block)
   for (int64_t b = 0; b <= nblk; ++b) st.push_back(n * b / nblk);
   return st;
@@ -322,7 +375,8 @@ inline void prepare_side(const at::Tensor& X, int64_t c0, int64_t c1, Side& sd, 
                          Workspace* ws = nullptr) {
   const int64_t n = X.size(0), s = c1 - c0;
   auto f64 = X.options().dtype(at::kDouble);
-  sd.D = chunked_workspace(n, s, X.options().dtype(in64 ? at::kDouble : at::kFloat), ws);
+  sd.D = chunked_workspace(n, s, chunk_width(s, kern.max_chunk), X.options().dtype(in64 ? at::kDouble : at::kFloat),
+                           ws);
   at::Tensor dn2 = at::empty({n}, f64);
   sd.T = at::empty({n, other_refs.size(0)}, f64);
   const int64_t nblk = static_cast<int64_t>(sd.refs.size());
@@ -344,21 +398,31 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
   at::Tensor Y = sym ? X : (Y_in.stride(1) == 1 ? Y_in : Y_in.contiguous());
   const int64_t N = X.size(0), M = Y.size(0), L = static_cast<int64_t>(off.size()) - 1;
   const bool in64 = X.scalar_type() == at::kDouble;
-  at::Tensor out = at::zeros({L, N, M}, X.options().dtype(at::kDouble));
+  Prof prof;
+  // every entry is written below (blocks, then the mirror), except for empty layers
+  at::Tensor out = at::empty({L, N, M}, X.options().dtype(at::kDouble));
   if (N == 0 || M == 0) return out;
   Workspace wsA, wsB, wsProd, wsMirror;  // large buffers, reused by every layer and block pair
-  int64_t max_nck = 0;
-  for (int64_t l = 0; l < L; ++l)
-    if (off[l + 1] - off[l] > kSmallLayer && !in64) max_nck = std::max(max_nck, n_chunks(off[l + 1] - off[l]));
+  int64_t max_cols = 0, max_nck = 0;  // padded columns and chunks of the largest layer
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t s = off[l + 1] - off[l];
+    if (s <= kSmallLayer || in64) continue;
+    const int64_t kc = chunk_width(s, kern.max_chunk);
+    max_cols = std::max(max_cols, n_chunks(s, kc) * kc);
+    max_nck = std::max(max_nck, n_chunks(s, kc));
+  }
   if (max_nck > 0) {  // sized once for the largest layer: growing them layer by layer re-faults every page
     const auto fopt = X.options().dtype(at::kFloat);
-    wsA.view({max_nck, N, kChunk}, fopt);
-    if (!sym) wsB.view({max_nck, M, kChunk}, fopt);
+    wsA.view({N, max_cols}, fopt);
+    if (!sym) wsB.view({M, max_cols}, fopt);
     wsProd.view({max_nck, std::min(N, kBlock), std::min(M, kBlock)}, fopt);
   }
   for (int64_t l = 0; l < L; ++l) {
     const int64_t c0 = off[l], c1 = off[l + 1], s = c1 - c0;
-    if (s == 0) continue;
+    if (s == 0) {
+      out.select(0, l).zero_();
+      continue;
+    }
     LayerCtx ctx;
     ctx.A = X;
     ctx.B = Y;
@@ -368,6 +432,7 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
     ctx.in64 = in64;
     ctx.k = &kern;
     ctx.G = out.select(0, l);
+    prof.lap(7);
     ctx.gdA = kern.sumsq(X, c0, c1);
     ctx.gdB = sym ? ctx.gdA : kern.sumsq(Y, c0, c1);
     for (int side = 0; side < (sym ? 1 : 2); ++side) {
@@ -379,22 +444,26 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
       }
     }
     Side sa, sb;
-    sa.starts = block_starts(N);
+    const bool small = s <= kSmallLayer || in64;
+    const int64_t blk = s <= kSmallLayer ? kSmallBlock : kBlock;
+    sa.starts = block_starts(N, blk);
     sa.refs = block_refs(sa.starts);
-    sb.starts = sym ? sa.starts : block_starts(M);
+    sb.starts = sym ? sa.starts : block_starts(M, blk);
     sb.refs = sym ? sa.refs : block_refs(sb.starts);
     at::Tensor refsA = at::tensor(sa.refs, at::TensorOptions().dtype(at::kLong)).to(X.device());
     at::Tensor refsB = at::tensor(sb.refs, at::TensorOptions().dtype(at::kLong)).to(X.device());
-    const bool small = s <= kSmallLayer || in64;
+    prof.lap(0);
     prepare_side(X, c0, c1, sa, Y, refsB, small, kern, small ? nullptr : &wsA);
     if (!sym) prepare_side(Y, c0, c1, sb, X, refsA, small, kern, small ? nullptr : &wsB);
+    prof.lap(1);
     const Side& B = sym ? sa : sb;
     // |p_I - q_J|^2 for every block pair, and the reference norms
     const int64_t nA = static_cast<int64_t>(sa.refs.size()), nB = static_cast<int64_t>(B.refs.size());
     at::Tensor pi = refsA.repeat_interleave(nB), qj = refsB.repeat({nA});
     at::Tensor W = kern.dist2(X, Y, pi, qj, c0, c1).view({nA, nB}).cpu();
     at::Tensor gdp = ctx.gdA.index_select(0, refsA).cpu(), gdq = ctx.gdB.index_select(0, refsB).cpu();
-    const double C = small ? (1.0 + kKappa * std::sqrt(static_cast<double>(s))) : gemm_const(s, kChunk);
+    const double C = small ? (1.0 + kKappa * std::sqrt(static_cast<double>(s)))
+                           : gemm_const(s, chunk_width(s, kern.max_chunk));
     const double u = small ? kU64 : kU32;
     const double C64 = 1.0 + std::sqrt(static_cast<double>(s));
     for (int64_t I = 0; I < nA; ++I) {
@@ -402,19 +471,34 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
       for (int64_t J = sym ? I : 0; J < nB; ++J) {
         const int64_t b0 = B.starts[J], nb = B.starts[J + 1] - b0;
         if (na == 0 || nb == 0) continue;
-        at::Tensor S = chunked_gemm(sa.D.narrow(1, a0, na), B.D.narrow(1, b0, nb), kern, small ? nullptr : &wsProd);
+        prof.lap(2);
+        at::Tensor S =
+            chunked_gemm(sa.D.narrow(1, a0, na), B.D.narrow(1, b0, nb), kern, small ? nullptr : &wsProd, &prof,
+                         sym && I == J);
         const double w = W[I][J].item<double>();
         const double gp = gdp[I].item<double>(), gq = gdq[J].item<double>();
         const double cc = 0.5 * ((gp + gq) - w);
         at::Tensor tA = sa.T.narrow(0, a0, na).select(1, J);
         at::Tensor tB = (sym ? sa.T : sb.T).narrow(0, b0, nb).select(1, I);
-        at::Tensor Gb, flag;
-        combine_and_check(S, tA, tB, cc, w, std::sqrt(gp), std::sqrt(gq), sa.dn.narrow(0, a0, na),
-                          B.dn.narrow(0, b0, nb), ctx.gdA.narrow(0, a0, na), ctx.gdB.narrow(0, b0, nb), C, u,
-                          C64, Gb, flag);
-        if (sym && I == J) flag = at::triu(flag, 1);
-        ctx.G.narrow(0, a0, na).narrow(1, b0, nb).copy_(Gb);
-        if (flag.any().item<bool>()) refine(ctx, a0, a0 + na, b0, b0 + nb, flag, small && !in64);
+        at::Tensor Gv = ctx.G.narrow(0, a0, na).narrow(1, b0, nb);
+        at::Tensor dnA = sa.dn.narrow(0, a0, na), dnB = B.dn.narrow(0, b0, nb);
+        at::Tensor gA = ctx.gdA.narrow(0, a0, na), gB = ctx.gdB.narrow(0, b0, nb);
+        at::Tensor flag;
+        bool any;
+        if (kern.combine) {
+          flag = at::empty({na, nb}, X.options().dtype(at::kBool));
+          const CombineArgs ca{cc, w, std::sqrt(gp), std::sqrt(gq), C, u, C64, sym && I == J};
+          any = kern.combine(S, tA, tB, ca, dnA, dnB, gA, gB, Gv, flag) > 0;
+        } else {
+          at::Tensor Gb;
+          combine_and_check(S, tA, tB, cc, w, std::sqrt(gp), std::sqrt(gq), dnA, dnB, gA, gB, C, u, C64, Gb, flag);
+          if (sym && I == J) flag = at::triu(flag, 1);
+          Gv.copy_(Gb);
+          any = flag.any().item<bool>();
+        }
+        prof.lap(5);
+        if (any) refine(ctx, a0, a0 + na, b0, b0 + nb, flag, small && !in64);
+        prof.lap(6);
       }
     }
     if (std::getenv("PYLANDSCAPE_GRAM_STATS") != nullptr) {
@@ -424,7 +508,9 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
                    static_cast<long long>(ctx.n_refined), static_cast<long long>(ctx.n_direct),
                    static_cast<long long>(sym ? N * (N - 1) / 2 : N * M));
     }
-    if (sym) {  // mirror the upper triangle, through a reused buffer (no fresh N x N temporaries)
+    if (sym && kern.mirror) {
+      kern.mirror(ctx.G, ctx.gdA);
+    } else if (sym) {  // mirror the upper triangle, through a reused buffer (no fresh N x N temporaries)
       at::Tensor g = ctx.G;
       g.triu_(1);
       at::Tensor low = wsMirror.view({N, N}, g.options());
@@ -432,6 +518,12 @@ inline at::Tensor segment_gram_impl(const at::Tensor& X_in, const std::vector<in
       g.add_(low);
       g.diagonal().copy_(ctx.gdA);
     }
+  }
+  prof.lap(7);
+  if (prof.on) {
+    std::fprintf(stderr, "[segment_gram] seconds: norms %.3f  prep %.3f  pair setup %.3f  gemm %.3f  acc %.3f  "
+                 "combine+check %.3f  refine %.3f  output/mirror %.3f\n", prof.t[0], prof.t[1], prof.t[2],
+                 prof.t[3], prof.t[4], prof.t[5], prof.t[6], prof.t[7]);
   }
   return out;
 }
