@@ -188,27 +188,31 @@ def _bench_store():
 
 def test_bench_read_ours(benchmark):
     sset = discover(_bench_store())
+    benchmark.extra_info.update(op=f"read N={len(sset)}", device="cpu", impl="ours")
     X = benchmark(read_ours, sset, np.zeros((len(sset), sset.spec.numel), np.float32))
     if benchmark.stats:  # None under --benchmark-disable
-        benchmark.extra_info["GB/s"] = X.nbytes / benchmark.stats.stats.min / 1e9
+        benchmark.extra_info["gbps"] = round(X.nbytes / benchmark.stats.stats.min / 1e9, 2)
 
 
 def test_bench_read_safe_open(benchmark):
     sset = discover(_bench_store())
+    benchmark.extra_info.update(op=f"read N={len(sset)}", device="cpu", impl="safetensors safe_open")
     X = benchmark(read_safe_open, sset, np.zeros((len(sset), sset.spec.numel), np.float32))
     if benchmark.stats:  # None under --benchmark-disable
-        benchmark.extra_info["GB/s"] = X.nbytes / benchmark.stats.stats.min / 1e9
+        benchmark.extra_info["gbps"] = round(X.nbytes / benchmark.stats.stats.min / 1e9, 2)
 
 
 def test_bench_mds_ours(benchmark):
     sset = discover(_bench_store())
     X = read_ours(sset)
+    benchmark.extra_info.update(op=f"mds N={len(sset)}", device="cpu", impl="ours")
     benchmark(ours_from_matrix, X, sset.spec.offsets)
 
 
 def test_bench_mds_sklearn(benchmark):
     sset = discover(_bench_store())
     X = read_ours(sset)
+    benchmark.extra_info.update(op=f"mds N={len(sset)}", device="cpu", impl="sklearn ClassicalMDS")
     benchmark(sklearn_from_matrix, X)
 
 

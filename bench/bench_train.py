@@ -63,7 +63,8 @@ def digits():
 def test_bench_sgd_epoch(benchmark, digits, route, K):
     epoch = make_epoch(route, K, 0.5, digits)
     epoch()  # warm-up
-    benchmark.extra_info.update(route=route, K=K, width=0.5, train_size=500)
+    benchmark.extra_info.update(op="SGD epoch (500 digits)", device="cpu", impl=route, route=route, K=K, width=0.5,
+                                train_size=500)
     benchmark.pedantic(epoch, rounds=3, iterations=1)
 
 

@@ -55,7 +55,7 @@ constexpr int64_t kChunk = 1024;     // default longest fp32 GEMM k-chunk (chunk
 constexpr int64_t kColChunk = 4096;  // column chunk of the fp64 precomputation passes
 constexpr int64_t kSmallLayer = 512; // layers this small go straight to the fp64 pass (cheap, exact-er)
 constexpr int64_t kSmallBlock = 1024;  // their rows per block: few block pairs (per-pair overhead dominates)
-constexpr int64_t kSplitDiag = 128;    // diagonal blocks at least 2x this: three half-size GEMMs, not four
+constexpr int64_t kSplitDiag = 64;   // diagonal blocks of >= 2x this rows: three half-size GEMMs, not four
 constexpr double kU32 = 5.9604644775390625e-08;   // 2^-24
 constexpr double kU64 = 1.1102230246251565e-16;   // 2^-53
 constexpr double kTau = 2.5e-4;      // certified when the error bound <= kTau * estimated (n_i n_j - G_ij)
