@@ -184,7 +184,8 @@ inline at::Tensor chunked_workspace(int64_t n, int64_t s, int64_t kc, const at::
 
 // sum over chunks of DA[c] @ DB[c]^T, fp32 products summed in fp64 (fp64 workspaces: fp64 GEMMs).
 // upper: DB is DA and only the upper triangle (with the diagonal) is needed: the block is cut in halves and
-// the lower-left quarter skipped (three GEMMs of a quarter's size instead of four; that quarter stays zero).
+// the lower-left quarter skipped (three GEMMs of a quarter's size instead of four; that quarter stays zero),
+// recursively down to kSplitDiag rows.
 inline at::Tensor chunked_gemm(const at::Tensor& DA, const at::Tensor& DB, const GramKernels& kern,
                                Workspace* ws = nullptr, Prof* prof = nullptr, bool upper = false) {
   const int64_t nck = DA.size(0), na = DA.size(1), nb = DB.size(1);
@@ -192,9 +193,9 @@ inline at::Tensor chunked_gemm(const at::Tensor& DA, const at::Tensor& DB, const
     const int64_t h = na / 2;
     at::Tensor S = at::zeros({na, nb}, DA.options().dtype(at::kDouble));
     at::Tensor top = DA.narrow(1, 0, h), bot = DA.narrow(1, h, na - h);
-    S.narrow(0, 0, h).narrow(1, 0, h).copy_(chunked_gemm(top, top, kern, ws, prof));
+    S.narrow(0, 0, h).narrow(1, 0, h).copy_(chunked_gemm(top, top, kern, ws, prof, true));
     S.narrow(0, 0, h).narrow(1, h, na - h).copy_(chunked_gemm(top, bot, kern, ws, prof));
-    S.narrow(0, h, na - h).narrow(1, h, na - h).copy_(chunked_gemm(bot, bot, kern, ws, prof));
+    S.narrow(0, h, na - h).narrow(1, h, na - h).copy_(chunked_gemm(bot, bot, kern, ws, prof, true));
     return S;
   }
   at::Tensor S = at::zeros({na, nb}, DA.options().dtype(at::kDouble));
