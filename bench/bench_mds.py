@@ -133,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-sklearn", action="store_true")
     ap.add_argument("--only-read", action="store_true", help="file-reading throughput only")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="ours and sklearn alternate this many times; the best of each is kept")
     args = ap.parse_args(argv)
     root = Path(args.dir) / f"store-{args.n}"
     t, _ = _time(lambda: make_store(root, args.n))
@@ -161,11 +163,19 @@ def main(argv=None) -> int:
     if args.only_read:
         return 0
     X = read_ours(sset, buf)
-    ours = ours_from_matrix(X, sset.spec.offsets, args.device)
+    # alternate ours and sklearn, keep the best of each: slow spells of a shared machine hit both alike
+    ours = sk = None
+    for _ in range(max(args.repeats, 1)):
+        o = ours_from_matrix(X, sset.spec.offsets, args.device)
+        if ours is None or o["t"]["total"] < ours["t"]["total"]:
+            ours = o
+        if not args.skip_sklearn:
+            k = sklearn_from_matrix(X)
+            if sk is None or k["t"]["total"] < sk["t"]["total"]:
+                sk = k
     for k, v in ours["t"].items():
         rows.append((f"ours: {k}", v, ""))
     if not args.skip_sklearn:
-        sk = sklearn_from_matrix(X)
         rows.append(("sklearn ClassicalMDS(metric='cosine').fit", sk["t"]["total"],
                      f"ours {sk['t']['total'] / ours['t']['total']:.2f}x faster"))
         res = procrustes(sk["coords"], ours["coords"])
