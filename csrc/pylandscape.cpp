@@ -23,6 +23,11 @@ TORCH_LIBRARY(pylandscape, m) {
   m.def("perturb(Tensor flat, Tensor offsets, Tensor scales, Tensor seeds, int offset, int mode) -> Tensor");
   // In place on one model: flat [P] += noise; scales [L] float64.
   m.def("perturb_(Tensor(a!) flat, Tensor offsets, Tensor scales, int seed, int offset, int mode) -> ()");
+  // perturb into a caller's buffer out [K, P] (contiguous, flat's dtype and device, not overlapping flat):
+  // the same values as perturb, without a fresh [K, P] allocation (whose page faults cost as much as the
+  // noise on the CPU) when a probe loop reuses one buffer.
+  m.def("perturb_out(Tensor flat, Tensor offsets, Tensor scales, Tensor seeds, int offset, int mode, "
+        "Tensor(a!) out) -> ()");
   // The raw noise stream (standard normals) for element indices [0, n) of stream (seed, offset): the
   // oracle that ties CPU, CUDA and the pure-torch reference together.
   m.def("philox_normal(int n, int seed, int offset, ScalarType dtype) -> Tensor");

@@ -257,6 +257,12 @@ def perturb(flat: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor, see
     return torch.stack(rows)
 
 
+def perturb_out(flat: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor, seeds: torch.Tensor,
+                offset: int, mode: int, out: torch.Tensor) -> None:
+    """Twin of torch.ops.pylandscape.perturb_out: perturb's rows written into out [K, P]."""
+    out.copy_(perturb(flat, offsets, scales, seeds, offset, mode))
+
+
 def perturb_(flat: torch.Tensor, offsets: torch.Tensor, scales: torch.Tensor, seed: int, offset: int,
              mode: int) -> None:
     """Twin of torch.ops.pylandscape.perturb_ (in place, one model; scales [L])."""

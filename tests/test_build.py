@@ -72,3 +72,25 @@ def test_setup_and_cmake_compile_the_same_sources():
     s, c = _setup_source_dirs(setup.read_text()), _cmake_source_dirs(cmake.read_text())
     assert s == {("csrc", "cpp"), ("csrc/cpu", "cpp"), ("csrc/cuda", "cu")}
     assert s == c, f"setup.py compiles {sorted(s)} but CMakeLists.txt compiles {sorted(c)}"
+
+
+@pytest.mark.skipif(not _ext.loaded() or not sys.platform.startswith("linux"), reason="needs the built extension")
+def test_noise_helpers_are_inlined_into_the_simd_clones():
+    """The per-element math (normal.h, philox.h, exact.h) must be inlined into the multiversioned loops: an
+    out-of-line copy is compiled for baseline SSE2 and called per element (the noise pass then ran 2-3x
+    slower). A function symbol of those helpers in the binary means GCC stopped inlining one."""
+    import shutil
+    import subprocess
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils nm not found")
+    from pylandscape import _C
+
+    syms = subprocess.run([nm, "-C", _C.__file__], capture_output=True, text=True, check=True).stdout
+    helpers = ("sincos_turn24", "log_u24", "normal_radius", "philox_normal4", "philox4x32_10", "philox_round",
+               "pylandscape::fp::")
+    # function symbols: local/global text (t/T) or weak (W: an inline function emitted out of line)
+    out_of_line = [ln for ln in syms.splitlines()
+                   if any(h in ln for h in helpers) and len(ln.split()) >= 3 and ln.split()[1] in "tTwW"]
+    assert not out_of_line, "helpers compiled out of line:\n" + "\n".join(out_of_line[:10])

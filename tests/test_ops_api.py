@@ -55,6 +55,8 @@ def _samples():
         (torch.ops.pylandscape.layer_stats.default, (flat, offs)),
         (torch.ops.pylandscape.perturb.default, (flat, offs, sc, torch.tensor([1, 2]), 0, 0)),
         (torch.ops.pylandscape.perturb_.default, (flat.clone(), offs, sc[0].clone(), 3, 0, 1)),
+        (torch.ops.pylandscape.perturb_out.default, (flat, offs, sc, torch.tensor([1, 2]), 0, 0,
+                                                     torch.empty(2, 100))),
         (torch.ops.pylandscape.interpolate.default, (flat, flat * 2, torch.tensor([0.0, 0.5], dtype=torch.float64))),
         (torch.ops.pylandscape.combine.default, (torch.randn(3, 100), torch.randn(2, 3, dtype=torch.float64))),
     ]
@@ -166,6 +168,8 @@ def test_cuda_equals_cpu(dtype):
     buf = fc.clone()
     ops.perturb_layerwise(buf, offs, scales[1], seed=seeds[1], inplace=True)
     assert torch.equal(buf, gpu[1])
+    into = torch.full_like(gpu, float("nan"))
+    assert ops.perturb_batched(fc, offs, scales, seeds=seeds, out=into) is into and torch.equal(into, gpu)
     al = torch.tensor([0.0, 0.3, 1.0], dtype=torch.float64)
     assert torch.equal(ops.interpolate(fc, fc * 2, al).cpu(), ops.interpolate(flat, flat * 2, al))
     W = torch.stack([flat, flat * 3, -flat])

@@ -97,6 +97,46 @@ def test_batched_rows_equal_single_and_inplace():
         assert ret is buf and torch.equal(buf, single)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_batched_out_buffer_equals_fresh_and_is_reused(dtype):
+    flat, offs = _model([5, 100, 0, 1000, 33], dtype)
+    scales = torch.rand(4, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    seeds = [1, 2, 3, -4]
+    fresh = ops.perturb_batched(flat, offs, scales, seeds=seeds)
+    buf = torch.full((4, flat.numel()), float("nan"), dtype=dtype)
+    got = ops.perturb_batched(flat, offs, scales, seeds=seeds, out=buf)
+    assert got is buf and torch.equal(buf, fresh)
+    # a second batch into the same buffer overwrites every element
+    again = ops.perturb_batched(flat, offs, scales * 2, seeds=[5, 6, 7, 8], out=buf)
+    assert again is buf and torch.equal(buf, ops.perturb_batched(flat, offs, scales * 2, seeds=[5, 6, 7, 8]))
+    ref_buf = torch.empty_like(buf)
+    ref.perturb_out(flat, offs, scales, torch.tensor(seeds), 0, 0, ref_buf)
+    # the same noise bits; the per-layer sigmas may differ by an ulp of the statistics
+    torch.testing.assert_close(ref_buf, fresh)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda f: torch.empty(3, f.numel()), r"\[K, P\] = \[4, "),
+    (lambda f: torch.empty(4, f.numel(), dtype=torch.float64), "dtype"),
+    (lambda f: torch.empty(f.numel(), 4).T, "contiguous"),
+    (lambda f: f.view(1, -1).expand(4, -1), "contiguous|share memory"),
+])
+def test_batched_out_buffer_errors(bad, match):
+    flat, offs = _model([10, 20])
+    with pytest.raises(ValueError, match=match):
+        ops.perturb_batched(flat, offs, [0.1] * 4, seeds=[1, 2, 3, 4], out=bad(flat))
+
+
+@needs_ext
+def test_perturb_out_kernel_refuses_overlap_and_bad_shape():
+    flat, offs = _model([10, 20])
+    sc = torch.full((1, 2), 0.1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="share memory"):
+        torch.ops.pylandscape.perturb_out(flat, offs, sc, torch.tensor([1]), 0, 0, flat.view(1, -1))
+    with pytest.raises(ValueError, match=r"\[K, P\]"):
+        torch.ops.pylandscape.perturb_out(flat, offs, sc, torch.tensor([1]), 0, 0, torch.empty(2, 30))
+
+
 def test_batched_scale_per_copy_and_large_k_small_p():
     flat, offs = _model([3, 4])
     out = ops.perturb_batched(flat, offs, torch.linspace(0, 1, 300, dtype=torch.float64), seeds=list(range(300)))

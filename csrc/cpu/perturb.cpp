@@ -269,6 +269,18 @@ at::Tensor perturb_cpu(const at::Tensor& flat_in, const at::Tensor& offsets, con
   return out;
 }
 
+void perturb_out_cpu(const at::Tensor& flat_in, const at::Tensor& offsets, const at::Tensor& scales,
+                     const at::Tensor& seeds, int64_t offset, int64_t mode, at::Tensor& out) {
+  check_float(flat_in, "flat");
+  TORCH_CHECK_VALUE(flat_in.dim() == 1, "pylandscape: flat must be 1-D [P], got ", flat_in.sizes());
+  TORCH_CHECK_VALUE(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "pylandscape: seeds must be int64 [K]");
+  const at::Tensor flat = flat_in.contiguous();
+  const at::Tensor offs = check_offsets(offsets, flat.numel());
+  const at::Tensor sd = seeds.to(at::kCPU).contiguous();
+  check_perturb_out(out, flat_in, sd.numel());
+  perturb_into(flat, offs, scales, sd.data_ptr<int64_t>(), sd.numel(), offset, mode, out.data_ptr());
+}
+
 void perturb_inplace_cpu(at::Tensor& flat, const at::Tensor& offsets, const at::Tensor& scales, int64_t seed,
                          int64_t offset, int64_t mode) {
   check_float(flat, "flat");
@@ -306,6 +318,7 @@ at::Tensor philox_normal_cpu(int64_t n, int64_t seed, int64_t offset, at::Scalar
 TORCH_LIBRARY_IMPL(pylandscape, CPU, m) {
   m.impl("perturb", &pylandscape::cpu::perturb_cpu);
   m.impl("perturb_", &pylandscape::cpu::perturb_inplace_cpu);
+  m.impl("perturb_out", &pylandscape::cpu::perturb_out_cpu);
 }
 
 // No tensor arguments, so no backend key to dispatch on: one kernel for every key (it returns a CPU tensor).

@@ -97,6 +97,20 @@ at::Tensor perturb_cuda(const at::Tensor& flat_in, const at::Tensor& offsets, co
   return out;
 }
 
+void perturb_out_cuda(const at::Tensor& flat_in, const at::Tensor& offsets, const at::Tensor& scales,
+                      const at::Tensor& seeds, int64_t offset, int64_t mode, at::Tensor& out) {
+  check_float(flat_in, "flat");
+  TORCH_CHECK_VALUE(flat_in.dim() == 1, "pylandscape: flat must be 1-D [P], got ", flat_in.sizes());
+  TORCH_CHECK_VALUE(flat_in.is_cuda(), "pylandscape: flat must be a CUDA tensor here, got ", flat_in.device());
+  TORCH_CHECK_VALUE(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "pylandscape: seeds must be int64 [K]");
+  c10::cuda::CUDAGuard guard(flat_in.device());
+  const at::Tensor flat = flat_in.contiguous();
+  const at::Tensor offs = check_offsets(offsets.to(at::kCPU), flat.numel());
+  const at::Tensor sd = seeds.to(at::kCPU).contiguous();
+  check_perturb_out(out, flat_in, sd.numel());
+  perturb_into(flat, offs, scales, sd, offset, mode, out);
+}
+
 void perturb_inplace_cuda(at::Tensor& flat, const at::Tensor& offsets, const at::Tensor& scales, int64_t seed,
                           int64_t offset, int64_t mode) {
   check_float(flat, "flat");
@@ -116,4 +130,5 @@ void perturb_inplace_cuda(at::Tensor& flat, const at::Tensor& offsets, const at:
 TORCH_LIBRARY_IMPL(pylandscape, CUDA, m) {
   m.impl("perturb", &pylandscape::cuda::perturb_cuda);
   m.impl("perturb_", &pylandscape::cuda::perturb_inplace_cuda);
+  m.impl("perturb_out", &pylandscape::cuda::perturb_out_cuda);
 }

@@ -2,6 +2,7 @@
 // the same conditions earlier with friendlier messages. TORCH_CHECK_VALUE raises Python ValueError.
 #pragma once
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <string>
 
@@ -31,6 +32,19 @@ inline at::Tensor check_offsets(const at::Tensor& offsets, int64_t numel) {
   TORCH_CHECK_VALUE(p[n - 1] == numel, "pylandscape: offsets[-1] must equal the number of parameters ", numel,
                     ", got ", p[n - 1]);
   return o;
+}
+
+// out [K, P] for perturb_out: flat's dtype and device, contiguous, and not sharing memory with flat.
+inline void check_perturb_out(const at::Tensor& out, const at::Tensor& flat, int64_t K) {
+  TORCH_CHECK_VALUE(out.scalar_type() == flat.scalar_type(), "pylandscape: out must have flat's dtype ",
+                    flat.scalar_type(), ", got ", out.scalar_type());
+  TORCH_CHECK_VALUE(out.device() == flat.device(), "pylandscape: out must be on flat's device ", flat.device(),
+                    ", got ", out.device());
+  TORCH_CHECK_VALUE(out.dim() == 2 && out.size(0) == K && out.size(1) == flat.numel(),
+                    "pylandscape: out must be [K, P] = [", K, ", ", flat.numel(), "], got ", out.sizes());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "pylandscape: out must be contiguous");
+  TORCH_CHECK_VALUE(at::get_overlap_status(out, flat) == at::MemOverlapStatus::No,
+                    "pylandscape: out must not share memory with flat");
 }
 
 // scales [K, L] float64 on the CPU (moved there when needed; they are small).

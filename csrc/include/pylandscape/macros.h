@@ -1,8 +1,13 @@
 // Shared by the CPU (.cpp) and CUDA (.cu) kernels: one copy of every per-element formula.
 #pragma once
 
+// Host side: always inlined. These helpers run inside the PLK_MULTIVERSION hot loops, and a helper left
+// out of line is compiled for the baseline ISA (SSE2) and called per element: an unrelated change to
+// perturb.cpp once made GCC stop inlining sincos_turn24, and the noise pass ran 2-3x slower (measured).
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define PLK_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define PLK_HD inline __attribute__((always_inline))
 #else
 #define PLK_HD inline
 #endif
