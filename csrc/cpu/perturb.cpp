@@ -254,21 +254,6 @@ void advise_huge_pages(void* p, size_t nbytes) {
 #endif
 }
 
-at::Tensor perturb_cpu(const at::Tensor& flat_in, const at::Tensor& offsets, const at::Tensor& scales,
-                       const at::Tensor& seeds, int64_t offset, int64_t mode) {
-  check_float(flat_in, "flat");
-  TORCH_CHECK_VALUE(flat_in.dim() == 1, "pylandscape: flat must be 1-D [P], got ", flat_in.sizes());
-  TORCH_CHECK_VALUE(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "pylandscape: seeds must be int64 [K]");
-  const at::Tensor flat = flat_in.contiguous();
-  const at::Tensor offs = check_offsets(offsets, flat.numel());
-  const at::Tensor sd = seeds.to(at::kCPU).contiguous();
-  const int64_t K = sd.numel();
-  at::Tensor out = at::empty({K, flat.numel()}, flat.options());
-  advise_huge_pages(out.data_ptr(), out.nbytes());
-  perturb_into(flat, offs, scales, sd.data_ptr<int64_t>(), K, offset, mode, out.data_ptr());
-  return out;
-}
-
 void perturb_out_cpu(const at::Tensor& flat_in, const at::Tensor& offsets, const at::Tensor& scales,
                      const at::Tensor& seeds, int64_t offset, int64_t mode, at::Tensor& out) {
   check_float(flat_in, "flat");
@@ -279,6 +264,14 @@ void perturb_out_cpu(const at::Tensor& flat_in, const at::Tensor& offsets, const
   const at::Tensor sd = seeds.to(at::kCPU).contiguous();
   check_perturb_out(out, flat_in, sd.numel());
   perturb_into(flat, offs, scales, sd.data_ptr<int64_t>(), sd.numel(), offset, mode, out.data_ptr());
+}
+
+at::Tensor perturb_cpu(const at::Tensor& flat, const at::Tensor& offsets, const at::Tensor& scales,
+                       const at::Tensor& seeds, int64_t offset, int64_t mode) {
+  at::Tensor out = at::empty({seeds.numel(), flat.numel()}, flat.options());  // shapes checked by perturb_out
+  advise_huge_pages(out.data_ptr(), out.nbytes());
+  perturb_out_cpu(flat, offsets, scales, seeds, offset, mode, out);
+  return out;
 }
 
 void perturb_inplace_cpu(at::Tensor& flat, const at::Tensor& offsets, const at::Tensor& scales, int64_t seed,

@@ -82,21 +82,6 @@ void perturb_into(const at::Tensor& flat, const at::Tensor& offs, const at::Tens
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor perturb_cuda(const at::Tensor& flat_in, const at::Tensor& offsets, const at::Tensor& scales,
-                        const at::Tensor& seeds, int64_t offset, int64_t mode) {
-  check_float(flat_in, "flat");
-  TORCH_CHECK_VALUE(flat_in.dim() == 1, "pylandscape: flat must be 1-D [P], got ", flat_in.sizes());
-  TORCH_CHECK_VALUE(flat_in.is_cuda(), "pylandscape: flat must be a CUDA tensor here, got ", flat_in.device());
-  TORCH_CHECK_VALUE(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "pylandscape: seeds must be int64 [K]");
-  c10::cuda::CUDAGuard guard(flat_in.device());
-  const at::Tensor flat = flat_in.contiguous();
-  const at::Tensor offs = check_offsets(offsets.to(at::kCPU), flat.numel());
-  const at::Tensor sd = seeds.to(at::kCPU).contiguous();
-  at::Tensor out = at::empty({sd.numel(), flat.numel()}, flat.options());
-  perturb_into(flat, offs, scales, sd, offset, mode, out);
-  return out;
-}
-
 void perturb_out_cuda(const at::Tensor& flat_in, const at::Tensor& offsets, const at::Tensor& scales,
                       const at::Tensor& seeds, int64_t offset, int64_t mode, at::Tensor& out) {
   check_float(flat_in, "flat");
@@ -109,6 +94,13 @@ void perturb_out_cuda(const at::Tensor& flat_in, const at::Tensor& offsets, cons
   const at::Tensor sd = seeds.to(at::kCPU).contiguous();
   check_perturb_out(out, flat_in, sd.numel());
   perturb_into(flat, offs, scales, sd, offset, mode, out);
+}
+
+at::Tensor perturb_cuda(const at::Tensor& flat, const at::Tensor& offsets, const at::Tensor& scales,
+                        const at::Tensor& seeds, int64_t offset, int64_t mode) {
+  at::Tensor out = at::empty({seeds.numel(), flat.numel()}, flat.options());  // shapes checked by perturb_out
+  perturb_out_cuda(flat, offsets, scales, seeds, offset, mode, out);
+  return out;
 }
 
 void perturb_inplace_cuda(at::Tensor& flat, const at::Tensor& offsets, const at::Tensor& scales, int64_t seed,
