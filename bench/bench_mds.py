@@ -196,20 +196,20 @@ def _bench_store():
     return make_store(Path(tempfile.gettempdir()) / "pylandscape-bench-mds" / f"store-{n}", n)
 
 
-def test_bench_read_ours(benchmark):
+def _bench_read(benchmark, reader, impl):
     sset = discover(_bench_store())
-    benchmark.extra_info.update(op=f"read N={len(sset)}", device="cpu", impl="ours")
-    X = benchmark(read_ours, sset, np.zeros((len(sset), sset.spec.numel), np.float32))
+    benchmark.extra_info.update(op=f"read N={len(sset)}", device="cpu", impl=impl)
+    X = benchmark(reader, sset, np.zeros((len(sset), sset.spec.numel), np.float32))
     if benchmark.stats:  # None under --benchmark-disable
         benchmark.extra_info["gbps"] = round(X.nbytes / benchmark.stats.stats.min / 1e9, 2)
+
+
+def test_bench_read_ours(benchmark):
+    _bench_read(benchmark, read_ours, "ours")
 
 
 def test_bench_read_safe_open(benchmark):
-    sset = discover(_bench_store())
-    benchmark.extra_info.update(op=f"read N={len(sset)}", device="cpu", impl="safetensors safe_open")
-    X = benchmark(read_safe_open, sset, np.zeros((len(sset), sset.spec.numel), np.float32))
-    if benchmark.stats:  # None under --benchmark-disable
-        benchmark.extra_info["gbps"] = round(X.nbytes / benchmark.stats.stats.min / 1e9, 2)
+    _bench_read(benchmark, read_safe_open, "safetensors safe_open")
 
 
 def test_bench_mds_ours(benchmark):
