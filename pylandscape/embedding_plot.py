@@ -32,7 +32,8 @@ def _groups(meta: Sequence[dict], group: str, order: str | None) -> list[tuple[s
     return [(n, sorted(ix, key=t)) for n, ix in names.items()]
 
 
-def _colors(k: int) -> list:
+def palette(k: int) -> list:
+    """k distinguishable colours (tab10, tab20, then turbo)."""
     import matplotlib
     if k <= 10:
         cmap = matplotlib.colormaps["tab10"]
@@ -77,7 +78,7 @@ def plot_embedding(coords: np.ndarray, meta: Sequence[dict], *, ax=None, annotat
     x = coords[:, dx]
     y = coords[:, dy] if coords.shape[1] > dy else np.zeros_like(x)
     groups = _groups(meta, group, order)
-    cols = _colors(len(groups))
+    cols = palette(len(groups))
     many = len(groups) > 12
     n_per = max(len(ix) for _, ix in groups)
     ms = 3.5 if n_per > 60 else 5
@@ -168,7 +169,7 @@ def write_html(coords: np.ndarray, meta: Sequence[dict], path: str | os.PathLike
     px = W / 2 + (x - cx) * s
     py = H / 2 - (y - cy) * s
     groups = _groups(meta, group, None)
-    cols = _colors(len(groups))
+    cols = palette(len(groups))
 
     def hexc(c):
         return "#%02x%02x%02x" % tuple(int(255 * v) for v in c[:3])

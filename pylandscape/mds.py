@@ -47,6 +47,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .devices import resolve_device
 from .flat import ParamSpec
 from .ops import segment_gram
 
@@ -230,12 +231,6 @@ def _mass(vals_all: np.ndarray, k: int) -> tuple[float, float]:
     return captured, negative
 
 
-def _resolve_device(device) -> torch.device:
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _dense_topk(B: np.ndarray, k: int, device) -> tuple[np.ndarray, np.ndarray, tuple]:
     """All eigenvalues and the top-k eigenvectors of a dense symmetric B.
 
@@ -243,7 +238,7 @@ def _dense_topk(B: np.ndarray, k: int, device) -> tuple[np.ndarray, np.ndarray, 
     (dsterf), only k eigenvectors (bisection + inverse iteration) transformed back: about a third of
     a full eigh's cost, which scikit-learn pays. CUDA: torch.linalg.eigh in float64.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     n = B.shape[0]
     k = min(k, n)
     if dev.type != "cpu":
@@ -436,7 +431,7 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
         captured=float(est.captured_), negative_mass=float(est.negative_mass_), metric=metric,
         layer=layer, selected=[sset.spec.names[i] for i in tensor_idx],
         n_params=int(sum(sizes[i] for i in tensor_idx)), solver=est.solver_, mass_exact=est.mass_exact_,
-        device=str(_resolve_device(device)), timings=timings,
+        device=str(resolve_device(device)), timings=timings,
         skipped=list(sset.skipped) + list(gram_info.get("skipped", [])), title=title)
     result.timings["cache"] = gram_info.get("cache", "off")
     if "chunks" in gram_info:  # a pass over the files happened
@@ -538,7 +533,7 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
     warn = on_warning or (lambda m: warnings.warn(m, stacklevel=3))
     info: dict[str, Any] = {"timings": {}, "skipped": []}
     spec = sset.spec
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     d = None
     keys = None
     if cache and sset.cacheable:

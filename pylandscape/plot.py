@@ -17,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .embedding_plot import palette  # noqa: E402
 from .store import atomic_write_json  # noqa: E402
 
 METRIC_LABELS = {
@@ -33,11 +34,6 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def _colors(n: int):
-    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
-    return [cmap(i % cmap.N) for i in range(n)]
-
-
 def metric_curves(path: str | Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], *, title: str,
                   x: str = "epoch", xlabel: str = "epoch",
                   metrics: Sequence[str] = ("train_error", "test_error", "train_loss", "test_loss"),
@@ -48,7 +44,7 @@ def metric_curves(path: str | Path, runs: Mapping[str, Sequence[Mapping[str, Any
     nr, nc = (2, 2) if n == 4 else (1, n)
     fig, axes = plt.subplots(nr, nc, figsize=(4.2 * nc, 3.2 * nr + 0.4), squeeze=False)
     axes = axes.reshape(1, -1)
-    cols = _colors(len(runs))
+    cols = palette(len(runs))
     for ax, m in zip(axes[0], metrics):
         for c, (label, rows) in zip(cols, runs.items()):
             pts = [(r[x], r[m]) for r in rows if r.get(m) is not None and r.get(x) is not None]
@@ -72,7 +68,7 @@ def xy_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Seque
              xlabel: str, ylabel: str, logx: bool = False, logy: bool = False,
              vlines: Sequence[float] = ()) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for c, (label, (xs, ys)) in zip(_colors(len(series)), series.items()):
+    for c, (label, (xs, ys)) in zip(palette(len(series)), series.items()):
         ax.plot(xs, ys, color=c, label=label, marker="o", ms=3, lw=1.4)
     for v in vlines:
         ax.axvline(v, color="gray", ls=":", lw=1)
@@ -171,7 +167,7 @@ def embedding_figure(path: str | Path, emb: Mapping[str, Any], *, group: str = "
     for i in idx:
         groups.setdefault(meta[i].get(group), []).append(i)
     fig, ax = plt.subplots(figsize=(6.4, 5.2))
-    cols = _colors(len(groups))
+    cols = palette(len(groups))
     n_labels = sum(len(v) for v in groups.values())
     stride = max(1, int(np.ceil(n_labels / max_labels)))
     for c, (g, ii) in zip(cols, groups.items()):
@@ -257,7 +253,7 @@ def stage_panels(path: str | Path, emb: Mapping[str, Any], *, title: str) -> Pat
     nr = int(np.ceil(n / nc))
     fig, axes = plt.subplots(nr, nc, figsize=(3.2 * nc, 2.9 * nr), squeeze=False, sharex=True, sharey=True)
     trajs = sorted({k[1] for k in paths}, key=lambda v: (v is None, v))
-    cols = dict(zip(trajs, _colors(len(trajs))))
+    cols = dict(zip(trajs, palette(len(trajs))))
     for ax, st in zip(axes.flat, stages):
         ax.scatter(coords[:, 0], coords[:, 1], s=2, color="0.85")
         for (s, t), ii in paths.items():

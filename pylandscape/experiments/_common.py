@@ -24,6 +24,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ..devices import resolve_device
 from ..store import SnapshotStore, atomic_write_bytes, atomic_write_json
 
 CONFIG = "config.json"
@@ -270,13 +271,6 @@ def last_index(store: SnapshotStore, **where: Any) -> int:
 # small numeric helpers (pure torch; the heavy lifting is in pylandscape.ops)
 # ---------------------------------------------------------------------------------------------
 
-def resolve_device(device: str) -> str:
-    """"auto" means the GPU when there is one (the paper presets), else the CPU."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def set_threads(n: int | None) -> None:
     if n:
         torch.set_num_threads(int(n))
@@ -303,7 +297,7 @@ def load_data(config: Any, *, labels: str = "true", inputs: str = "real", seed: 
     n = getattr(config, "train_size", None) if train_size is _UNSET else train_size
     return load_dataset(config.dataset, getattr(config, "data_root", None), train_size=n, labels=labels, inputs=inputs,
                         seed=config.seed if seed is None else seed,
-                        device=resolve_device(getattr(config, "device", "cpu")))
+                        device=str(resolve_device(getattr(config, "device", "cpu"))))
 
 
 def model_fn(config: Any, data, *, width: float | None = None, activation: str | None = None,
@@ -314,7 +308,7 @@ def model_fn(config: Any, data, *, width: float | None = None, activation: str |
     w = config.width if width is None else width
     act = activation or getattr(config, "activation", "relu")
     deg = poly_degree or getattr(config, "poly_degree", 2)
-    device = resolve_device(getattr(config, "device", "cpu"))
+    device = str(resolve_device(getattr(config, "device", "cpu")))
 
     def make():
         return dcnn(width=w, in_channels=int(x.shape[1]), num_classes=int(data.num_classes),
@@ -337,7 +331,7 @@ def train_config(config: Any, **kw: Any):
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     base = {n: getattr(config, n) for n in names if hasattr(config, n) and n not in kw}
     base.update(kw)
-    base["device"] = resolve_device(base.get("device", "cpu"))
+    base["device"] = str(resolve_device(base.get("device", "cpu")))
     if isinstance(base.get("snapshot_epochs"), tuple):
         base["snapshot_epochs"] = list(base["snapshot_epochs"])
     return TrainConfig(**base)
