@@ -58,8 +58,8 @@ class ParamSpec:
         return cls(tuple(d["names"]), tuple(tuple(int(x) for x in s) for s in d["shapes"]))
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> "ParamSpec":
-        named = list(module.named_parameters())
+    def from_module(cls, module: nn.Module, trainable_only: bool = False) -> "ParamSpec":
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
         return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
 
     @classmethod
@@ -81,10 +81,14 @@ def flatten_tensors(tensors: Iterable[torch.Tensor], dtype: torch.dtype | None =
     return flat
 
 
-def flatten_module(module: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ParamSpec]:
-    """(flat [P], spec) from a module's parameters (not its buffers)."""
-    spec = ParamSpec.from_module(module)
-    return flatten_tensors((p for _, p in module.named_parameters()), dtype), spec
+def flatten_module(module: nn.Module, dtype: torch.dtype | None = None, *,
+                   trainable_only: bool = False) -> tuple[torch.Tensor, ParamSpec]:
+    """(flat [P], spec) from a module's parameters (not its buffers), detached.
+
+    trainable_only keeps only parameters with requires_grad (the θ of linalg's Jacobians)."""
+    spec = ParamSpec.from_module(module, trainable_only)
+    params = dict(module.named_parameters())
+    return flatten_tensors((params[n] for n in spec.names), dtype), spec
 
 
 def flatten_state_dict(sd: Mapping[str, torch.Tensor], params_only: bool = True,
@@ -106,9 +110,9 @@ def unflatten(flat: torch.Tensor, spec: ParamSpec) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_flat_(module: nn.Module, flat: torch.Tensor) -> nn.Module:
-    """Copy a flat buffer into a module's parameters in place."""
-    params = list(module.parameters())
+def load_flat_(module: nn.Module, flat: torch.Tensor, *, trainable_only: bool = False) -> nn.Module:
+    """Copy a flat buffer into a module's parameters in place (only requires_grad ones if trainable_only)."""
+    params = [p for p in module.parameters() if p.requires_grad or not trainable_only]
     total = sum(p.numel() for p in params)
     if flat.dim() != 1 or flat.numel() != total:
         raise ValueError(f"flat buffer has shape {tuple(flat.shape)}, module has {total} parameters")

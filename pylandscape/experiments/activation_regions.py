@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from . import _common as C
-from .. import theory as T
+from .. import theory
 
 NAME = "activation-regions"
 FIGURE = "Karhadkar et al. 2023 (phase transition of full-rank Jacobians over activation regions)"
@@ -95,7 +95,7 @@ def run(config: Config, out_dir: Path) -> dict:
             unit = f"{entry}-{width}"
             if unit not in prog:
                 g = C.generator(config.seed * 7919 + width * 31 + d0)
-                r = T.activation_region_ranks(x, width, config.num_regions, wrt=wrt, bias=config.bias,
+                r = theory.activation_region_ranks(x, width, config.num_regions, wrt=wrt, bias=config.bias,
                                               sampling=sampling, generator=g, device=config.device, rtol=config.rtol)
                 ranks = r["ranks"]
                 prog.mark(unit, {

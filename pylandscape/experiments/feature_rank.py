@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from . import _common as C
-from .. import theory as T
+from .. import linalg, theory
 
 NAME = "feature-rank"
 FIGURE = "Nguyen & Hein 2018 (a layer with >= N units has linearly independent features)"
@@ -89,7 +89,7 @@ def run(config: Config, out_dir: Path) -> dict:
     # The images are made in float32 (data.load_dataset), so their rounding (~1e-8 relative) is noise,
     # not rank: every tolerance here uses float32's eps even though the model runs in float64.
     eps_dtype = torch.float32
-    input_rank = T.numerical_rank(x.flatten(1).double(), rtol=config.rtol, dtype=eps_dtype)
+    input_rank = linalg.numerical_rank(x.flatten(1).double(), rtol=config.rtol, dtype=eps_dtype)
     for act, width in itertools.product(config.activations, config.widths):
         unit = _unit(act, width)
         if unit in prog:
@@ -106,7 +106,7 @@ def run(config: Config, out_dir: Path) -> dict:
             else:
                 with torch.no_grad():
                     err = float((model(x).argmax(1) != y).double().mean())
-            for i, r in enumerate(T.feature_ranks(model, x, rtol=config.rtol, dtype=eps_dtype)):
+            for i, r in enumerate(theory.feature_ranks(model, x, rtol=config.rtol, dtype=eps_dtype)):
                 rows.append({"activation": act, "width": width, "stage": stage, "train_error": err,
                              "depth": i, **r})
         prog.mark(unit, rows)

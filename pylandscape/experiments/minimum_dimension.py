@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from . import _common as C
-from .. import theory as T
+from .. import linalg, theory
 
 NAME = "minimum-dimension"
 FIGURE = "Cooper 2018 (global minima form an (n - d)-dim manifold); Liao & Poggio: degenerate minima"
@@ -65,9 +65,9 @@ def _case_fc2(config: Config, width: int, activation: str, device) -> dict:
     y = torch.randn(config.num_points, generator=g, dtype=torch.float64).to(device)
     torch.manual_seed(config.seed + width)
     model = _fc2(config, width, activation).double().to(device)
-    fit = T.fit_to_zero_loss(model, x, y, lbfgs_steps=config.lbfgs_steps, newton_steps=config.newton_steps)
-    md = T.minimum_dimension(model, x, rtol=config.rtol)
-    spec = T.hessian_spectrum(model, x, y, method="auto", exact_max_params=config.exact_max_params,
+    fit = theory.fit_to_zero_loss(model, x, y, lbfgs_steps=config.lbfgs_steps, newton_steps=config.newton_steps)
+    md = theory.minimum_dimension(model, x, rtol=config.rtol)
+    spec = linalg.hessian_spectrum(model, x, y, method="auto", exact_max_params=config.exact_max_params,
                               num_steps=config.lanczos_steps, generator=C.generator(config.seed))
     row = _row(f"fc2 {activation} w{width}", "fc2", activation, fit, md, spec, config)
     # ReLU is positively homogeneous: (w_j, b_j, v_j) -> (c w_j, c b_j, v_j / c) leaves f unchanged,
@@ -87,18 +87,18 @@ def _case_cnn(config: Config, width: float, device) -> dict:
     model = models.dcnn(width, in_channels=ds.in_channels, num_classes=ds.num_classes,
                         image_size=ds.image_size).double().to(device)
     _freeze_batchnorm(model, x)
-    fit = T.fit_to_zero_loss(model, x, y, lbfgs_steps=config.cnn_lbfgs_steps, newton_steps=config.newton_steps,
+    fit = theory.fit_to_zero_loss(model, x, y, lbfgs_steps=config.cnn_lbfgs_steps, newton_steps=config.newton_steps,
                              chunk_size=config.jacobian_chunk)
-    md = T.minimum_dimension(model, x, rtol=config.rtol, chunk_size=config.jacobian_chunk)
-    spec = T.hessian_spectrum(model, x, y, method="lanczos", num_steps=config.lanczos_steps,
+    md = theory.minimum_dimension(model, x, rtol=config.rtol, chunk_size=config.jacobian_chunk)
+    spec = linalg.hessian_spectrum(model, x, y, method="lanczos", num_steps=config.lanczos_steps,
                               generator=C.generator(config.seed))
     row = _row(f"dcnn x{width}", "dcnn", "relu", fit, md, spec, config)
     # a dead unit in the last hidden layer caps rank J (see feature-rank): record that layer's rank
-    feats = [r for r in T.feature_ranks(model, x) if r["kind"] == "post"]
+    feats = [r for r in theory.feature_ranks(model, x) if r["kind"] == "post"]
     row["last_hidden_units"], row["last_hidden_feature_rank"] = feats[-1]["units"], feats[-1]["rank"]
     # independent check of Lanczos: at zero loss H = (2/N) JᵀJ, whose non-zero eigenvalues are those
     # of the small matrix (2/N) J Jᵀ; compare the top Ritz values with them.
-    j = T.output_jacobian(model, x, chunk_size=config.jacobian_chunk).to(torch.float64)
+    j = linalg.output_jacobian(model, x, chunk_size=config.jacobian_chunk).to(torch.float64)
     gn = torch.linalg.eigvalsh(j @ j.T).flip(0) * 2 / x.shape[0]
     ritz = spec.eigenvalues.flip(0)
     k = min(10, ritz.numel(), gn.numel())
