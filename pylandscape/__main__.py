@@ -7,7 +7,7 @@ import sys
 COMMANDS = {
     "demo": ("pylandscape.demo", "train on digits, perturb, average, embed with MDS, write a report (~5 min on CPU)"),
     "run": ("pylandscape.experiments.cli", "run one of the paper's experiments (`run --list` lists them)"),
-    "train": ("pylandscape.train", "train the paper's network and record snapshots into a store"),
+    "train": ("pylandscape.train.cli", "train the paper's network and record snapshots into a store"),
     "mds": ("pylandscape.mds", "classical MDS of a folder of checkpoints (same as python -m pylandscape.mds)"),
     "plot": ("pylandscape.plot", "redraw every figure of an experiment's output folder"),
 }
