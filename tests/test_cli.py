@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from pylandscape.experiments import MODULES, _common as C, cli, load_all
+from pylandscape.experiments import MODULES, bgd_branches, cli, load_all, outdir
+from pylandscape.experiments.config import apply_overrides, config_from_dict, config_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run `python -m pylandscape` away from the checkout, so it imports the installed package (with _C).
@@ -65,42 +66,40 @@ def test_bad_set_is_one_line_error(tmp_path, capsys, sets, msg):
 
 
 def test_overrides_parse_types():
-    from pylandscape.experiments import bgd_branches as B
-    c = C.apply_overrides(B.PRESETS["quick"], ["branch_epochs=0,5", "branch_scale=0.5", "train_size=none",
+    c = apply_overrides(bgd_branches.PRESETS["quick"], ["branch_epochs=0,5", "branch_scale=0.5", "train_size=none",
                                                 "lr=1e-3", "chunk-size=64", "mds_layer=2"])
     assert c.branch_epochs == (0, 5) and c.branch_scale == (0.5,) and c.train_size is None
     assert c.lr == 1e-3 and c.chunk_size == 64 and c.mds_layer == "2"
     with pytest.raises(ValueError, match="integer"):
-        C.apply_overrides(B.PRESETS["quick"], ["epochs=2.5"])
+        apply_overrides(bgd_branches.PRESETS["quick"], ["epochs=2.5"])
     from pylandscape.experiments import perturb_retrain as PR
-    assert C.apply_overrides(PR.PRESETS["quick"], ["reference=false"]).reference is False
+    assert apply_overrides(PR.PRESETS["quick"], ["reference=false"]).reference is False
 
 
 @pytest.mark.parametrize("name", sorted(load_all()))
 def test_config_roundtrip(name):
     mod = load_all()[name]
     for cfg in mod.PRESETS.values():
-        d = json.loads(json.dumps(C.config_to_dict(cfg)))
-        assert C.config_from_dict(type(cfg), d) == cfg
+        d = json.loads(json.dumps(config_to_dict(cfg)))
+        assert config_from_dict(type(cfg), d) == cfg
     with pytest.raises(ValueError, match="unknown config field"):
-        C.config_from_dict(type(cfg), {**C.config_to_dict(cfg), "bogus": 1})
+        config_from_dict(type(cfg), {**config_to_dict(cfg), "bogus": 1})
 
 
 def test_out_folder_rules(tmp_path):
-    from pylandscape.experiments import bgd_branches as B
-    cfg = B.PRESETS["quick"]
+    cfg = bgd_branches.PRESETS["quick"]
     out = tmp_path / "o"
-    C.prepare_out(out, B.NAME, cfg)
-    C.Progress(out)  # the run started but finished nothing (e.g. the data set was missing): may start over
-    C.prepare_out(out, B.NAME, cfg)
-    C.Progress(out).mark("main")
+    outdir.prepare_out(out, bgd_branches.NAME, cfg)
+    outdir.Progress(out)  # the run started but finished nothing (e.g. the data set was missing): may start over
+    outdir.prepare_out(out, bgd_branches.NAME, cfg)
+    outdir.Progress(out).mark("main")
     with pytest.raises(ValueError, match="--resume"):
-        C.prepare_out(out, B.NAME, cfg)
-    C.prepare_out(out, B.NAME, cfg, resume=True)  # same settings: fine
+        outdir.prepare_out(out, bgd_branches.NAME, cfg)
+    outdir.prepare_out(out, bgd_branches.NAME, cfg, resume=True)  # same settings: fine
     with pytest.raises(ValueError, match="epochs"):
-        C.prepare_out(out, B.NAME, dataclasses.replace(cfg, epochs=3), resume=True)
+        outdir.prepare_out(out, bgd_branches.NAME, dataclasses.replace(cfg, epochs=3), resume=True)
     with pytest.raises(ValueError, match="holds a 'bgd-branches' run"):
-        C.prepare_out(out, "sgd-stages", cfg, resume=True)
+        outdir.prepare_out(out, "sgd-stages", cfg, resume=True)
 
 
 def test_plot_refuses_non_run_folder(tmp_path, capsys):

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pylandscape.experiments import _common as C, cli
+from pylandscape.experiments import bgd_branches, cli, outdir, training
+from pylandscape.experiments.config import apply_overrides
 from pylandscape.store import SnapshotStore
 
 TINY_DATA = ["--set", "train_size=60", "--set", "width=0.0625", "--set", "threads=1"]
@@ -56,20 +57,20 @@ def test_bgd_outputs_and_exact_averages(bgd):
     for f in ("config.json", "progress.json", "results.json", "metrics/main.csv", "metrics/averages.csv",
               "metrics/mds_all.json", "figures/mds_all.png", "figures/mds_branch1.png", "figures/curves.png"):
         assert (bgd / f).exists(), f
-    main = SnapshotStore(C.store_dir(bgd, "main"))
+    main = SnapshotStore(outdir.store_dir(bgd, "main"))
     assert sorted(int(e["epoch"]) for e in main.entries) == [0, 1, 2, 3, 4]
-    avg = SnapshotStore(C.store_dir(bgd, "averages"))
-    rows = C.read_table(bgd / "metrics" / "averages")
+    avg = SnapshotStore(outdir.store_dir(bgd, "averages"))
+    rows = outdir.read_table(bgd / "metrics" / "averages")
     assert len(avg) == len(rows) == 5 + 3  # branch 0: epochs 0..4, branch 1: epochs 2..4
     for i, e in enumerate(avg.entries):
         b, t = e["branch"], e["epoch"]
-        br = SnapshotStore(C.store_dir(bgd, f"branch{b}"))
+        br = SnapshotStore(outdir.store_dir(bgd, f"branch{b}"))
         j = [k for k, m in enumerate(br.entries) if int(m["epoch"]) + int(m["start_epoch"]) == t][0]
         m = main.select(epoch=t)[0]
         expect = (0.5 * (main.load_flat(m, torch.float64) + br.load_flat(j, torch.float64)))
         torch.testing.assert_close(avg.load_flat(i, torch.float64), expect, rtol=0, atol=1e-6)
     # the branches start from perturbed copies of the main model at their epoch
-    b1 = SnapshotStore(C.store_dir(bgd, "branch1"))
+    b1 = SnapshotStore(outdir.store_dir(bgd, "branch1"))
     start = b1.load_flat(b1.select(epoch=0)[0])
     base = main.load_flat(main.select(epoch=2)[0])
     assert not torch.equal(start, base)
@@ -104,28 +105,27 @@ def test_bgd_plot_redraws(bgd):
 
 def test_bgd_interrupted_unit_is_redone(tmp_path):
     """A run killed after the main trajectory resumes with the branches, not from scratch."""
-    from pylandscape.experiments import bgd_branches as B
-    cfg = C.apply_overrides(B.PRESETS["quick"], ["train_size=60", "width=0.0625", "epochs=2",
+    cfg = apply_overrides(bgd_branches.PRESETS["quick"], ["train_size=60", "width=0.0625", "epochs=2",
                                                  "branch_epochs=0", "snapshot_every=1", "threads=1"])
     out = tmp_path / "o"
-    C.prepare_out(out, B.NAME, cfg)
+    outdir.prepare_out(out, bgd_branches.NAME, cfg)
     calls = []
-    real = C.evaluate_flats
+    real = training.evaluate_flats
 
     def boom(*a, **k):
         calls.append(1)
         raise KeyboardInterrupt  # killed while averaging
-    C.evaluate_flats = boom
+    training.evaluate_flats = boom
     try:
         with pytest.raises(KeyboardInterrupt):
-            B.run(cfg, out)
+            bgd_branches.run(cfg, out)
     finally:
-        C.evaluate_flats = real
+        training.evaluate_flats = real
     prog = json.loads((out / "progress.json").read_text())
     assert set(prog) == {"main", "branch0"}
-    main_manifest = (C.store_dir(out, "main") / "manifest.jsonl").read_bytes()
-    B.run(cfg, out)
-    assert (C.store_dir(out, "main") / "manifest.jsonl").read_bytes() == main_manifest
+    main_manifest = (outdir.store_dir(out, "main") / "manifest.jsonl").read_bytes()
+    bgd_branches.run(cfg, out)
+    assert (outdir.store_dir(out, "main") / "manifest.jsonl").read_bytes() == main_manifest
     assert set(json.loads((out / "progress.json").read_text())) == {"main", "branch0", "averages", "mds"}
 
 
@@ -143,7 +143,7 @@ def pr(tmp_path_factory):
 
 def test_perturb_retrain_outputs(pr):
     for src in ("sgd1", "final"):
-        st = SnapshotStore(C.store_dir(pr, f"retrain_{src}"))
+        st = SnapshotStore(outdir.store_dir(pr, f"retrain_{src}"))
         assert sorted({e["perturbation"] for e in st.entries}) == [1, 2]
         starts = [st.load_flat(st.select(perturbation=k, epoch=0)[0]) for k in (1, 2)]
         assert not torch.equal(starts[0], starts[1])  # different noise per copy
@@ -151,9 +151,9 @@ def test_perturb_retrain_outputs(pr):
         assert (pr / "figures" / f"retrain_{src}.png").exists()
     # the perturbation is added to the source model: its size follows sigma = 0.1 x layer std
     from pylandscape.experiments import perturb_retrain as PR
-    cfg = C.load_config(pr, PR.Config)
+    cfg = outdir.load_config(pr, PR.Config)
     src = PR.source_model(pr, cfg, "final")
-    st = SnapshotStore(C.store_dir(pr, "retrain_final"))
+    st = SnapshotStore(outdir.store_dir(pr, "retrain_final"))
     d = st.load_flat(st.select(perturbation=1, epoch=0)[0]) - src
     o = st.spec.offsets.tolist()
     for l in range(len(o) - 1):
@@ -161,7 +161,7 @@ def test_perturb_retrain_outputs(pr):
         if seg.numel() > 50:
             ratio = d[o[l]:o[l + 1]].std() / (0.1 * seg.std(unbiased=False))
             assert 0.6 < ratio < 1.4
-    assert SnapshotStore.is_store(C.store_dir(pr, "reference_gd"))
+    assert SnapshotStore.is_store(outdir.store_dir(pr, "reference_gd"))
 
 
 def test_agreement_matrices_math():
@@ -193,11 +193,11 @@ def test_interpolate_endpoints_are_the_models(pr, tmp_path):
     assert cli.main(["interpolate", "--out", str(out), "--set", f"source_dir={pr}",
                      "--set", "alpha_min=-0.5", "--set", "alpha_max=1.5", "--set", "alpha_step=0.25"]) == 0
     from pylandscape.experiments import perturb_retrain as PR
-    cfg = C.load_config(pr, PR.Config)
-    data = C.load_data(cfg)
-    make = C.model_fn(cfg, data)
-    st = SnapshotStore(C.store_dir(pr, "retrain_final"))
-    rows = C.read_table(out / "metrics" / "interpolate_final")
+    cfg = outdir.load_config(pr, PR.Config)
+    data = training.load_data(cfg)
+    make = training.model_fn(cfg, data)
+    st = SnapshotStore(outdir.store_dir(pr, "retrain_final"))
+    rows = outdir.read_table(out / "metrics" / "interpolate_final")
     alphas = sorted({r["alpha"] for r in rows})
     assert alphas[0] == -0.5 and alphas[-1] == 1.5 and 0.0 in alphas and 1.0 in alphas and len(alphas) == 9
     for when, pick in (("before", min), ("after", max)):
@@ -205,7 +205,7 @@ def test_interpolate_endpoints_are_the_models(pr, tmp_path):
         for k in (1, 2):
             idx = st.select(perturbation=k)
             ends.append(st.load_flat(pick(idx, key=lambda i: int(st.entries[i]["epoch"]))))
-        ev = C.evaluate_flats(make, torch.stack(ends), data)
+        ev = training.evaluate_flats(make, torch.stack(ends), data)
         for a, k in ((0.0, 0), (1.0, 1)):
             r = [r for r in rows if r["when"] == when and r["alpha"] == a][0]
             assert r["train_error"] == pytest.approx(ev["train_error"][k], abs=1e-9)
@@ -224,14 +224,14 @@ def stages(tmp_path_factory):
 
 def test_stage_starts_are_previous_stage_ends(stages):
     for s in (1, 2, 3):
-        st = SnapshotStore(C.store_dir(stages, f"stage_{s:02d}"))
+        st = SnapshotStore(outdir.store_dir(stages, f"stage_{s:02d}"))
         starts = {e["trajectory"]: st.load_flat(i) for i, e in enumerate(st.entries) if int(e["epoch"]) == 0}
         assert sorted(starts) == [1, 2, 3]
         assert torch.equal(starts[1], starts[2])            # unperturbed copies
         assert not torch.equal(starts[1], starts[3])        # perturbed copy
         if s > 1:
-            prev = SnapshotStore(C.store_dir(stages, f"stage_{s - 1:02d}"))
-            i = C.last_index(prev, trajectory=1)
+            prev = SnapshotStore(outdir.store_dir(stages, f"stage_{s - 1:02d}"))
+            i = outdir.last_index(prev, trajectory=1)
             assert int(prev.entries[i]["epoch"]) == 1
             assert torch.equal(starts[1], prev.load_flat(i))
     for f in ("mds_all_layer2", "mds_all_layer5", "mds_late_layer2", "mds_late_layer5"):
@@ -256,7 +256,7 @@ def test_random_labels_variants(tmp_path):
     _run("random-labels", out, "stages=2", "trajectories=2", "unperturbed=1", "epochs_per_stage=1",
          "late_from_stage=2", "mds_layers=2", "batch_size=30")
     for v, labels, inputs in (("random-labels", "random", "real"), ("random-inputs", "random", "random")):
-        name, cfg = C.read_config(out / v)
+        name, cfg = outdir.read_config(out / v)
         assert name == "sgd-stages" and cfg["labels"] == labels and cfg["inputs"] == inputs
         assert (out / v / "figures" / "mds_all_layer2.png").exists()
     _check_redraw(out)
@@ -266,10 +266,10 @@ def test_random_labels_variants(tmp_path):
 def test_polynomial(tmp_path):
     out = tmp_path / "po"
     _run("polynomial", out, "epochs=1", "activations=relu,poly2", "batch_size=30")
-    rows = {a: C.read_table(out / "metrics" / a) for a in ("relu", "poly2")}
+    rows = {a: outdir.read_table(out / "metrics" / a) for a in ("relu", "poly2")}
     assert [r["epoch"] for r in rows["relu"]] == [0, 1]
     # same initial weights for every activation: the trainer's epoch-0 snapshots are equal
-    s = [SnapshotStore(C.store_dir(out, a)) for a in ("relu", "poly2")]
+    s = [SnapshotStore(outdir.store_dir(out, a)) for a in ("relu", "poly2")]
     assert torch.equal(s[0].load_flat(s[0].select(epoch=0)[0]), s[1].load_flat(s[1].select(epoch=0)[0]))
     with pytest.raises(ValueError, match="polyN"):
         from pylandscape.experiments import polynomial as PO
@@ -281,7 +281,7 @@ def test_overparam(tmp_path):
     out = tmp_path / "ov"
     assert cli.main(["overparam", "--out", str(out), "--set", "epochs=1", "--set", "widths=0.0625,0.125",
                      "--set", "train_sizes=40,80", "--set", "threads=1", "--set", "batch_size=20"]) == 0
-    rows = C.read_table(out / "metrics" / "final")
+    rows = outdir.read_table(out / "metrics" / "final")
     assert len(rows) == 4
     p = {r["width"]: r["parameters"] for r in rows}
     assert p[0.125] > p[0.0625]

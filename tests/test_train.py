@@ -13,7 +13,6 @@ from pylandscape.train import TrainConfig, init_flats_for, train, train_many
 from pylandscape.train import cli as train_cli
 from pylandscape.train import loop as train_loop
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

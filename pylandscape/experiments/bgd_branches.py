@@ -1,12 +1,15 @@
 """Full-batch GD with perturbed branches and their averages with the main trajectory (Fig. 4, 14-17)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import _common as C
+from .. import figures
+from ..store import SnapshotStore
+from . import outdir, training, weights
 
 NAME = "bgd-branches"
 FIGURE = "Liao & Poggio Fig. 4, 14-17 (GD branches, averaging, MDS)"
@@ -80,25 +83,25 @@ def _by_epoch(store) -> dict[int, int]:
 
 def run(config: Config, out_dir: Path) -> dict:
     _check(config)
-    C.set_threads(config.threads)
+    training.set_threads(config.threads)
     out = Path(out_dir)
-    prog = C.Progress(out)
-    data = C.load_data(config)
-    make = C.model_fn(config, data)
-    _, flat0, spec = C.init_flat(make, config.seed)
+    prog = outdir.Progress(out)
+    data = training.load_data(config)
+    make = training.model_fn(config, data)
+    _, flat0, spec = training.init_flat(make, config.seed)
     offsets = spec.offsets
     snaps = snapshot_epochs(config)
 
     # 1. the main GD trajectory
-    main_dir = C.store_dir(out, "main")
+    main_dir = outdir.store_dir(out, "main")
     if "main" not in prog:
-        C.log("training the main GD trajectory")
-        hist = C.run_train(make, flat0, data, C.train_config(config, epochs=config.epochs,
+        outdir.log("training the main GD trajectory")
+        hist = training.run_train(make, flat0, data, training.train_config(config, epochs=config.epochs,
                            snapshot_epochs=snaps, eval_every=config.snapshot_every), main_dir, meta={"run": "main", "trajectory": "main"},
                            resume=True)
-        C.write_table(out / "metrics" / "main", hist)
+        outdir.write_table(out / "metrics" / "main", hist)
         prog.mark("main")
-    main = C.SnapshotStore(main_dir)
+    main = SnapshotStore(main_dir)
     main_at = _by_epoch(main)
 
     # 2. branches: perturb the main model at epoch e, train with GD for the remaining epochs
@@ -106,39 +109,39 @@ def run(config: Config, out_dir: Path) -> dict:
         unit = f"branch{b}"
         if unit in prog:
             continue
-        C.log(f"branch {b}: perturbing the epoch-{e} model (sigma = {scale} x layer {config.perturb_mode}) "
+        outdir.log(f"branch {b}: perturbing the epoch-{e} model (sigma = {scale} x layer {config.perturb_mode}) "
               f"and training {config.epochs - e} GD epochs")
-        start = C.perturb(main.load_flat(main_at[e]), offsets, scale, mode=config.perturb_mode,
+        start = weights.perturb(main.load_flat(main_at[e]), offsets, scale, mode=config.perturb_mode,
                           seed=config.seed * 1000 + 17 + b)
         rest = [s - e for s in snaps if s >= e]
-        hist = C.run_train(make, start, data, C.train_config(config, epochs=config.epochs - e,
+        hist = training.run_train(make, start, data, training.train_config(config, epochs=config.epochs - e,
                            snapshot_epochs=rest, seed=config.seed + 1 + b,
-                           eval_every=config.snapshot_every), C.store_dir(out, unit),
+                           eval_every=config.snapshot_every), outdir.store_dir(out, unit),
                            meta={"run": unit, "trajectory": unit, "branch": b, "start_epoch": e,
                                  "scale": scale}, resume=True)
         for r in hist:
             r["branch"], r["local_epoch"], r["epoch"] = b, r["epoch"], r["epoch"] + e
-        C.write_table(out / "metrics" / unit, hist)
+        outdir.write_table(out / "metrics" / unit, hist)
         prog.mark(unit)
 
     # 3. averages 0.5 main + 0.5 branch at every common snapshot epoch, all evaluated in one batch
     if "averages" not in prog:
-        C.log("averaging each branch with the main trajectory and evaluating the averages")
+        outdir.log("averaging each branch with the main trajectory and evaluating the averages")
         rows, avgs, ends = [], [], []
         for b, e in enumerate(config.branch_epochs):
-            br = C.SnapshotStore(C.store_dir(out, f"branch{b}"))
+            br = SnapshotStore(outdir.store_dir(out, f"branch{b}"))
             for i, ent in enumerate(br.entries):
                 t = int(ent["epoch"]) + e
                 if t not in main_at:
                     continue
                 m, x = main.load_flat(main_at[t]), br.load_flat(i)
-                avgs.append(C.combine(torch.stack([m, x]), [0.5, 0.5]))
+                avgs.append(weights.combine(torch.stack([m, x]), [0.5, 0.5]))
                 # the endpoints' numbers were recorded by the trainer with the same protocol
                 # (BatchNorm re-estimated on the training set), so they are not evaluated again
                 ends.append((main.entries[main_at[t]], ent))
                 rows.append({"branch": b, "start_epoch": e, "epoch": t})
-        avg_store = C.fresh_store(C.store_dir(out, "averages"), spec, {"what": "0.5 main + 0.5 branch"})
-        res = C.evaluate_flats(make, torch.stack(avgs), data)
+        avg_store = outdir.fresh_store(outdir.store_dir(out, "averages"), spec, {"what": "0.5 main + 0.5 branch"})
+        res = training.evaluate_flats(make, torch.stack(avgs), data)
         for k, (r, a) in enumerate(zip(rows, avgs)):
             for m in ("train_error", "train_loss", "test_error", "test_loss"):
                 r[m] = res[m][k]
@@ -147,15 +150,15 @@ def run(config: Config, out_dir: Path) -> dict:
             avg_store.append(a, run=f"average{r['branch']}", trajectory=f"average{r['branch']}",
                              branch=r["branch"], epoch=r["epoch"], train_error=r["train_error"],
                              test_error=r["test_error"])
-        C.write_table(out / "metrics" / "averages", rows)
+        outdir.write_table(out / "metrics" / "averages", rows)
         prog.mark("averages")
 
     # 4. MDS of main + branches + averages
     if "mds" not in prog:
-        C.log("MDS of the main trajectory, the branches and the averages")
+        outdir.log("MDS of the main trajectory, the branches and the averages")
         items = []
         for name in ["main"] + [f"branch{b}" for b in range(len(config.branch_epochs))] + ["averages"]:
-            st = C.SnapshotStore(C.store_dir(out, name))
+            st = SnapshotStore(outdir.store_dir(out, name))
             for i, ent in enumerate(st.entries):
                 m = dict(ent)
                 if name.startswith("branch"):
@@ -164,26 +167,25 @@ def run(config: Config, out_dir: Path) -> dict:
                 elif name == "averages":
                     m["trajectory"] = f"average: main + branch from {config.branch_epochs[ent['branch']]}"
                 items.append((m, st.load_flat(i)))
-        C.embed_and_save(items, out / "metrics" / "mds_all.json", spec=spec, layer=config.mds_layer,
+        weights.embed_and_save(items, out / "metrics" / "mds_all.json", spec=spec, layer=config.mds_layer,
                          device=config.device,
                          title="MDS of GD main trajectory, perturbed branches and their averages")
         prog.mark("mds")
 
     results = summarize(out, config)
-    C.write_results(out, results)
+    outdir.write_results(out, results)
     plot(out)
     return results
 
 
 def summarize(out: Path, config: Config) -> dict:
-    main = C.read_table(out / "metrics" / "main")
-    avg = C.read_table(out / "metrics" / "averages")
+    main = outdir.read_table(out / "metrics" / "main")
+    avg = outdir.read_table(out / "metrics" / "averages")
     zero = next((r["epoch"] for r in main if r.get("train_error") is not None and r["train_error"] == 0), None)
     res = {"main_final_train_error": main[-1]["train_error"], "main_final_test_error": main[-1]["test_error"],
            "main_zero_train_error_epoch": zero}
     emb = (out / "metrics" / "mds_all.json")
     if emb.exists():
-        import json
         res["mds_captured"] = json.loads(emb.read_text()).get("captured")
     for b, e in enumerate(config.branch_epochs):
         rows = [r for r in avg if r["branch"] == b]
@@ -201,19 +203,18 @@ def summarize(out: Path, config: Config) -> dict:
 
 
 def plot(out_dir: Path) -> list[Path]:
-    from .. import plot as P
     out = Path(out_dir)
-    config = C.load_config(out, Config)
+    config = outdir.load_config(out, Config)
     figs = out / "figures"
     paths = []
-    runs = {"main (GD)": C.read_table(out / "metrics" / "main")}
+    runs = {"main (GD)": outdir.read_table(out / "metrics" / "main")}
     for b, e in enumerate(config.branch_epochs):
         p = out / "metrics" / f"branch{b}.json"
         if p.exists():
-            runs[f"branch from epoch {e}"] = C.read_table(p.with_suffix(""))
-    paths.append(P.metric_curves(figs / "curves.png", runs,
+            runs[f"branch from epoch {e}"] = outdir.read_table(p.with_suffix(""))
+    paths.append(figures.metric_curves(figs / "curves.png", runs,
                                  title="Full-batch GD: main trajectory and perturbed branches"))
-    avg = C.read_table(out / "metrics" / "averages")
+    avg = outdir.read_table(out / "metrics" / "averages")
     for b, e in enumerate(config.branch_epochs):
         rows = [r for r in avg if r["branch"] == b]
         if not rows:
@@ -223,19 +224,18 @@ def plot(out_dir: Path) -> list[Path]:
             "main": [{"epoch": r["epoch"], **{m[5:]: r[m] for m in r if m.startswith("main_")}} for r in rows],
             "branch": [{"epoch": r["epoch"], **{m[7:]: r[m] for m in r if m.startswith("branch_") and m != "branch"}} for r in rows],
         }
-        paths.append(P.metric_curves(figs / f"average_branch{b}.png", series,
+        paths.append(figures.metric_curves(figs / f"average_branch{b}.png", series,
                                      title=f"Averaging the main trajectory with the branch from epoch {e}"))
     emb_path = out / "metrics" / "mds_all.json"
     if emb_path.exists():
-        import json
         emb = json.loads(emb_path.read_text())
         layer = config.mds_layer or "all layers"
-        paths.append(P.embedding_figure(figs / "mds_all.png", emb, group="trajectory",
+        paths.append(figures.embedding_figure(figs / "mds_all.png", emb, group="trajectory",
                                         title=f"MDS ({layer}): GD main trajectory, branches, averages"))
         for b, e in enumerate(config.branch_epochs):
             sub = [i for i, m in enumerate(emb["meta"]) if m.get("run") in
                    ("main", f"branch{b}", f"average{b}") and (m.get("run") != "main" or
                                                               (m.get("epoch") or 0) >= e)]
-            paths.append(P.embedding_figure(figs / f"mds_branch{b}.png", emb, group="trajectory", subset=sub,
+            paths.append(figures.embedding_figure(figs / f"mds_branch{b}.png", emb, group="trajectory", subset=sub,
                                             title=f"MDS ({layer}): branch from epoch {e}, main, average"))
     return paths

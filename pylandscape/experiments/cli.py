@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 from . import load_all
-from ._common import apply_overrides, describe_fields, log
+from .config import apply_overrides, describe_fields
+from .outdir import log, prepare_out
 
 USAGE = """usage: python -m pylandscape run --list
        python -m pylandscape run NAME --help
@@ -81,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     log(f"{name} ({mod.FIGURE}), preset {args.preset}, output {out}")
     try:
-        from ._common import prepare_out
         prepare_out(out, name, config, preset=args.preset, resume=args.resume)
         results = mod.run(config, out)
     except (ValueError, FileNotFoundError) as e:

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from . import _common as C
+from .. import figures
+from ..store import SnapshotStore
+from . import outdir, training, weights
 
 NAME = "perturb-retrain"
 FIGURE = "Liao & Poggio Fig. 5, 18-35, 41-45 (perturb and retrain)"
@@ -74,37 +76,37 @@ def _check(config: Config) -> None:
         raise ValueError(f"n_perturb must be >= 2, got {config.n_perturb}")
 
 
-def train_base(config: Config, out: Path, prog: C.Progress, make, data, flat0, tag: str, seed: int) -> None:
+def train_base(config: Config, out: Path, prog: outdir.Progress, make, data, flat0, tag: str, seed: int) -> None:
     """SGD for sgd_epochs, then GD for gd_epochs from the SGD result (stores <tag>_sgd, <tag>_gd)."""
     if f"{tag}_sgd" not in prog:
-        C.log(f"{tag}: {config.sgd_epochs} SGD epochs")
+        outdir.log(f"{tag}: {config.sgd_epochs} SGD epochs")
         snaps = sorted(set(config.source_epochs) | {0, config.sgd_epochs})
-        hist = C.run_train(make, flat0, data, C.train_config(
+        hist = training.run_train(make, flat0, data, training.train_config(
             config, optimizer="sgd", epochs=config.sgd_epochs, snapshot_epochs=snaps, seed=seed,
             eval_every=config.snapshot_every),
-            C.store_dir(out, f"{tag}_sgd"), meta={"run": f"{tag}_sgd", "trajectory": f"{tag} SGD"}, resume=True)
-        C.write_table(out / "metrics" / f"{tag}_sgd", hist)
+            outdir.store_dir(out, f"{tag}_sgd"), meta={"run": f"{tag}_sgd", "trajectory": f"{tag} SGD"}, resume=True)
+        outdir.write_table(out / "metrics" / f"{tag}_sgd", hist)
         prog.mark(f"{tag}_sgd")
     if f"{tag}_gd" not in prog:
-        C.log(f"{tag}: {config.gd_epochs} full-batch GD epochs")
-        sgd = C.SnapshotStore(C.store_dir(out, f"{tag}_sgd"))
-        start = sgd.load_flat(C.last_index(sgd))
-        hist = C.run_train(make, start, data, C.train_config(
+        outdir.log(f"{tag}: {config.gd_epochs} full-batch GD epochs")
+        sgd = SnapshotStore(outdir.store_dir(out, f"{tag}_sgd"))
+        start = sgd.load_flat(outdir.last_index(sgd))
+        hist = training.run_train(make, start, data, training.train_config(
             config, optimizer="gd", lr=config.gd_lr, momentum=config.gd_momentum, epochs=config.gd_epochs,
             snapshot_epochs=_every(config.gd_epochs, config.snapshot_every), seed=seed,
             eval_every=config.snapshot_every),
-            C.store_dir(out, f"{tag}_gd"), meta={"run": f"{tag}_gd", "trajectory": f"{tag} GD"}, resume=True)
+            outdir.store_dir(out, f"{tag}_gd"), meta={"run": f"{tag}_gd", "trajectory": f"{tag} GD"}, resume=True)
         for r in hist:
             r["epoch"] += config.sgd_epochs
-        C.write_table(out / "metrics" / f"{tag}_gd", hist)
+        outdir.write_table(out / "metrics" / f"{tag}_gd", hist)
         prog.mark(f"{tag}_gd")
 
 
 def source_model(out: Path, config: Config, src: str, tag: str = "base") -> torch.Tensor:
     if src == "final":
-        st = C.SnapshotStore(C.store_dir(out, f"{tag}_gd"))
-        return st.load_flat(C.last_index(st))
-    st = C.SnapshotStore(C.store_dir(out, f"{tag}_sgd"))
+        st = SnapshotStore(outdir.store_dir(out, f"{tag}_gd"))
+        return st.load_flat(outdir.last_index(st))
+    st = SnapshotStore(outdir.store_dir(out, f"{tag}_sgd"))
     e = int(src[3:])
     idx = [i for i, m in enumerate(st.entries) if int(m["epoch"]) == e]
     if not idx:
@@ -114,68 +116,68 @@ def source_model(out: Path, config: Config, src: str, tag: str = "base") -> torc
 
 def run(config: Config, out_dir: Path) -> dict:
     _check(config)
-    C.set_threads(config.threads)
+    training.set_threads(config.threads)
     out = Path(out_dir)
-    prog = C.Progress(out)
-    data = C.load_data(config)
-    make = C.model_fn(config, data)
-    _, flat0, spec = C.init_flat(make, config.seed)
+    prog = outdir.Progress(out)
+    data = training.load_data(config)
+    make = training.model_fn(config, data)
+    _, flat0, spec = training.init_flat(make, config.seed)
     train_base(config, out, prog, make, data, flat0, "base", config.seed)
     if config.reference:
-        _, ref0, _ = C.init_flat(make, config.seed + 100)
+        _, ref0, _ = training.init_flat(make, config.seed + 100)
         train_base(config, out, prog, make, data, ref0, "reference", config.seed + 100)
 
     for si, src in enumerate(sources(config)):
         unit = f"retrain_{src}"
         if unit in prog:
             continue
-        C.log(f"{src}: {config.n_perturb} perturbations (sigma = {config.perturb_scale} x layer "
+        outdir.log(f"{src}: {config.n_perturb} perturbations (sigma = {config.perturb_scale} x layer "
               f"{config.perturb_mode}) retrained with {config.retrain_epochs} GD epochs")
         base = source_model(out, config, src)
-        starts = torch.stack([C.perturb(base, spec.offsets, config.perturb_scale, mode=config.perturb_mode,
+        starts = torch.stack([weights.perturb(base, spec.offsets, config.perturb_scale, mode=config.perturb_mode,
                                         seed=config.seed * 1000 + 100 * si + k) for k in range(config.n_perturb)])
         metas = [{"run": f"{src}/p{k + 1}", "trajectory": f"perturbation {k + 1}", "source": src,
                   "perturbation": k + 1} for k in range(config.n_perturb)]
-        hists = C.run_train_many(make, starts, data, C.train_config(
+        hists = training.run_train_many(make, starts, data, training.train_config(
             config, optimizer="gd", lr=config.gd_lr, momentum=config.gd_momentum, epochs=config.retrain_epochs,
             snapshot_epochs=_every(config.retrain_epochs, config.snapshot_every),
-            eval_every=config.snapshot_every), C.store_dir(out, unit),
+            eval_every=config.snapshot_every), outdir.store_dir(out, unit),
             seeds=[config.seed + 1 + k for k in range(config.n_perturb)], metas=metas, resume=True, spec=spec)
         rows = [{"source": src, "perturbation": k + 1, **r} for k, h in enumerate(hists) for r in h]
-        C.write_table(out / "metrics" / unit, rows)
+        outdir.write_table(out / "metrics" / unit, rows)
         prog.mark(unit)
 
     for src in sources(config):
         unit = f"mds_{src}"
         if unit in prog:
             continue
-        C.log(f"{src}: MDS of layers {', '.join(config.mds_layers)}")
-        st = C.SnapshotStore(C.store_dir(out, f"retrain_{src}"))
+        outdir.log(f"{src}: MDS of layers {', '.join(config.mds_layers)}")
+        st = SnapshotStore(outdir.store_dir(out, f"retrain_{src}"))
         items = [(dict(m), f) for m, f in st]
         for layer in config.mds_layers:
-            C.embed_and_save(items, out / "metrics" / f"mds_{src}_layer{layer}.json", spec=spec, layer=layer,
+            weights.embed_and_save(items, out / "metrics" / f"mds_{src}_layer{layer}.json", spec=spec, layer=layer,
                              device=config.device, title=f"MDS of layer {layer}: 4 retrained perturbations of the {src} model")
             one = [(m, f) for m, f in items if m.get("perturbation") == 1]
             if len(one) >= 3:
-                C.embed_and_save(one, out / "metrics" / f"mds_{src}_layer{layer}_run1.json", spec=spec,
+                weights.embed_and_save(one, out / "metrics" / f"mds_{src}_layer{layer}_run1.json", spec=spec,
                                  layer=layer, device=config.device,
                                  title=f"MDS of layer {layer}: perturbation 1 of the {src} model alone")
         prog.mark(unit)
 
     results = summarize(out, config)
-    C.write_results(out, results)
+    outdir.write_results(out, results)
     plot(out)
     return results
 
 
 def summarize(out: Path, config: Config) -> dict:
     res = {}
-    gd = C.read_table(out / "metrics" / "base_gd")
+    gd = outdir.read_table(out / "metrics" / "base_gd")
     res["base_final_train_error"] = gd[-1]["train_error"]
     res["base_final_test_error"] = gd[-1]["test_error"]
     res["base_zero_train_error_epoch"] = next((r["epoch"] for r in gd if r["train_error"] == 0), None)
     for src in sources(config):
-        rows = C.read_table(out / "metrics" / f"retrain_{src}")
+        rows = outdir.read_table(out / "metrics" / f"retrain_{src}")
         last = {}
         for r in rows:
             last[r["perturbation"]] = r
@@ -188,25 +190,24 @@ def summarize(out: Path, config: Config) -> dict:
 
 
 def plot(out_dir: Path) -> list[Path]:
-    from .. import plot as P
     out = Path(out_dir)
-    config = C.load_config(out, Config)
+    config = outdir.load_config(out, Config)
     figs = out / "figures"
     paths = []
-    base = {"SGD": C.read_table(out / "metrics" / "base_sgd")}
+    base = {"SGD": outdir.read_table(out / "metrics" / "base_sgd")}
     if (out / "metrics" / "base_gd.json").exists():
-        base["then full-batch GD"] = C.read_table(out / "metrics" / "base_gd")
-    paths.append(P.metric_curves(figs / "base_training.png", base,
+        base["then full-batch GD"] = outdir.read_table(out / "metrics" / "base_gd")
+    paths.append(figures.metric_curves(figs / "base_training.png", base,
                                  title="Training the model that is perturbed (SGD, then full-batch GD)"))
     for src in sources(config):
         p = out / "metrics" / f"retrain_{src}.json"
         if not p.exists():
             continue
-        rows = C.read_table(p.with_suffix(""))
+        rows = outdir.read_table(p.with_suffix(""))
         runs = {}
         for r in rows:
             runs.setdefault(f"perturbation {r['perturbation']}", []).append(r)
-        paths.append(P.metric_curves(
+        paths.append(figures.metric_curves(
             figs / f"retrain_{src}.png", runs,
             title=f"GD retraining of {config.n_perturb} perturbed copies (sigma = {config.perturb_scale} x layer "
                   f"{config.perturb_mode}) of the {src} model", xlabel="GD epoch after perturbation"))
@@ -215,6 +216,6 @@ def plot(out_dir: Path) -> list[Path]:
                 q = out / "metrics" / f"mds_{src}_layer{layer}{suffix}.json"
                 if q.exists():
                     emb = json.loads(q.read_text())
-                    paths.append(P.embedding_figure(figs / f"mds_{src}_layer{layer}{suffix}.png", emb,
+                    paths.append(figures.embedding_figure(figs / f"mds_{src}_layer{layer}{suffix}.png", emb,
                                                     group="trajectory", annotate="train_error"))
     return paths
