@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -24,13 +25,7 @@ class ParamSpec:
 
     @property
     def sizes(self) -> list[int]:
-        out = []
-        for s in self.shapes:
-            n = 1
-            for d in s:
-                n *= int(d)
-            out.append(n)
-        return out
+        return [math.prod(int(d) for d in s) for s in self.shapes]
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -43,12 +38,6 @@ class ParamSpec:
 
     def __len__(self) -> int:
         return len(self.names)
-
-    def index(self, name: str) -> int:
-        try:
-            return self.names.index(name)
-        except ValueError:
-            raise KeyError(f"no tensor named {name!r}; have: {', '.join(self.names)}") from None
 
     def to_json(self) -> dict:
         return {"names": list(self.names), "shapes": [list(s) for s in self.shapes]}
@@ -77,8 +66,7 @@ def flatten_tensors(tensors: Iterable[torch.Tensor], dtype: torch.dtype | None =
     ts = [t.detach().reshape(-1) for t in tensors]
     if not ts:
         return torch.zeros(0, dtype=dtype or torch.float32)
-    flat = torch.cat([t.to(dtype) if dtype is not None else t for t in ts])
-    return flat
+    return torch.cat([t.to(dtype) if dtype is not None else t for t in ts])
 
 
 def flatten_module(module: nn.Module, dtype: torch.dtype | None = None, *,
@@ -89,13 +77,6 @@ def flatten_module(module: nn.Module, dtype: torch.dtype | None = None, *,
     spec = ParamSpec.from_module(module, trainable_only)
     params = dict(module.named_parameters())
     return flatten_tensors((params[n] for n in spec.names), dtype), spec
-
-
-def flatten_state_dict(sd: Mapping[str, torch.Tensor], params_only: bool = True,
-                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ParamSpec]:
-    """(flat [P], spec) from a state_dict; BatchNorm running statistics are skipped by default."""
-    spec = ParamSpec.from_state_dict(sd, params_only)
-    return flatten_tensors((sd[n] for n in spec.names), dtype), spec
 
 
 def unflatten(flat: torch.Tensor, spec: ParamSpec) -> dict[str, torch.Tensor]:
@@ -122,8 +103,3 @@ def load_flat_(module: nn.Module, flat: torch.Tensor, *, trainable_only: bool = 
         p.copy_(flat[start:start + n].view_as(p))
         start += n
     return module
-
-
-def layer_slices(offsets: torch.Tensor) -> list[slice]:
-    o = offsets.tolist()
-    return [slice(o[i], o[i + 1]) for i in range(len(o) - 1)]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pylandscape.experiments import MODULES, bgd_branches, cli, load_all, outdir
+from pylandscape import plot
+from pylandscape.experiments import MODULES, bgd_branches, cli, load_all, outdir, perturb_retrain
 from pylandscape.experiments.config import apply_overrides, config_from_dict, config_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +74,7 @@ def test_overrides_parse_types():
     assert c.lr == 1e-3 and c.chunk_size == 64 and c.mds_layer == "2"
     with pytest.raises(ValueError, match="integer"):
         apply_overrides(bgd_branches.PRESETS["quick"], ["epochs=2.5"])
-    from pylandscape.experiments import perturb_retrain as PR
-    assert apply_overrides(PR.PRESETS["quick"], ["reference=false"]).reference is False
+    assert apply_overrides(perturb_retrain.PRESETS["quick"], ["reference=false"]).reference is False
 
 
 @pytest.mark.parametrize("name", sorted(load_all()))
@@ -103,7 +104,6 @@ def test_out_folder_rules(tmp_path):
 
 
 def test_plot_refuses_non_run_folder(tmp_path, capsys):
-    from pylandscape import plot
     assert plot.main([str(tmp_path)]) == 2
     assert "not an experiment output folder" in capsys.readouterr().err
 
@@ -112,3 +112,16 @@ def test_module_entry_point_lists():
     r = subprocess.run([sys.executable, "-m", "pylandscape", "run", "--list"], capture_output=True, text=True,
                        cwd=OUTSIDE_SOURCE, timeout=120)
     assert r.returncode == 0 and "bgd-branches" in r.stdout
+
+
+def test_importing_every_module_keeps_the_matplotlib_backend():
+    """A notebook's backend survives `import pylandscape...` (no matplotlib.use at import)."""
+    code = ("import importlib, pkgutil, matplotlib, pylandscape\n"
+            "for m in pkgutil.walk_packages(pylandscape.__path__, 'pylandscape.'):\n"
+            "    if not m.name.endswith('__main__'):\n"
+            "        importlib.import_module(m.name)\n"
+            "print(matplotlib.get_backend())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=OUTSIDE_SOURCE, timeout=120,
+                       env={**os.environ, "MPLBACKEND": "svg"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().lower() == "svg"

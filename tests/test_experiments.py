@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pylandscape.experiments import bgd_branches, cli, outdir, training
+from pylandscape import plot
+from pylandscape.experiments import bgd_branches, cli, outdir, perturb_retrain, polynomial, training
+from pylandscape.experiments.agreement import agreement_matrices
 from pylandscape.experiments.config import apply_overrides
 from pylandscape.store import SnapshotStore
 
@@ -35,7 +37,6 @@ def _snapshot_state(out: Path) -> dict:
 
 
 def _check_redraw(out: Path) -> None:
-    from pylandscape import plot
     before = sorted(p.relative_to(out) for p in out.rglob("figures/*.png"))
     for d in list(out.rglob("figures")):
         shutil.rmtree(d)
@@ -150,9 +151,8 @@ def test_perturb_retrain_outputs(pr):
         assert (pr / "metrics" / f"mds_{src}_layer2.json").exists()
         assert (pr / "figures" / f"retrain_{src}.png").exists()
     # the perturbation is added to the source model: its size follows sigma = 0.1 x layer std
-    from pylandscape.experiments import perturb_retrain as PR
-    cfg = outdir.load_config(pr, PR.Config)
-    src = PR.source_model(pr, cfg, "final")
+    cfg = outdir.load_config(pr, perturb_retrain.Config)
+    src = perturb_retrain.source_model(pr, cfg, "final")
     st = SnapshotStore(outdir.store_dir(pr, "retrain_final"))
     d = st.load_flat(st.select(perturbation=1, epoch=0)[0]) - src
     o = st.spec.offsets.tolist()
@@ -165,7 +165,6 @@ def test_perturb_retrain_outputs(pr):
 
 
 def test_agreement_matrices_math():
-    from pylandscape.experiments.agreement import agreement_matrices
     c = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
     pr_, pw = agreement_matrices(c)
     assert pr_[0, 1] == 0.5 and pr_[1, 0] == 0.5 and pr_[0, 2] == 1.0 and pr_[2, 0] == 0.5
@@ -192,8 +191,7 @@ def test_interpolate_endpoints_are_the_models(pr, tmp_path):
     out = tmp_path / "ip"
     assert cli.main(["interpolate", "--out", str(out), "--set", f"source_dir={pr}",
                      "--set", "alpha_min=-0.5", "--set", "alpha_max=1.5", "--set", "alpha_step=0.25"]) == 0
-    from pylandscape.experiments import perturb_retrain as PR
-    cfg = outdir.load_config(pr, PR.Config)
+    cfg = outdir.load_config(pr, perturb_retrain.Config)
     data = training.load_data(cfg)
     make = training.model_fn(cfg, data)
     st = SnapshotStore(outdir.store_dir(pr, "retrain_final"))
@@ -272,8 +270,7 @@ def test_polynomial(tmp_path):
     s = [SnapshotStore(outdir.store_dir(out, a)) for a in ("relu", "poly2")]
     assert torch.equal(s[0].load_flat(s[0].select(epoch=0)[0]), s[1].load_flat(s[1].select(epoch=0)[0]))
     with pytest.raises(ValueError, match="polyN"):
-        from pylandscape.experiments import polynomial as PO
-        PO.parse_activation("cubic")
+        polynomial.parse_activation("cubic")
     _check_redraw(out)
 
 

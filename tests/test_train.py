@@ -1,4 +1,9 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
 
 import pytest
@@ -7,7 +12,7 @@ from safetensors.torch import load_file
 
 from pylandscape.data import load_dataset
 from pylandscape.flat import flatten_module, load_flat_
-from pylandscape.models import dcnn
+from pylandscape.models import dcnn, fc2
 from pylandscape.store import SnapshotStore
 from pylandscape.train import TrainConfig, init_flats_for, train, train_many
 from pylandscape.train import cli as train_cli
@@ -64,7 +69,6 @@ def test_full_batch_gd_lowers_loss(data):
 
 def test_gd_chunks_accumulate_exact_gradient(data):
     # without BatchNorm (fc net) chunked and one-chunk GD must give the same step
-    from pylandscape.models import fc2
     torch.manual_seed(0)
     a = fc2(3 * 32 * 32, 8, 10)
     b = fc2(3 * 32 * 32, 8, 10)
@@ -245,11 +249,6 @@ def test_cli(tmp_path, capsys):
 
 def test_cli_killed_subprocess_resumes_bit_identically(tmp_path):
     """A real SIGKILL at an arbitrary moment (possibly mid-write), then --resume."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
     args = ["--width", "0.125", "--train-size", "60", "--epochs", "10", "--batch-size", "20",
             "--momentum", "0.9", "--no-progress"]
     assert train_cli.main(args + ["--out", str(tmp_path / "ref")]) == 0

@@ -10,8 +10,8 @@ import copy
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import cross_entropy
 
 from ..data import Dataset
 from ..evaluate import grouped_metrics, model_metrics, prepare_copy, reestimate_grouped_bn_
@@ -33,10 +33,10 @@ class SingleRunner:
         return self.model
 
     def minibatch_loss(self, x, y, idx):  # idx [1, B]
-        return F.cross_entropy(self.model(x[idx[0]]), y[idx[0]])
+        return cross_entropy(self.model(x[idx[0]]), y[idx[0]])
 
     def chunk_loss(self, xc, yc, n):
-        return F.cross_entropy(self.model(xc), yc, reduction="sum") / n
+        return cross_entropy(self.model(xc), yc, reduction="sum") / n
 
     def metrics(self, data: Dataset, cfg: TrainConfig, bs: int) -> list[tuple[float, float, float, float]]:
         m = prepare_copy(self.model, None, cfg.eval_bn, data.x_train, data.x_train, bs)
@@ -57,13 +57,13 @@ class GroupedRunner(SingleRunner):
     def minibatch_loss(self, x, y, idx):  # idx [K, B]
         K, B = idx.shape
         out = self.model(x[idx])  # [K, B, C]
-        per = F.cross_entropy(out.reshape(K * B, -1), y[idx].reshape(-1), reduction="none").view(K, B)
+        per = cross_entropy(out.reshape(K * B, -1), y[idx].reshape(-1), reduction="none").view(K, B)
         return per.mean(1).sum()  # d/d(model k) of the sum = gradient of model k's own mean loss
 
     def chunk_loss(self, xc, yc, n):
         K = self.K
         out = self.model(xc.unsqueeze(0).expand(K, *xc.shape))
-        per = F.cross_entropy(out.reshape(-1, out.shape[-1]), yc.repeat(K), reduction="none").view(K, -1)
+        per = cross_entropy(out.reshape(-1, out.shape[-1]), yc.repeat(K), reduction="none").view(K, -1)
         return (per.sum(1) / n).sum()
 
     def metrics(self, data, cfg, bs):
@@ -90,10 +90,10 @@ class LoopRunner(SingleRunner):
         self.model, self.K = nn.ModuleList(models), len(models)
 
     def minibatch_loss(self, x, y, idx):  # idx [K, B]
-        return sum(F.cross_entropy(m(x[idx[k]]), y[idx[k]]) for k, m in enumerate(self.model))
+        return sum(cross_entropy(m(x[idx[k]]), y[idx[k]]) for k, m in enumerate(self.model))
 
     def chunk_loss(self, xc, yc, n):
-        return sum(F.cross_entropy(m(xc), yc, reduction="sum") / n for m in self.model)
+        return sum(cross_entropy(m(xc), yc, reduction="sum") / n for m in self.model)
 
     def metrics(self, data, cfg, bs):
         out = []
