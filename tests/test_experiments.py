@@ -10,14 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from reference_mds import assert_same_embedding, cosine_mds
 
 from pylandscape import plot
-from pylandscape.experiments import bgd_branches, cli, outdir, perturb_retrain, polynomial, training
+from pylandscape.experiments import bgd_branches, cli, outdir, perturb_retrain, polynomial, training, weights
 from pylandscape.experiments.agreement import agreement_matrices
 from pylandscape.experiments.config import apply_overrides
 from pylandscape.store import SnapshotStore
 
 TINY_DATA = ["--set", "train_size=60", "--set", "width=0.0625", "--set", "threads=1"]
+
+
+def _standardised_noise(d: torch.Tensor, base: torch.Tensor, spec, scale: float) -> torch.Tensor:
+    """d [P] / (scale x population std of base's layer), layer by layer, concatenated."""
+    o = spec.offsets.tolist()
+    return torch.cat([d[a:b] / (scale * base[a:b].std(unbiased=False)) for a, b in zip(o[:-1], o[1:])])
 
 
 def _run(name: str, out: Path, *sets: str) -> None:
@@ -70,17 +77,29 @@ def test_bgd_outputs_and_exact_averages(bgd):
         m = main.select(epoch=t)[0]
         expect = (0.5 * (main.load_flat(m, torch.float64) + br.load_flat(j, torch.float64)))
         torch.testing.assert_close(avg.load_flat(i, torch.float64), expect, rtol=0, atol=1e-6)
-    # the branches start from perturbed copies of the main model at their epoch
+    # the branches start from perturbed copies of the main model at their epoch: noise N(0, (0.5 s_l)^2)
+    # per layer l, s_l = the layer's std. Standardised, all P entries are N(0, 1) draws.
     b1 = SnapshotStore(outdir.store_dir(bgd, "branch1"))
-    start = b1.load_flat(b1.select(epoch=0)[0])
-    base = main.load_flat(main.select(epoch=2)[0])
-    assert not torch.equal(start, base)
-    rel = (start - base).norm() / base.norm()
-    assert 0.05 < rel < 1.5  # sigma = 0.5 x layer std
+    start = b1.load_flat(b1.select(epoch=0)[0], torch.float64)
+    base = main.load_flat(main.select(epoch=2)[0], torch.float64)
+    cfg = outdir.load_config(bgd, bgd_branches.Config)
+    assert torch.equal(start.float(), weights.perturb(base.float(), b1.spec.offsets, 0.5, mode="std",
+                                                      seed=bgd_branches.branch_seed(cfg, 1)))
+    z = _standardised_noise(start - base, base, b1.spec, 0.5)
+    assert abs(float(z.mean())) < 4 / z.numel() ** 0.5  # 4 sigma (the seed is fixed: deterministic)
+    assert abs(float((z ** 2).mean()) - 1) < 4 * (2 / z.numel()) ** 0.5
+    # the MDS is classical MDS of 1 - cos of all weights of every snapshot: same coordinates and
+    # captured share as an independent float64 computation
     emb = json.loads((bgd / "metrics" / "mds_all.json").read_text())
-    assert len(emb["coords"]) == len(main) + 5 + 3 + len(avg)
-    assert all(len(c) == 2 for c in emb["coords"])
-    assert 0 < emb["captured"] <= 1 + 1e-9
+    flats, runs = [], []
+    for name in ("main", "branch0", "branch1", "averages"):
+        st = SnapshotStore(outdir.store_dir(bgd, name))
+        flats += [st.load_flat(i, torch.float64) for i in range(len(st))]
+        runs += [e["run"] for e in st.entries]
+    assert [m["run"] for m in emb["meta"]] == runs
+    ref, captured = cosine_mds(torch.stack(flats).numpy())
+    assert emb["captured"] == pytest.approx(captured, abs=1e-9)
+    assert_same_embedding(emb["coords"], ref, atol=1e-6 * float(abs(ref).max()))
     res = json.loads((bgd / "results.json").read_text())
     assert "average0_final_train_error" in res and "mds_captured" in res
 
@@ -154,13 +173,13 @@ def test_perturb_retrain_outputs(pr):
     cfg = outdir.load_config(pr, perturb_retrain.Config)
     src = perturb_retrain.source_model(pr, cfg, "final")
     st = SnapshotStore(outdir.store_dir(pr, "retrain_final"))
-    d = st.load_flat(st.select(perturbation=1, epoch=0)[0]) - src
-    o = st.spec.offsets.tolist()
-    for l in range(len(o) - 1):
-        seg = src[o[l]:o[l + 1]]
-        if seg.numel() > 50:
-            ratio = d[o[l]:o[l + 1]].std() / (0.1 * seg.std(unbiased=False))
-            assert 0.6 < ratio < 1.4
+    start = st.load_flat(st.select(perturbation=1, epoch=0)[0])
+    assert torch.equal(start, weights.perturb(src, st.spec.offsets, 0.1, mode="std",
+                                              seed=perturb_retrain.perturbation_seed(cfg, perturb_retrain.sources(cfg).index("final"), 0)))
+    d = start.double() - src.double()
+    z = _standardised_noise(d, src.double(), st.spec, 0.1)
+    assert abs(float(z.mean())) < 4 / z.numel() ** 0.5  # 4 sigma (the seed is fixed: deterministic)
+    assert abs(float((z ** 2).mean()) - 1) < 4 * (2 / z.numel()) ** 0.5
     assert SnapshotStore.is_store(outdir.store_dir(pr, "reference_gd"))
 
 
@@ -187,6 +206,7 @@ def test_agreement_from_perturb_retrain(pr, tmp_path):
     _check_redraw(out)
 
 
+@pytest.mark.slow  # end-to-end, > 5 s on 2 cores; CI runs it (pytest -m 'not slow' skips it)
 def test_interpolate_endpoints_are_the_models(pr, tmp_path):
     out = tmp_path / "ip"
     assert cli.main(["interpolate", "--out", str(out), "--set", f"source_dir={pr}",
@@ -220,6 +240,7 @@ def stages(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # end-to-end, > 5 s on 2 cores; CI runs it (pytest -m 'not slow' skips it)
 def test_stage_starts_are_previous_stage_ends(stages):
     for s in (1, 2, 3):
         st = SnapshotStore(outdir.store_dir(stages, f"stage_{s:02d}"))
@@ -240,6 +261,7 @@ def test_stage_starts_are_previous_stage_ends(stages):
     assert (stages / "figures" / "mds_all_layer2_per_stage.png").exists()
 
 
+@pytest.mark.slow  # end-to-end, > 5 s on 2 cores; CI runs it (pytest -m 'not slow' skips it)
 def test_stages_resume_and_redraw(stages):
     before = _snapshot_state(stages)
     assert cli.main(["sgd-stages", "--out", str(stages), "--resume"] + TINY_DATA + [
@@ -249,6 +271,7 @@ def test_stages_resume_and_redraw(stages):
     _check_redraw(stages)
 
 
+@pytest.mark.slow  # end-to-end, > 5 s on 2 cores; CI runs it (pytest -m 'not slow' skips it)
 def test_random_labels_variants(tmp_path):
     out = tmp_path / "rl"
     _run("random-labels", out, "stages=2", "trajectories=2", "unperturbed=1", "epochs_per_stage=1",

@@ -30,6 +30,7 @@ def test_module_contract(mod):
     assert "device" in {f.name for f in dataclasses.fields(mod.Config)}
 
 
+@pytest.mark.slow  # end-to-end, > 5 s on 2 cores; CI runs it (pytest -m 'not slow' skips it)
 def test_minimum_dimension_tiny(tmp_path):
     cfg = dataclasses.replace(minimum_dimension.PRESETS["quick"], num_points=10, in_dim=3, widths=(1, 8),
                               activations=("relu",), lbfgs_steps=150, newton_steps=10, cnn_points=3,

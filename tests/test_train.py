@@ -247,6 +247,7 @@ def test_cli(tmp_path, capsys):
     assert train_cli.main(args + ["--resume"]) == 0 and len(SnapshotStore(out)) == 4
 
 
+@pytest.mark.slow  # end-to-end, > 5 s on 2 cores; CI runs it (pytest -m 'not slow' skips it)
 def test_cli_killed_subprocess_resumes_bit_identically(tmp_path):
     """A real SIGKILL at an arbitrary moment (possibly mid-write), then --resume."""
     args = ["--width", "0.125", "--train-size", "60", "--epochs", "10", "--batch-size", "20",

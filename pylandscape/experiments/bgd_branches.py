@@ -64,6 +64,11 @@ def _scales(config: Config) -> list[float]:
     return s
 
 
+def branch_seed(config: Config, b: int) -> int:
+    """Seed of branch b's perturbation noise (fixed, so a resumed run perturbs identically)."""
+    return config.seed * 1000 + 17 + b
+
+
 def snapshot_epochs(config: Config) -> list[int]:
     ep = set(range(0, config.epochs + 1, max(1, config.snapshot_every)))
     ep |= {e for e in config.branch_epochs if e <= config.epochs} | {config.epochs}
@@ -112,7 +117,7 @@ def run(config: Config, out_dir: Path) -> dict:
         outdir.log(f"branch {b}: perturbing the epoch-{e} model (sigma = {scale} x layer {config.perturb_mode}) "
               f"and training {config.epochs - e} GD epochs")
         start = weights.perturb(main.load_flat(main_at[e]), offsets, scale, mode=config.perturb_mode,
-                          seed=config.seed * 1000 + 17 + b)
+                          seed=branch_seed(config, b))
         rest = [s - e for s in snaps if s >= e]
         hist = training.run_train(make, start, data, training.train_config(config, epochs=config.epochs - e,
                            snapshot_epochs=rest, seed=config.seed + 1 + b,

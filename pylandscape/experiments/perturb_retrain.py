@@ -64,6 +64,11 @@ def sources(config: Config) -> list[str]:
     return [f"sgd{e}" for e in config.source_epochs] + ["final"]
 
 
+def perturbation_seed(config: Config, source_index: int, k: int) -> int:
+    """Seed of perturbation k of source `source_index` (fixed, so a resumed run perturbs identically)."""
+    return config.seed * 1000 + 100 * source_index + k
+
+
 def _every(n: int, k: int) -> list[int]:
     return sorted(set(range(0, n + 1, max(1, k))) | {n})
 
@@ -135,7 +140,7 @@ def run(config: Config, out_dir: Path) -> dict:
               f"{config.perturb_mode}) retrained with {config.retrain_epochs} GD epochs")
         base = source_model(out, config, src)
         starts = torch.stack([weights.perturb(base, spec.offsets, config.perturb_scale, mode=config.perturb_mode,
-                                        seed=config.seed * 1000 + 100 * si + k) for k in range(config.n_perturb)])
+                                        seed=perturbation_seed(config, si, k)) for k in range(config.n_perturb)])
         metas = [{"run": f"{src}/p{k + 1}", "trajectory": f"perturbation {k + 1}", "source": src,
                   "perturbation": k + 1} for k in range(config.n_perturb)]
         hists = training.run_train_many(make, starts, data, training.train_config(
