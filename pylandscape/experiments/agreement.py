@@ -41,7 +41,8 @@ def _source(config: Config, out: Path) -> tuple[Path, perturb_retrain.Config]:
     if config.source_dir:
         src = Path(config.source_dir)
         return src, outdir.load_config(src, perturb_retrain.Config)
-    pr_cfg = perturb_retrain.Config(**{f.name: getattr(config, f.name) for f in dataclasses.fields(perturb_retrain.Config)})
+    pr_cfg = perturb_retrain.Config(**{f.name: getattr(config, f.name)
+                                       for f in dataclasses.fields(perturb_retrain.Config)})
     if not pr_cfg.reference:
         raise ValueError("agreement needs perturb-retrain's reference model: set reference=true")
     sub = out / "perturb-retrain"
@@ -114,7 +115,7 @@ def plot(out_dir: Path) -> list[Path]:
     for q in sorted((out / "metrics").glob("agreement_*_matrices.json")):
         src = q.name[len("agreement_"):-len("_matrices.json")]
         rec = json.loads(q.read_text())
-        labels = [f"{l}\n(err {100 * e:.1f}%)" for l, e in zip(rec["labels"], rec["test_error"])]
+        labels = [f"{lab}\n(err {100 * e:.1f}%)" for lab, e in zip(rec["labels"], rec["test_error"])]
         paths.append(figures.heatmaps(out / "figures" / f"agreement_{src}.png",
                                 {"P(column right | row right)": rec["p_right_given_right"],
                                  "P(column wrong | row wrong)": rec["p_wrong_given_wrong"]}, labels,

@@ -49,7 +49,8 @@ def _source(config: Config, out: Path) -> tuple[Path, perturb_retrain.Config]:
     if config.source_dir:
         src = Path(config.source_dir)
         return src, outdir.load_config(src, perturb_retrain.Config)
-    pr_cfg = perturb_retrain.Config(**{f.name: getattr(config, f.name) for f in dataclasses.fields(perturb_retrain.Config)})
+    pr_cfg = perturb_retrain.Config(**{f.name: getattr(config, f.name)
+                                       for f in dataclasses.fields(perturb_retrain.Config)})
     sub = out / "perturb-retrain"
     outdir.prepare_out(sub, perturb_retrain.NAME, pr_cfg, preset="from interpolate", resume=True)
     perturb_retrain.run(pr_cfg, sub)
@@ -106,7 +107,8 @@ def plot(out_dir: Path) -> list[Path]:
         src = q.stem[len("interpolate_"):]
         rows = outdir.read_table(q.with_suffix(""))
         runs = {f"{w} retraining": [r for r in rows if r["when"] == w] for w in ("before", "after")}
-        paths.append(figures.metric_curves(out / "figures" / f"interpolate_{src}.png", runs, x="alpha",
-                                     xlabel="alpha  (0 = perturbation 1, 1 = perturbation 2)",
-                                     title=f"Models (1 - alpha) w1 + alpha w2 between two perturbations of the {src} model"))
+        paths.append(figures.metric_curves(
+            out / "figures" / f"interpolate_{src}.png", runs, x="alpha",
+            xlabel="alpha  (0 = perturbation 1, 1 = perturbation 2)",
+            title=f"Models (1 - alpha) w1 + alpha w2 between two perturbations of the {src} model"))
     return paths

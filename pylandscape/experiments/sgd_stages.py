@@ -97,9 +97,10 @@ def run(config: Config, out_dir: Path) -> dict:
         outdir.log(f"stage {s}/{config.stages}: {config.trajectories} SGD trajectories x {E} epochs")
         metas = [{"run": f"stage{s}/t{k + 1}", "stage": s, "trajectory": k + 1, "perturbed": k >= config.unperturbed,
                   "epoch_offset": (s - 1) * E} for k in range(config.trajectories)]
-        hists = training.run_train_many(make, starts, data, training.train_config(config, epochs=E, snapshot_epochs=snaps),
-                                 stage_store(out, s), seeds=[config.seed + 7919 * s + k for k in range(config.trajectories)],
-                                 metas=metas, resume=True, spec=spec)
+        hists = training.run_train_many(
+            make, starts, data, training.train_config(config, epochs=E, snapshot_epochs=snaps), stage_store(out, s),
+            seeds=[config.seed + 7919 * s + k for k in range(config.trajectories)], metas=metas, resume=True,
+            spec=spec)
         rows = [{"stage": s, "trajectory": k + 1, "global_epoch": (s - 1) * E + r["epoch"], **r}
                 for k, h in enumerate(hists) for r in h]
         outdir.write_table(out / "metrics" / f"stage_{s:02d}", rows)
@@ -118,8 +119,9 @@ def run(config: Config, out_dir: Path) -> dict:
                 st = SnapshotStore(stage_store(out, s))
                 for m, f in st:
                     items.append(({**m, "global_epoch": int(m["epoch"]) + int(m.get("epoch_offset", 0))}, f))
-            weights.embed_and_save(items, out / "metrics" / f"{unit}.json", spec=spec, layer=layer, device=config.device,
-                             title=f"MDS of layer {layer}, SGD stages {first}-{config.stages}")
+            weights.embed_and_save(items, out / "metrics" / f"{unit}.json", spec=spec, layer=layer,
+                                   device=config.device,
+                                   title=f"MDS of layer {layer}, SGD stages {first}-{config.stages}")
             prog.mark(unit)
 
     results = summarize(out, config)

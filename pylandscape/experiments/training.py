@@ -81,11 +81,11 @@ def evaluate_flats(make, flats: torch.Tensor, data, *, test: bool = True) -> dic
     model = make()
     flats = flats.to(next(model.parameters()).device)
     out = {}
-    e, l = evaluate_many(model, flats, data.x_train, data.y_train, bn="reestimate", bn_x=data.x_train)
-    out["train_error"], out["train_loss"] = e.tolist(), l.tolist()
+    err, loss = evaluate_many(model, flats, data.x_train, data.y_train, bn="reestimate", bn_x=data.x_train)
+    out["train_error"], out["train_loss"] = err.tolist(), loss.tolist()
     if test:
-        e, l = evaluate_many(model, flats, data.x_test, data.y_test, bn="reestimate", bn_x=data.x_train)
-        out["test_error"], out["test_loss"] = e.tolist(), l.tolist()
+        err, loss = evaluate_many(model, flats, data.x_test, data.y_test, bn="reestimate", bn_x=data.x_train)
+        out["test_error"], out["test_loss"] = err.tolist(), loss.tolist()
     return out
 
 
