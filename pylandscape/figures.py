@@ -145,17 +145,19 @@ def _captured_text(captured) -> str:
 
 def embedding_figure(path: str | Path, emb: Mapping[str, Any], *, group: str = "trajectory",
                      annotate: str | None = "train_error", subset: Iterable[int] | None = None,
-                     title: str | None = None, order: str = "epoch", max_labels: int = 12) -> Path:
+                     title: str | None = None, order: str = "epoch", max_labels: int = 12,
+                     note: str | None = None) -> Path:
     """Trajectories in the 2-D MDS plane: one colour per `group` value, points joined in `order`,
-    start marked with a circle and end with a star, `annotate` values written next to points."""
+    start marked with a circle and end with a square, `annotate` values written next to points;
+    `note` says what the numbers are (default: the metric's name when annotate is an error)."""
     coords = np.asarray(emb["coords"], dtype=float)
     meta = emb["meta"]
     idx = list(range(len(meta))) if subset is None else list(subset)
-    note = _captured_text(emb.get("captured"))
     head = title or emb.get("title", "MDS")
-    if annotate and "error" in annotate:
-        note += ("; " if note else "") + f"numbers: {METRIC_LABELS.get(annotate, annotate)} (fraction)"
-    full_title = head + ("\n" + note if note else "")
+    what = note or (f"numbers: {METRIC_LABELS.get(annotate, annotate)} (fraction)"
+                    if annotate and "error" in annotate else "")
+    text = "; ".join(t for t in (_captured_text(emb.get("captured")), what) if t)
+    full_title = head + ("\n" + text if text else "")
     fig = plot_embedding(coords[idx], [meta[i] for i in idx], annotate=annotate or "none",
                          title=full_title, group=group, order=order, max_labels=max_labels)
     fig.axes[0].title.set_fontsize(9)

@@ -21,10 +21,11 @@ from pylandscape.store import SnapshotStore
 TINY_DATA = ["--set", "train_size=60", "--set", "width=0.0625", "--set", "threads=1"]
 
 
-def _standardised_noise(d: torch.Tensor, base: torch.Tensor, spec, scale: float) -> torch.Tensor:
-    """d [P] / (scale x population std of base's layer), layer by layer, concatenated."""
+def _standardised_noise(d: torch.Tensor, base: torch.Tensor, spec, scale) -> torch.Tensor:
+    """d [P] / (scale_l x population std of base's tensor l), tensor by tensor, concatenated."""
     o = spec.offsets.tolist()
-    return torch.cat([d[a:b] / (scale * base[a:b].std(unbiased=False)) for a, b in zip(o[:-1], o[1:])])
+    scales = torch.as_tensor(scale, dtype=torch.float64).expand(len(o) - 1)
+    return torch.cat([d[a:b] / (s * base[a:b].std(unbiased=False)) for a, b, s in zip(o[:-1], o[1:], scales)])
 
 
 def _run(name: str, out: Path, *sets: str) -> None:
@@ -83,13 +84,21 @@ def test_bgd_outputs_and_exact_averages(bgd):
     start = b1.load_flat(b1.select(epoch=0)[0], torch.float64)
     base = main.load_flat(main.select(epoch=2)[0], torch.float64)
     cfg = outdir.load_config(bgd, bgd_branches.Config)
-    assert torch.equal(start.float(), weights.perturb(base.float(), b1.spec.offsets, 0.5, mode="std",
+    spec = b1.spec
+    frozen = ["conv1.bias", "conv2.bias", "conv3.bias", "conv4.bias"]  # BatchNorm cancels them
+    scales = weights.tensor_scales(spec, 0.5, frozen)
+    assert torch.equal(start.float(), weights.perturb(base.float(), spec.offsets, scales, mode="std",
                                                       seed=bgd_branches.branch_seed(cfg, 1)))
-    z = _standardised_noise(start - base, base, b1.spec, 0.5)
+    o = spec.offsets.tolist()
+    for i, n in enumerate(spec.names):
+        same = torch.equal(start[o[i]:o[i + 1]], base[o[i]:o[i + 1]])
+        assert same == (n in frozen), n  # the pre-BatchNorm biases, and only they, are left alone
+    keep = torch.cat([torch.arange(o[i], o[i + 1]) for i, n in enumerate(spec.names) if n not in frozen])
+    z = _standardised_noise(start - base, base, spec, scales)[keep]
     assert abs(float(z.mean())) < 4 / z.numel() ** 0.5  # 4 sigma (the seed is fixed: deterministic)
     assert abs(float((z ** 2).mean()) - 1) < 4 * (2 / z.numel()) ** 0.5
-    # the MDS is classical MDS of 1 - cos of all weights of every snapshot: same coordinates and
-    # captured share as an independent float64 computation
+    # the MDS is classical MDS of 1 - cos of the paper's layer 2 (conv1's weight, not its frozen bias)
+    # of every snapshot: same coordinates and captured share as an independent float64 computation
     emb = json.loads((bgd / "metrics" / "mds_all.json").read_text())
     flats, runs = [], []
     for name in ("main", "branch0", "branch1", "averages"):
@@ -97,9 +106,14 @@ def test_bgd_outputs_and_exact_averages(bgd):
         flats += [st.load_flat(i, torch.float64) for i in range(len(st))]
         runs += [e["run"] for e in st.entries]
     assert [m["run"] for m in emb["meta"]] == runs
-    ref, captured = cosine_mds(torch.stack(flats).numpy())
+    w1 = spec.names.index("conv1.weight")
+    ref, captured = cosine_mds(torch.stack(flats)[:, o[w1]:o[w1 + 1]].numpy())
     assert emb["captured"] == pytest.approx(captured, abs=1e-9)
     assert_same_embedding(emb["coords"], ref, atol=1e-6 * float(abs(ref).max()))
+    # the paper's labels: training error, "NaN" at the random initialisation
+    labels = [bgd_branches.point_label(m) for m in emb["meta"]]
+    assert all((lab == "NaN") == (int(m["epoch"]) == 0) for lab, m in zip(labels, emb["meta"]))
+    assert labels[runs.index("main") + 1] == f"{emb['meta'][runs.index('main') + 1]['train_error']:.2f}"
     res = json.loads((bgd / "results.json").read_text())
     assert "average0_final_train_error" in res and "mds_captured" in res
 

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from pylandscape.flat import flatten_module
-from pylandscape.models import PAPER_NUM_PARAMETERS, GroupedNet, PolyActivation, count_parameters, dcnn, fc2
+from pylandscape.models import (PAPER_NUM_PARAMETERS, GroupedNet, PolyActivation, biases_before_batchnorm,
+                                count_parameters, dcnn, fc2)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,3 +92,25 @@ def test_grouped_net_equals_loop(make, impl):
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
     with pytest.raises(NotImplementedError):
         GroupedNet(nn.Sequential(nn.Conv2d(3, 3, 3), nn.MaxPool2d(2)), 2)
+
+
+def test_biases_before_batchnorm_get_no_gradient():
+    m = dcnn(0.25).double()
+    frozen = biases_before_batchnorm(m)
+    assert frozen == ["conv1.bias", "conv2.bias", "conv3.bias", "conv4.bias"]
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,))
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    for n, p in m.named_parameters():
+        g = p.grad.abs().max().item()
+        if n in frozen:
+            assert g < 1e-14, n  # BatchNorm subtracts the batch mean, bias included: exactly no gradient
+        else:
+            assert g > 1e-6, n
+    assert biases_before_batchnorm(fc2(4, 3)) == []
+
+
+def test_other_width_tuples_with_the_paper_count():
+    for widths in ((32, 64, 110, 98), (32, 128, 88, 56), (16, 32, 34, 438)):
+        assert count_parameters(dcnn(widths=widths)) == 188_810
+    assert count_parameters(dcnn(widths=(32, 64, 110, 98), width=0.5)) != count_parameters(dcnn(width=0.5))

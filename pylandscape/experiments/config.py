@@ -1,4 +1,5 @@
-"""Experiment configs: plain dataclasses <-> JSON dicts, `--set field=value` overrides, --help listing.
+"""Experiment configs: plain dataclasses <-> JSON dicts, `--set field=value` overrides, --help listing,
+and each preset's Protocol (the paper's words it follows and the choices made where the paper is silent).
 
 Values from JSON or the command line are coerced to the field's declared type (int, float, bool, str,
 tuple/list of those, Optional), and a bad value raises ValueError naming the field.
@@ -9,7 +10,25 @@ import dataclasses
 import json
 import types
 import typing
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What a preset follows, shown by `run NAME --help` and written into the run's config.json.
+
+    follows: the sentence(s) of the paper the preset implements. Liao & Poggio's text is not available
+        offline here; quotes marked "(issue 12)" are issue 12's reading of the paper's protocol, not a
+        verified transcription.
+    choices: one line per setting the paper does not fix (or contradicts itself on): the value and why.
+    """
+
+    follows: str
+    choices: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        return {"follows": self.follows, "choices": list(self.choices)}
 
 
 def config_to_dict(config: Any) -> dict:

@@ -26,7 +26,7 @@ from typing import Any, Mapping
 import torch
 
 from ..store import SnapshotStore, atomic_write_bytes, atomic_write_json
-from .config import config_from_dict, config_to_dict
+from .config import Protocol, config_from_dict, config_to_dict
 
 CONFIG = "config.json"
 PROGRESS = "progress.json"
@@ -34,11 +34,18 @@ RESULTS = "results.json"
 
 
 def prepare_out(out_dir: str | Path, name: str, config: Any, *, preset: str | None = None,
-                resume: bool = False) -> Path:
-    """Create the folder and write config.json; refuse to mix two different configs in one folder."""
+                resume: bool = False, protocol: Protocol | None = None, overrides: list[str] | None = None) -> Path:
+    """Create the folder and write config.json; refuse to mix two different configs in one folder.
+
+    config.json also records the preset's Protocol (the paper's words it follows and the choices made
+    where the paper is silent) and the --set overrides, so a run says what it did and why."""
     out = Path(out_dir)
     path = out / CONFIG
     new = {"experiment": name, "preset": preset, "config": config_to_dict(config)}
+    if protocol is not None:
+        new["protocol"] = protocol.to_json()
+    if overrides:
+        new["overrides"] = list(overrides)
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("experiment") != name:

@@ -11,7 +11,7 @@ from ..data import load_dataset
 from ..devices import resolve_device
 from ..evaluate import evaluate_many
 from ..flat import ParamSpec, flatten_module, load_flat_
-from ..models import dcnn
+from ..models import biases_before_batchnorm, dcnn
 from ..store import SnapshotStore
 from ..train import TrainConfig, train, train_many
 from .outdir import fresh_store
@@ -42,18 +42,27 @@ def load_data(config: Any, *, labels: str = "true", inputs: str = "real", seed: 
 
 
 def model_fn(config: Any, data, *, width: float | None = None, activation: str | None = None,
-             poly_degree: int | None = None):
-    """A zero-argument constructor of the paper's network shaped for `data` (for train_many)."""
+             poly_degree: int | None = None, **dcnn_kw: Any):
+    """A zero-argument constructor of the paper's network shaped for `data` (for train_many).
+
+    Uses the config's width, widths (None: models.DCNN_WIDTHS), activation and poly_degree when it has
+    them; dcnn_kw go to models.dcnn as they are."""
     x = data.x_train
     w = config.width if width is None else width
     act = activation or getattr(config, "activation", "relu")
     deg = poly_degree or getattr(config, "poly_degree", 2)
     device = str(resolve_device(getattr(config, "device", "cpu")))
+    kw = {"widths": getattr(config, "widths", None), **dcnn_kw}
 
     def make():
         return dcnn(width=w, in_channels=int(x.shape[1]), num_classes=int(data.num_classes),
-                    image_size=int(x.shape[-1]), activation=act, poly_degree=deg).to(device)
+                    image_size=int(x.shape[-1]), activation=act, poly_degree=deg, **kw).to(device)
     return make
+
+
+def frozen_biases(config: Any, make) -> list[str]:
+    """The biases a BatchNorm cancels (no gradient), unless config.pre_bn_biases keeps them in."""
+    return [] if getattr(config, "pre_bn_biases", False) else biases_before_batchnorm(make())
 
 
 def init_flat(make, seed: int):
