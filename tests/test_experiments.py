@@ -164,8 +164,8 @@ def test_bgd_interrupted_unit_is_redone(tmp_path):
 
 
 # ------------------------------------------------------------------- perturb-retrain, agreement, interpolate
-PR_SETS = ("sgd_epochs=2", "source_epochs=1", "gd_epochs=2", "retrain_epochs=2", "n_perturb=2",
-           "snapshot_every=1", "mds_layers=2")
+PR_SETS = ("sgd_epochs=2", "source_epochs=1", "gd_epochs=2", "gd_max_epochs=5", "retrain_epochs=2",
+           "n_perturb=2", "snapshot_every=1", "mds_layers=2")
 
 
 @pytest.fixture(scope="module")
@@ -188,13 +188,28 @@ def test_perturb_retrain_outputs(pr):
     src = perturb_retrain.source_model(pr, cfg, "final")
     st = SnapshotStore(outdir.store_dir(pr, "retrain_final"))
     start = st.load_flat(st.select(perturbation=1, epoch=0)[0])
-    assert torch.equal(start, weights.perturb(src, st.spec.offsets, 0.1, mode="std",
+    frozen = ["conv1.bias", "conv2.bias", "conv3.bias", "conv4.bias"]  # BatchNorm cancels them
+    scales = weights.tensor_scales(st.spec, 0.1, frozen)
+    assert torch.equal(start, weights.perturb(src, st.spec.offsets, scales, mode="std",
                                               seed=perturb_retrain.perturbation_seed(cfg, perturb_retrain.sources(cfg).index("final"), 0)))
-    d = start.double() - src.double()
-    z = _standardised_noise(d, src.double(), st.spec, 0.1)
+    o = st.spec.offsets.tolist()
+    keep = torch.cat([torch.arange(o[i], o[i + 1]) for i, n in enumerate(st.spec.names) if n not in frozen])
+    z = _standardised_noise(start.double() - src.double(), src.double(), st.spec, scales)[keep]
     assert abs(float(z.mean())) < 4 / z.numel() ** 0.5  # 4 sigma (the seed is fixed: deterministic)
     assert abs(float((z ** 2).mean()) - 1) < 4 * (2 / z.numel()) ** 0.5
     assert SnapshotStore.is_store(outdir.store_dir(pr, "reference_gd"))
+    # the zero-error rule: GD runs gd_epochs, then on (one epoch at a time here) until the training error
+    # is zero or gd_max_epochs is reached; the 'final' model is where it stopped
+    gd = outdir.read_table(pr / "metrics" / "base_gd")
+    errs = {r["epoch"] - cfg.sgd_epochs: r["train_error"] for r in gd}
+    stop = max(errs)
+    zero = [e for e in sorted(errs) if errs[e] == 0]
+    assert stop == (max(cfg.gd_epochs, zero[0]) if zero else cfg.gd_max_epochs)
+    assert all(errs[e] > 0 for e in errs if cfg.gd_epochs <= e < stop)
+    res = json.loads((pr / "results.json").read_text())
+    assert res["base_gd_epochs_run"] == stop and res["final_model_has_zero_train_error"] == (errs[stop] == 0)
+    gd_store = SnapshotStore(outdir.store_dir(pr, "base_gd"))
+    assert torch.equal(src, gd_store.load_flat(gd_store.select(epoch=stop)[0]))
 
 
 def test_agreement_matrices_math():
