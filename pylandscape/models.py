@@ -5,6 +5,7 @@ paper's "layer 2" is our `conv1.weight`/`conv1.bias` and its "layer 6" (the logi
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Sequence
 
@@ -40,19 +41,49 @@ def _fit_relu_polynomial(degree: int, interval: tuple[float, float]) -> np.ndarr
     return fit.convert(kind=np.polynomial.Polynomial, domain=[-1, 1], window=[-1, 1]).coef
 
 
-class PolyActivation(nn.Module):
-    """Elementwise polynomial that approximates ReLU on `interval`; makes the loss a polynomial in the weights.
+def fit_relu_polynomial(samples: torch.Tensor, degree: int, max_points: int = 200_000) -> np.ndarray:
+    """Monomial coefficients c[0..degree] of the least-squares fit of ReLU over `samples` (any shape).
 
-    The coefficients are a non-persistent buffer (they follow .to()/.double() but are not weights, so
-    they stay out of state_dicts and flat buffers; they are rebuilt from degree and interval).
+    The fit is weighted by where the values are: dense regions (near 0 for a BatchNorm output) get the
+    accuracy. For a symmetric distribution the odd part of any least-squares fit of ReLU is exactly x/2
+    (ReLU(x) = x/2 + |x|/2), so degree 3 equals degree 2; the values a network really produces are
+    skewed, which makes odd degrees count. Solved in the basis (x/s)^i, s = RMS of the samples, for
+    conditioning; `max_points` evenly strided samples at most."""
+    if int(degree) != degree or degree < 1:
+        raise ValueError(f"poly_degree must be an integer >= 1, got {degree}")
+    x = samples.detach().reshape(-1).to(torch.float64).cpu()
+    if x.numel() > max_points:
+        x = x[:: math.ceil(x.numel() / max_points)]
+    x = x.numpy()
+    if x.size <= degree or not np.all(np.isfinite(x)):
+        raise ValueError(f"need more than {degree} finite samples to fit a degree-{degree} polynomial")
+    scale = float(np.sqrt(np.mean(x * x))) or 1.0
+    a, *_ = np.linalg.lstsq(np.vander(x / scale, int(degree) + 1, increasing=True), np.maximum(x, 0.0), rcond=None)
+    return a / scale ** np.arange(int(degree) + 1)
+
+
+class PolyActivation(nn.Module):
+    """Elementwise polynomial that approximates ReLU; makes the loss a polynomial in the weights.
+
+    Either the least-squares fit of ReLU of `degree` on `interval` (Chebyshev nodes), or explicit
+    monomial `coeffs` (c[i] multiplies x**i, e.g. from fit_relu_polynomial). The coefficients are a
+    non-persistent buffer (they follow .to()/.double() but are not weights, so they stay out of
+    state_dicts and flat buffers).
     """
 
-    def __init__(self, degree: int = 2, interval: Sequence[float] = (-3.0, 3.0)):
+    def __init__(self, degree: int = 2, interval: Sequence[float] = (-3.0, 3.0),
+                 coeffs: Sequence[float] | None = None):
         super().__init__()
-        self.degree = int(degree)
-        self.interval = (float(interval[0]), float(interval[1]))
-        coeffs = torch.tensor(_fit_relu_polynomial(degree, self.interval), dtype=torch.float32)
-        self.register_buffer("coeffs", coeffs, persistent=False)
+        if coeffs is not None:
+            c = torch.tensor([float(v) for v in coeffs], dtype=torch.float64)
+            if c.numel() < 2 or not torch.isfinite(c).all():
+                raise ValueError(f"poly coeffs must be >= 2 finite numbers, got {list(coeffs)}")
+            self.degree, self.interval = c.numel() - 1, None
+        else:
+            self.degree = int(degree)
+            self.interval = (float(interval[0]), float(interval[1]))
+            c = torch.tensor(_fit_relu_polynomial(degree, self.interval), dtype=torch.float64)
+        self.register_buffer("coeffs", c.to(torch.float32), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.coeffs.to(x.dtype)
@@ -62,16 +93,34 @@ class PolyActivation(nn.Module):
         return out
 
     def extra_repr(self) -> str:
+        if self.interval is None:
+            return f"degree={self.degree}, coeffs={[round(float(v), 6) for v in self.coeffs]}"
         return f"degree={self.degree}, interval={self.interval}"
 
 
 def make_activation(activation: str, poly_degree: int = 2,
-                    poly_interval: Sequence[float] = (-3.0, 3.0)) -> nn.Module:
+                    poly_interval: Sequence[float] = (-3.0, 3.0),
+                    poly_coeffs: Sequence[float] | None = None) -> nn.Module:
     if activation == "relu":
         return nn.ReLU()
     if activation == "poly":
-        return PolyActivation(poly_degree, poly_interval)
+        return PolyActivation(poly_degree, poly_interval, poly_coeffs)
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+
+
+@torch.no_grad()
+def activation_inputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The input of every activation module (ReLU / PolyActivation) on x [N, ...], in forward order, in
+    the model's current mode (train mode: BatchNorm normalises with the batch's statistics)."""
+    acts = [m for m in model.modules() if isinstance(m, (nn.ReLU, PolyActivation))]
+    seen: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, inp, _out: seen.append(inp[0].detach())) for m in acts]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
 
 
 class DCNN(nn.Sequential):
@@ -84,7 +133,8 @@ class DCNN(nn.Sequential):
 
 def dcnn(width: float = 1.0, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
          activation: str = "relu", poly_degree: int = 2,
-         poly_interval: Sequence[float] = (-3.0, 3.0), widths: Sequence[int] | None = None) -> DCNN:
+         poly_interval: Sequence[float] = (-3.0, 3.0), widths: Sequence[int] | None = None,
+         batchnorm: bool = True, poly_coeffs: Sequence[Sequence[float]] | None = None) -> DCNN:
     """The paper's network: five 3x3 stride-2 convolutions (32->16->8->4->2->1), padding 1, no pooling.
 
     BatchNorm without affine parameters sits between hidden layers (after each of conv1..conv4, before
@@ -97,6 +147,10 @@ def dcnn(width: float = 1.0, in_channels: int = 3, num_classes: int = 10, image_
     `--set widths=a,b,c,d` / `train --widths a,b,c,d`) for another. The biases of conv1..conv4 feed a
     BatchNorm, which subtracts the per-channel batch mean and with it the bias: they get no gradient
     and never change (`biases_before_batchnorm` lists them).
+
+    batchnorm=False drops the BatchNorms: with activation="poly" the network is then a polynomial in
+    its weights (the premise of the paper's theory). poly_coeffs: one coefficient list per hidden layer
+    (4), for activations fitted to each layer's own inputs (fit_relu_polynomial).
     """
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
@@ -108,13 +162,17 @@ def dcnn(width: float = 1.0, in_channels: int = 3, num_classes: int = 10, image_
     if len(base) != 4:
         raise ValueError(f"widths must list 4 hidden widths (conv1..conv4), got {base}")
     hidden = [max(1, int(round(width * w))) for w in base]
-    make_activation(activation, poly_degree, poly_interval)  # validate before building
+    if poly_coeffs is not None and len(poly_coeffs) != 4:
+        raise ValueError(f"poly_coeffs must hold one coefficient list per hidden layer (4), got {len(poly_coeffs)}")
+    coeffs = list(poly_coeffs) if poly_coeffs is not None else [None] * 4
+    make_activation(activation, poly_degree, poly_interval, coeffs[0])  # validate before building
     layers: "OrderedDict[str, nn.Module]" = OrderedDict()
     chans = [in_channels] + hidden
     for i in range(4):
         layers[f"conv{i + 1}"] = nn.Conv2d(chans[i], chans[i + 1], 3, stride=2, padding=1)
-        layers[f"bn{i + 1}"] = nn.BatchNorm2d(chans[i + 1], affine=False)
-        layers[f"act{i + 1}"] = make_activation(activation, poly_degree, poly_interval)
+        if batchnorm:
+            layers[f"bn{i + 1}"] = nn.BatchNorm2d(chans[i + 1], affine=False)
+        layers[f"act{i + 1}"] = make_activation(activation, poly_degree, poly_interval, coeffs[i])
     layers["conv5"] = nn.Conv2d(chans[4], num_classes, 3, stride=2, padding=1)
     layers["flatten"] = nn.Flatten(1)
     return DCNN(layers)

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from reference_mds import assert_same_embedding, cosine_mds
@@ -16,6 +17,7 @@ from pylandscape import plot
 from pylandscape.experiments import bgd_branches, cli, outdir, perturb_retrain, polynomial, training, weights
 from pylandscape.experiments.agreement import agreement_matrices
 from pylandscape.experiments.config import apply_overrides
+from pylandscape.models import activation_inputs, fit_relu_polynomial
 from pylandscape.store import SnapshotStore
 
 TINY_DATA = ["--set", "train_size=60", "--set", "width=0.0625", "--set", "threads=1"]
@@ -313,17 +315,52 @@ def test_random_labels_variants(tmp_path):
 
 
 # ---------------------------------------------------------------------------- polynomial, overparam
+@pytest.mark.slow  # end-to-end, > 5 s on 2 cores; CI runs it (pytest -m "not slow" skips it)
 def test_polynomial(tmp_path):
     out = tmp_path / "po"
-    _run("polynomial", out, "epochs=1", "activations=relu,poly2", "batch_size=30")
-    rows = {a: outdir.read_table(out / "metrics" / a) for a in ("relu", "poly2")}
-    assert [r["epoch"] for r in rows["relu"]] == [0, 1]
-    # same initial weights for every activation: the trainer's epoch-0 snapshots are equal
-    s = [SnapshotStore(outdir.store_dir(out, a)) for a in ("relu", "poly2")]
-    assert torch.equal(s[0].load_flat(s[0].select(epoch=0)[0]), s[1].load_flat(s[1].select(epoch=0)[0]))
+    _run("polynomial", out, "epochs=1", "activations=relu,poly2,poly3", "batch_size=30", "fit_points=60")
+    for bn, suffix in ((True, ""), (False, "-nobn")):
+        rows = {a: outdir.read_table(out / "metrics" / f"{a}{suffix}") for a in ("relu", "poly2", "poly3")}
+        assert [r["epoch"] for r in rows["relu"]] == [0, 1]
+        # same initial weights for every activation (and with or without BatchNorm)
+        s = [SnapshotStore(outdir.store_dir(out, f"{a}{suffix}")) for a in ("relu", "poly2", "poly3")]
+        s0 = SnapshotStore(outdir.store_dir(out, "relu"))
+        for st in s:
+            assert torch.equal(st.load_flat(st.select(epoch=0)[0]), s0.load_flat(s0.select(epoch=0)[0]))
+    # the fits: least squares of ReLU over the values each layer's ReLU receives at initialisation,
+    # recomputed here with numpy.polyfit (an independent solver, unscaled basis)
+    cfg = outdir.load_config(out, polynomial.Config)
+    data = training.load_data(cfg)
+    fits = outdir.read_table(out / "metrics" / "fits")
+    for bn in (True, False):
+        make = training.model_fn(cfg, data, activation="relu", batchnorm=bn)
+        model, _, _ = training.init_flat(make, cfg.seed)
+        model.train()
+        inputs = activation_inputs(model, data.x_train[: cfg.fit_points])
+        for layer, v in enumerate(inputs, start=1):
+            x = v.reshape(-1).double().numpy()
+            if bn:  # BatchNorm outputs: zero mean, unit variance per channel, hence overall
+                assert abs(x.mean()) < 1e-5 and abs(x.std() - 1) < 1e-3
+            by_deg = {}
+            for deg in (2, 3):
+                r = [r for r in fits if r["batchnorm"] == bn and r["layer"] == layer and r["activation"] == f"poly{deg}"]
+                expect = np.polynomial.polynomial.polyfit(x, np.maximum(x, 0), deg)
+                np.testing.assert_allclose(r[0]["coeffs"], expect, rtol=1e-6, atol=1e-9 * abs(expect).max())
+                by_deg[deg] = np.asarray(r[0]["coeffs"])
+            # degree 3 is not degree 2: the values are skewed, so the cubic term is used
+            assert abs(by_deg[3][3]) > 1e-4 * abs(by_deg[3][1]) / max(x.std(), 1e-12) ** 2
+            assert not np.allclose(by_deg[2], by_deg[3][:3], rtol=1e-3)
     with pytest.raises(ValueError, match="polyN"):
         polynomial.parse_activation("cubic")
     _check_redraw(out)
+
+
+def test_symmetric_values_make_degree_3_equal_degree_2():
+    """Why the fit uses the values the net produces: over a symmetric set the odd part of the
+    least-squares fit of ReLU is exactly x/2, so the cubic coefficient vanishes."""
+    x = torch.linspace(-3, 3, 2001, dtype=torch.float64)
+    c2, c3 = fit_relu_polynomial(x, 2), fit_relu_polynomial(x, 3)
+    assert abs(c3[3]) < 1e-12 and abs(c3[1] - 0.5) < 1e-12 and np.allclose(c2, c3[:3], atol=1e-12)
 
 
 def test_overparam(tmp_path):

@@ -30,6 +30,7 @@ PRESETS = {
     "quick": Config(**{**dataclasses.asdict(sgd_stages.PRESETS["quick"]), "train_size": 200, "stages": 4,
                        "epochs_per_stage": 4, "late_from_stage": 3}),
 }
+PROTOCOLS = sgd_stages.PROTOCOLS
 
 
 def _sub(config: Config, variant: str) -> sgd_stages.Config:
