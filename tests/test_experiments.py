@@ -14,7 +14,7 @@ import torch
 from reference_mds import assert_same_embedding, cosine_mds
 
 from pylandscape import plot
-from pylandscape.experiments import bgd_branches, cli, outdir, perturb_retrain, polynomial, training, weights
+from pylandscape.experiments import bgd_branches, cli, outdir, overparam, perturb_retrain, polynomial, training, weights
 from pylandscape.experiments.agreement import agreement_matrices
 from pylandscape.experiments.config import apply_overrides
 from pylandscape.models import activation_inputs, fit_relu_polynomial
@@ -365,11 +365,25 @@ def test_symmetric_values_make_degree_3_equal_degree_2():
 
 def test_overparam(tmp_path):
     out = tmp_path / "ov"
-    assert cli.main(["overparam", "--out", str(out), "--set", "epochs=1", "--set", "widths=0.0625,0.125",
+    assert cli.main(["overparam", "--out", str(out), "--set", "max_epochs=4", "--set", "width_factors=0.0625,0.125",
                      "--set", "train_sizes=40,80", "--set", "threads=1", "--set", "batch_size=20"]) == 0
     rows = outdir.read_table(out / "metrics" / "final")
     assert len(rows) == 4
     p = {r["width"]: r["parameters"] for r in rows}
     assert p[0.125] > p[0.0625]
-    assert all(0 <= r["test_error"] <= 1 for r in rows)
+    # the same stopping rule for every size: stop at the first epoch with zero training error, else at the cap
+    for r in rows:
+        hist = outdir.read_table(out / "metrics" / f"w{r['width']:g}_n{r['train_size']}")
+        zero = [h["epoch"] for h in hist if h["train_error"] == 0]
+        assert [h["epoch"] for h in hist] == list(range(r["epochs"] + 1))
+        assert r["epochs"] == (zero[0] if zero else 4) and r["zero_error_epoch"] == (zero[0] if zero else None)
+        assert r["steps"] == r["epochs"] * r["train_size"] // 20
+        assert (r["train_error"], r["test_error"]) == (hist[-1]["train_error"], hist[-1]["test_error"])
+    res = json.loads((out / "results.json").read_text())
+    assert res["all_reached_zero_train_error"] == all(r["train_error"] == 0 for r in rows)
     _check_redraw(out)
+
+
+def test_overparam_equal_steps():
+    cfg = overparam.Config(train_sizes=(100, 1000), batch_size=100, max_epochs=5, stop="steps")
+    assert overparam._epochs_for(cfg, 1000) == 5 and overparam._epochs_for(cfg, 100) == 50

@@ -104,6 +104,11 @@ class Progress:
         atomic_write_json(self.path, self.done)
 
 
+def _with_ext(stem: Path, ext: str) -> Path:
+    """stem + ext; not Path.with_suffix, which would cut a stem like "w0.0625_n40" at its dot."""
+    return stem.parent / (stem.name + ext)
+
+
 def write_table(path_stem: str | Path, rows: list[Mapping[str, Any]]) -> None:
     """Write rows as `<stem>.csv` and `<stem>.json` (atomically); columns are the union of keys."""
     stem = Path(path_stem)
@@ -116,12 +121,12 @@ def write_table(path_stem: str | Path, rows: list[Mapping[str, Any]]) -> None:
     w.writeheader()
     for r in rows:
         w.writerow({k: _plain(v) for k, v in r.items()})
-    atomic_write_bytes(stem.with_suffix(".csv"), buf.getvalue().encode())
-    atomic_write_json(stem.with_suffix(".json"), [{k: _plain(v) for k, v in r.items()} for r in rows])
+    atomic_write_bytes(_with_ext(stem, ".csv"), buf.getvalue().encode())
+    atomic_write_json(_with_ext(stem, ".json"), [{k: _plain(v) for k, v in r.items()} for r in rows])
 
 
 def read_table(path_stem: str | Path) -> list[dict]:
-    p = Path(path_stem).with_suffix(".json")
+    p = _with_ext(Path(path_stem), ".json")
     if not p.exists():
         raise FileNotFoundError(f"{p} not found (was the run finished?)")
     return json.loads(p.read_text())

@@ -164,36 +164,15 @@ def train_base(config: Config, out: Path, prog: outdir.Progress, make, data, fla
 
 
 def _gd_to_zero(config: Config, out: Path, make, data, start, tag: str, seed: int):
-    """gd_epochs of full-batch GD; if the training error is not zero then, say so loudly and continue
-    (snapshot_every epochs at a time, same store, same trajectory) until it is or gd_max_epochs is hit.
-    Returns (history, first GD epoch with zero training error or None)."""
+    """gd_epochs of full-batch GD, continued until zero training error or gd_max_epochs."""
     every = max(1, config.snapshot_every)
     snaps = sorted(set(_every(config.gd_max_epochs, every)) | {config.gd_epochs})
-    store_path = outdir.store_dir(out, f"{tag}_gd")
-    done = max((int(e["epoch"]) for e in SnapshotStore(store_path).entries), default=0) \
-        if SnapshotStore.is_store(store_path) else 0
-    epochs = max(config.gd_epochs, done)  # a killed run that was already extending continues from there
-    while True:
-        outdir.log(f"{tag}: full-batch GD to epoch {epochs}")
-        tconfig = training.train_config(config, optimizer="gd", lr=config.gd_lr, momentum=config.gd_momentum,
-                                        epochs=epochs, snapshot_epochs=snaps, seed=seed, eval_every=every)
-        hist = training.run_train(make, start, data, tconfig, store_path,
-                                  meta={"run": f"{tag}_gd", "trajectory": f"{tag} GD"}, resume=True)
-        zero = next((r["epoch"] for r in hist if r["train_error"] == 0), None)
-        if zero is not None or epochs >= config.gd_max_epochs:
-            break
-        if epochs == config.gd_epochs:
-            outdir.log(f"WARNING: {tag}: training error {hist[-1]['train_error']:.4f} after {epochs} GD epochs, "
-                       f"NOT the zero-error model the paper perturbs; continuing GD until it is (at most "
-                       f"{config.gd_max_epochs} epochs)")
-        epochs = min(config.gd_max_epochs, epochs + every)
-    if zero is None:
-        outdir.log(f"WARNING: {tag}: training error still {hist[-1]['train_error']:.4f} after "
-                   f"{config.gd_max_epochs} GD epochs (gd_max_epochs): the 'final' model is NOT at zero "
-                   f"training error")
-    else:
-        outdir.log(f"{tag}: zero training error at GD epoch {zero}")
-    return hist, zero
+    outdir.log(f"{tag}: {config.gd_epochs} full-batch GD epochs")
+    tconfig = training.train_config(config, optimizer="gd", lr=config.gd_lr, momentum=config.gd_momentum,
+                                    epochs=config.gd_epochs, snapshot_epochs=snaps, seed=seed, eval_every=every)
+    return training.run_train_to_zero(make, start, data, tconfig, outdir.store_dir(out, f"{tag}_gd"),
+                                      meta={"run": f"{tag}_gd", "trajectory": f"{tag} GD"},
+                                      max_epochs=config.gd_max_epochs, every=every, name=f"{tag} GD")
 
 
 def source_model(out: Path, config: Config, src: str, tag: str = "base") -> torch.Tensor:

@@ -14,7 +14,7 @@ from ..flat import ParamSpec, flatten_module, load_flat_
 from ..models import biases_before_batchnorm, dcnn
 from ..store import SnapshotStore
 from ..train import TrainConfig, train, train_many
-from .outdir import fresh_store
+from .outdir import fresh_store, log
 
 
 def set_threads(n: int | None) -> None:
@@ -124,3 +124,32 @@ def run_train_many(make, starts: torch.Tensor, data, tconfig, store_path: Path, 
         resume = False
     return train_many(make, starts, data, tconfig, seeds=seeds, store=store, metas=metas, resume=resume,
                       progress=False)
+
+
+def run_train_to_zero(make, start: torch.Tensor, data, tconfig: TrainConfig, store_path: Path, *, meta: dict,
+                      max_epochs: int, every: int, name: str) -> tuple[list[dict], int | None]:
+    """Train tconfig.epochs, then, while the training error is not zero, `every` more epochs at a time
+    (the same trajectory, resumed in the same store) until it is or max_epochs is reached; say so
+    loudly when tconfig.epochs was not enough. tconfig.snapshot_epochs must already cover the epochs up
+    to max_epochs (a resumed run needs the same snapshot plan). Returns (history, first evaluated
+    epoch with zero training error or None)."""
+    store_path = Path(store_path)
+    done = max((int(e["epoch"]) for e in SnapshotStore(store_path).entries), default=0) \
+        if SnapshotStore.is_store(store_path) else 0
+    epochs = max(tconfig.epochs, done)  # a killed run that was already extending continues from there
+    while True:
+        hist = run_train(make, start, data, dataclasses.replace(tconfig, epochs=epochs), store_path, meta=meta,
+                         resume=True)
+        zero = next((r["epoch"] for r in hist if r["train_error"] == 0), None)
+        if zero is not None or epochs >= max_epochs:
+            break
+        if epochs == tconfig.epochs:
+            log(f"WARNING: {name}: training error {hist[-1]['train_error']:.4f} after {epochs} epochs, not zero; "
+                f"continuing until it is (at most {max_epochs} epochs)")
+        epochs = min(max_epochs, epochs + max(1, every))
+    if zero is None:
+        log(f"WARNING: {name}: training error still {hist[-1]['train_error']:.4f} after {max_epochs} epochs "
+            f"(the cap): NOT at zero training error")
+    else:
+        log(f"{name}: zero training error at epoch {zero}")
+    return hist, zero
