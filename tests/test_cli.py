@@ -125,3 +125,26 @@ def test_importing_every_module_keeps_the_matplotlib_backend():
                        env={**os.environ, "MPLBACKEND": "svg"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().lower() == "svg"
+
+
+def test_run_help_quotes_the_protocol_and_config_json_records_it(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bgd-branches", "--help"])
+    text = capsys.readouterr().out
+    for needle in ("preset paper:", "preset paper-sigma0.5:", "preset paper-fig16:", "follows: (issue 12)",
+                   "choice: lr=0.1", "differs from paper in: branch_scale=[0.5]", "preset quick:"):
+        assert needle in text, needle
+    out = tmp_path / "b"
+    assert cli.main(["bgd-branches", "--out", str(out), "--set", "train_size=60", "--set", "width=0.0625",
+                     "--set", "epochs=2", "--set", "branch_epochs=0", "--set", "threads=1"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["protocol"] == bgd_branches.PROTOCOLS["quick"].to_json()
+    assert cfg["overrides"][0] == "train_size=60" and cfg["config"]["momentum"] == 0.0
+
+
+def test_no_momentum_where_the_paper_says_sgd_or_gd():
+    """Every preset of every experiment that trains with SGD/GD uses plain SGD/GD (issue 12)."""
+    for mod in load_all().values():
+        for name, cfg in mod.PRESETS.items():
+            for field in ("momentum", "gd_momentum"):
+                assert getattr(cfg, field, 0.0) == 0.0, (mod.NAME, name, field)

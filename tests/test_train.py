@@ -245,6 +245,12 @@ def test_cli(tmp_path, capsys):
     assert len(s) == 4 and {e["run"] for e in s.entries} == {"cli"}
     assert json.loads((out / "train_history.json").read_text())["seeds"] == [0, 1]
     assert train_cli.main(args + ["--resume"]) == 0 and len(SnapshotStore(out)) == 4
+    # another width tuple with the paper's count: the store's spec has its shapes
+    other = tmp_path / "widths"
+    assert train_cli.main(["--widths", "32,64,110,98", "--train-size", "60", "--epochs", "0", "--out", str(other),
+                           "--no-progress"]) == 0
+    spec = SnapshotStore(other).spec
+    assert spec.numel == 188_810 and dict(zip(spec.names, spec.shapes))["conv3.weight"] == (110, 64, 3, 3)
 
 
 @pytest.mark.slow  # end-to-end, > 5 s on 2 cores; CI runs it (pytest -m 'not slow' skips it)

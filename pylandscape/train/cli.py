@@ -55,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--data-seed", type=int, default=0, help="seed of the subset / random labels / random inputs")
     m = p.add_argument_group("model")
     m.add_argument("--width", type=float, default=1.0, help="multiplier of the hidden widths (1 = 188,810 weights)")
+    m.add_argument("--widths", default=None, metavar="A,B,C,D",
+                   help="hidden widths of conv1..conv4 (default 32,64,152,56: the paper gives only the count "
+                        "188,810, and many tuples have it, e.g. 32,64,110,98)")
     m.add_argument("--activation", default="relu", help=f"one of {ACTIVATIONS} (poly = polynomial fit of ReLU)")
     m.add_argument("--poly-degree", type=int, default=2)
     m.add_argument("--poly-interval", type=float, nargs=2, default=(-3.0, 3.0), metavar=("LOW", "HIGH"))
@@ -106,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                           snapshot_epochs=_int_list(args.snapshot_epochs) if args.snapshot_epochs else None,
                           eval_every=args.eval_every, chunk_size=args.chunk_size, device=args.device,
                           eval_bn=args.eval_bn)
+        widths = _int_list(args.widths) if args.widths else None
         dtype = torch.float64 if args.dtype == "float64" else torch.float32
         data = load_dataset(args.data, args.root, train_size=args.train_size,
                             labels="random" if (args.random_labels or args.random_inputs) else "true",
@@ -114,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def model_fn() -> nn.Module:
             return dcnn(args.width, data.in_channels, data.num_classes, data.image_size, args.activation,
-                        args.poly_degree, tuple(args.poly_interval)).to(dtype)
+                        args.poly_degree, tuple(args.poly_interval), widths=widths).to(dtype)
 
         model_fn()  # validates the model options before anything is written
         inits = init_flats_for(model_fn, [seeds[0]] * len(seeds) if args.same_init else seeds).to(dtype)
