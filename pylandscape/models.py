@@ -134,7 +134,8 @@ class DCNN(nn.Sequential):
 def dcnn(width: float = 1.0, in_channels: int = 3, num_classes: int = 10, image_size: int = 32,
          activation: str = "relu", poly_degree: int = 2,
          poly_interval: Sequence[float] = (-3.0, 3.0), widths: Sequence[int] | None = None,
-         batchnorm: bool = True, poly_coeffs: Sequence[Sequence[float]] | None = None) -> DCNN:
+         batchnorm: bool = True, poly_coeffs: Sequence[Sequence[float]] | None = None,
+         init: str = "default") -> DCNN:
     """The paper's network: five 3x3 stride-2 convolutions (32->16->8->4->2->1), padding 1, no pooling.
 
     BatchNorm without affine parameters sits between hidden layers (after each of conv1..conv4, before
@@ -151,6 +152,9 @@ def dcnn(width: float = 1.0, in_channels: int = 3, num_classes: int = 10, image_
     batchnorm=False drops the BatchNorms: with activation="poly" the network is then a polynomial in
     its weights (the premise of the paper's theory). poly_coeffs: one coefficient list per hidden layer
     (4), for activations fitted to each layer's own inputs (fit_relu_polynomial).
+    init: "default" (PyTorch's Conv2d init, Kaiming-uniform with a = sqrt(5)) or "kaiming" (Kaiming-normal
+    for ReLU, zero biases): without BatchNorm the default init shrinks the signal about 2.5x per layer
+    (activation-input std 0.40, 0.16, 0.07, 0.04 at width 0.25 on digits), Kaiming keeps it near 1.
     """
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
@@ -175,6 +179,13 @@ def dcnn(width: float = 1.0, in_channels: int = 3, num_classes: int = 10, image_
         layers[f"act{i + 1}"] = make_activation(activation, poly_degree, poly_interval, coeffs[i])
     layers["conv5"] = nn.Conv2d(chans[4], num_classes, 3, stride=2, padding=1)
     layers["flatten"] = nn.Flatten(1)
+    if init == "kaiming":
+        for mod in layers.values():
+            if isinstance(mod, nn.Conv2d):
+                nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+                nn.init.zeros_(mod.bias)
+    elif init != "default":
+        raise ValueError(f"init must be 'default' or 'kaiming', got {init!r}")
     return DCNN(layers)
 
 
