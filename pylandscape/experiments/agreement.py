@@ -35,6 +35,8 @@ PRESETS = {
     "paper": Config(**dataclasses.asdict(perturb_retrain.PRESETS["paper"])),
     "quick": Config(**dataclasses.asdict(perturb_retrain.PRESETS["quick"])),
 }
+# The models come from a perturb-retrain run with the same settings: its protocol and choices apply.
+PROTOCOLS = {name: perturb_retrain.PROTOCOLS[name] for name in PRESETS}
 
 
 def _source(config: Config, out: Path) -> tuple[Path, perturb_retrain.Config]:

@@ -34,6 +34,8 @@ PRESETS = {
     "paper": Config(**dataclasses.asdict(perturb_retrain.PRESETS["paper"])),
     "quick": Config(**{**dataclasses.asdict(perturb_retrain.PRESETS["quick"]), "reference": False}),
 }
+# The models come from a perturb-retrain run with the same settings: its protocol and choices apply.
+PROTOCOLS = {name: perturb_retrain.PROTOCOLS[name] for name in PRESETS}
 
 
 def alphas(config: Config) -> list[float]:

@@ -13,14 +13,15 @@ from .config import Protocol
 NAME = "overparam"
 FIGURE = "Liao & Poggio Fig. 40 (validation error vs training-set size and width)"
 DESCRIPTION = """
-Trains networks of several widths (width_factors x the hidden widths, so several parameter counts) on training sets of several sizes and
-reports the final training and test (validation) error of each. Every network is trained to the same
-stopping rule, so small training sets are not under- or over-trained relative to large ones:
-stop=zero_error trains each until its training error is zero (checked every epoch, at most max_epochs
-epochs; the epoch reached is in the table), stop=steps gives every network the same number of SGD
-steps (max_epochs x the largest set's steps per epoch). The paper's observation (issue 12's reading of
-Fig. 40): the validation error does not get worse as the number of parameters grows beyond the number
-of training examples; overparametrisation does not cause overfitting in the classical sense.
+Trains networks of several widths (width_factors x the hidden widths, so several parameter counts) on
+training sets of several sizes and reports the final training and test (validation) error of each.
+Every network is trained to the same stopping rule, so small training sets are not under- or
+over-trained relative to large ones: stop=zero_error trains each until its training error is zero
+(checked every epoch, at most max_epochs epochs; the epoch reached is in the table), stop=steps gives
+every network the same number of SGD steps (max_epochs x the largest set's steps per epoch). The
+paper's observation (issue 12's reading of Fig. 40): the validation error does not get worse as the
+number of parameters grows beyond the number of training examples; overparametrisation does not
+cause overfitting in the classical sense.
 """
 
 
@@ -99,7 +100,7 @@ def run(config: Config, out_dir: Path) -> dict:
                     tconfig = training.train_config(config, epochs=1, snapshot_epochs=[], eval_every=1)
                     hist, zero = training.run_train_to_zero(make, flat0, data, tconfig, outdir.store_dir(out, unit),
                                                             meta=meta, max_epochs=config.max_epochs, every=1,
-                                                            name=unit)
+                                                            name=unit, warn_if_longer=False)
                 else:
                     epochs = _epochs_for(config, n)
                     outdir.log(f"width {w:g}, {n} training examples: {epochs} epochs (equal steps)")

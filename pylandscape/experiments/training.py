@@ -127,12 +127,13 @@ def run_train_many(make, starts: torch.Tensor, data, tconfig, store_path: Path, 
 
 
 def run_train_to_zero(make, start: torch.Tensor, data, tconfig: TrainConfig, store_path: Path, *, meta: dict,
-                      max_epochs: int, every: int, name: str) -> tuple[list[dict], int | None]:
+                      max_epochs: int, every: int, name: str,
+                      warn_if_longer: bool = True) -> tuple[list[dict], int | None]:
     """Train tconfig.epochs, then, while the training error is not zero, `every` more epochs at a time
-    (the same trajectory, resumed in the same store) until it is or max_epochs is reached; say so
-    loudly when tconfig.epochs was not enough. tconfig.snapshot_epochs must already cover the epochs up
-    to max_epochs (a resumed run needs the same snapshot plan). Returns (history, first evaluated
-    epoch with zero training error or None)."""
+    (the same trajectory, resumed in the same store) until it is or max_epochs is reached; say so loudly
+    when tconfig.epochs was not enough (warn_if_longer=False: tconfig.epochs is only a start).
+    tconfig.snapshot_epochs must already cover the epochs up to max_epochs (a resumed run needs the same
+    snapshot plan). Returns (history, first evaluated epoch with zero training error or None)."""
     store_path = Path(store_path)
     done = max((int(e["epoch"]) for e in SnapshotStore(store_path).entries), default=0) \
         if SnapshotStore.is_store(store_path) else 0
@@ -143,7 +144,7 @@ def run_train_to_zero(make, start: torch.Tensor, data, tconfig: TrainConfig, sto
         zero = next((r["epoch"] for r in hist if r["train_error"] == 0), None)
         if zero is not None or epochs >= max_epochs:
             break
-        if epochs == tconfig.epochs:
+        if epochs == tconfig.epochs and warn_if_longer:
             log(f"WARNING: {name}: training error {hist[-1]['train_error']:.4f} after {epochs} epochs, not zero; "
                 f"continuing until it is (at most {max_epochs} epochs)")
         epochs = min(max_epochs, epochs + max(1, every))
