@@ -290,10 +290,7 @@ def combine(W: torch.Tensor, coeffs) -> torch.Tensor:
 # Section: per-layer Gram matrices of snapshots (segment_gram)
 # ======================================================================================
 
-from . import gram as _gram  # noqa: E402  (the streaming driver and the Gram -> distance helpers)
-
-cosine_distance_from_gram = _gram.cosine_distance_from_gram
-layer_gram = _gram.layer_gram
+from . import gram as _gram  # noqa: E402  (the streaming driver)
 
 
 def _gram_check_offsets(offsets, P: int) -> torch.Tensor:
@@ -356,7 +353,7 @@ def segment_gram(X, offsets, *, Y=None, device=None, progress: bool = False,
     device: where to compute (blocks are moved there); the result lives there too.
     memory_budget: bytes of input rows to hold at once for row blocks or for tensors moved to `device`
     (default 1 GiB). A tensor already on the compute device is processed in one call unless a budget is
-    given; the op then needs about one more copy of the largest layer's columns as workspace. Use cosine_distance_from_gram(layer_gram(G, layers)) for 1 - cos.
+    given; the op then needs about one more copy of the largest layer's columns as workspace. Use pylandscape.mds.cosine_distance_from_gram(layer_gram(G, layers)) for 1 - cos.
     """
     budget = (1 << 30) if memory_budget is None else int(memory_budget)
     if budget <= 0:

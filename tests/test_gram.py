@@ -13,7 +13,7 @@ import torch
 
 from pylandscape import _ext, ops
 from pylandscape import _reference as ref
-from pylandscape.gram import NEGATIVE_TOL
+from pylandscape.mds import cosine_distance_from_gram, layer_gram
 
 HAS_OP = _ext.loaded() and hasattr(torch.ops.pylandscape, "segment_gram")
 
@@ -179,7 +179,7 @@ def test_random_walk_accuracy_bar(impl, walks):
     X, off, O = walks
     G = gram(impl, X, off)
     assert_accuracy_bar(G, O, f"{impl}, random walks")
-    D = ops.cosine_distance_from_gram(ops.layer_gram(G))
+    D = cosine_distance_from_gram(layer_gram(G))
     assert (D >= 0).all()
 
 
@@ -308,7 +308,7 @@ def test_x_and_y_different(impl, walks):
     # 1 - cos from the cross Gram, with the rows' squared norms (the symmetric Gram's diagonals)
     dA = torch.diagonal(gram(impl, A, off), dim1=1, dim2=2).sum(0)
     dB = torch.diagonal(gram(impl, B, off), dim1=1, dim2=2).sum(0)
-    D = ops.cosine_distance_from_gram(G.sum(0), dA, dB)
+    D = cosine_distance_from_gram(G.sum(0), dA, dB)
     o = O[-1][::2][:, 1::2][:, :50]
     m = o >= 1e-10
     assert ((D - o).abs() / o)[m].max().item() <= 1e-3
@@ -400,25 +400,3 @@ def test_bad_input(impl):
         gram(impl, X, off, torch.randn(3, 9))
     with pytest.raises(ValueError, match="Y|dtype"):
         gram(impl, X, off, torch.randn(3, 10, dtype=torch.float64))
-
-
-def test_cosine_distance_helpers():
-    G = torch.tensor([[4.0, 2.0, 4.0], [2.0, 1.0, 2.0], [4.0, 2.0, 4.0]], dtype=torch.float64)
-    D = ops.cosine_distance_from_gram(G)
-    assert torch.equal(D, torch.zeros(3, 3, dtype=torch.float64))  # parallel rows, exactly 0
-    G2 = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
-    assert torch.allclose(ops.cosine_distance_from_gram(G2), torch.tensor([[0.0, 1.0], [1.0, 0.0]],
-                                                                          dtype=torch.float64))
-    tiny = torch.tensor([[1.0, 1.0 + 2e-16], [1.0 + 2e-16, 1.0]], dtype=torch.float64)
-    assert (ops.cosine_distance_from_gram(tiny) == 0).all()  # round-off below 0 is clipped
-    with pytest.raises(ValueError, match="not an accurate Gram"):
-        ops.cosine_distance_from_gram(torch.tensor([[1.0, 1.1], [1.1, 1.0]], dtype=torch.float64))
-    with pytest.raises(ValueError, match="zero norm"):
-        ops.cosine_distance_from_gram(torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
-    Gl = torch.arange(24, dtype=torch.float64).view(3, 2, 4)
-    assert torch.equal(ops.layer_gram(Gl), Gl.sum(0))
-    assert torch.equal(ops.layer_gram(Gl, [0, 2]), Gl[0] + Gl[2])
-    assert torch.equal(ops.layer_gram(Gl, 1), Gl[1])
-    with pytest.raises(ValueError, match="sq_norms"):
-        ops.cosine_distance_from_gram(Gl[0])
-    assert NEGATIVE_TOL < 1e-12
