@@ -4,8 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 from ..snapshots import open_source, select_tensors
+from . import gram_cache
 from .dissimilarity import METRICS
 from .estimator import SOLVERS
 from .pipeline import embed
@@ -19,16 +21,33 @@ examples:
       only the paper's layer 2 (the first conv/linear module: its weight and bias)
   python -m pylandscape.mds --snapshots runs/sgd --layer 'features.0.*' --select 'stage >= 5'
   python -m pylandscape.mds --snapshots ckpts/ --group-by '(?P<traj>seed\\d+)/.*?(?P<step>\\d+)\\.pt$'
+  python -m pylandscape.mds cache --list        (or --clear): the Gram cache
 
-input: every .pt/.pth/.ckpt/.safetensors/.npz file below --snapshots (state_dicts, also nested under
-"state_dict" or "model" as Lightning saves them) and pylandscape stores. Files are never unpickled
-beyond tensors. Folder = trajectory, last number in the file name = step (override with --group-by).
-BatchNorm running statistics are not weights and are skipped.
+input: every .pt/.pth/.ckpt/.bin/.pth.tar/.safetensors/.npz file below --snapshots (state_dicts, also
+nested under "state_dict", "model" or "module") and pylandscape stores. Run layouts understood:
+HF Trainer output_dir (checkpoint-N/ + trainer_state.json), accelerate save_state (checkpoint_N/),
+Lightning ModelCheckpoint (epoch=E-step=S.ckpt, last.ckpt), torchvision references (model_E.pth,
+checkpoint.pth), timm (checkpoint-E.pth.tar, last/model_best.pth.tar), DeepSpeed global_stepN/,
+Megatron iter_N/. A numbered checkpoint folder is one point of the run in the folder above it; the
+epoch/step a file records (or trainer_state.json) is preferred to the one in its name (csv column
+time_source). Optimizer, scheduler, RNG and training-argument files are skipped with one summary
+line. Snapshots with identical weights (last.ckpt, model_best, a final save) are drawn once; the
+csv's "aliases" column lists the copies. Files are never unpickled beyond tensors and a short
+allow-list of plain data (argparse.Namespace, paths, numpy arrays). BatchNorm running statistics
+are not weights and are skipped.
 
 outputs in --out: mds.csv (path, x, y[, z | x1..xk], metadata), mds.png (or --format), mds.json
 (eigenvalues, captured share, timings) and mds.html (hover a point to see its file and errors).
-The per-tensor Gram is cached in <snapshots>/.pylandscape-cache/, so re-running with another --layer,
---metric, --select or --trajectory takes well under a second.
+The per-tensor Gram is cached in $XDG_CACHE_HOME/pylandscape (default ~/.cache/pylandscape; never in
+--snapshots), so re-running with another --layer, --metric, --select or --trajectory reads no
+weights. See it with `python -m pylandscape.mds cache --list`, empty it with `cache --clear`.
+"""
+
+CACHE_EPILOG = """\
+The Gram cache holds one file per set of snapshots (per-tensor Grams, float64 [L, N, N]) in
+$PYLANDSCAPE_CACHE_DIR, else $XDG_CACHE_HOME/pylandscape, else ~/.cache/pylandscape. Files written by
+another version of the Gram algorithm are never reused; the least recently used files are removed when
+the folder exceeds --cache-max of the main command (default 4G).
 """
 
 
@@ -53,13 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trajectory", action="append", default=None, metavar="NAME",
                    help="only this trajectory (repeat for several)")
     p.add_argument("--group-by", default=None, metavar="REGEX",
-                   help="regex on the relative path with named groups 'traj' (and 'step') "
-                        "that defines trajectories and time order")
+                   help="regex searched in each checkpoint's path relative to --snapshots ('/' separators, "
+                        "e.g. 'seed1/checkpoint-500/model.safetensors'); named groups 'traj' (and 'step') "
+                        "define runs and time order; paths it does not match are left out with a note")
     p.add_argument("--out", default="mds_out", metavar="DIR", help="output folder (default ./mds_out)")
     p.add_argument("--format", default="png", choices=("png", "svg", "pdf"),
                    help="also write the figure as mds.svg or mds.pdf (mds.png is always written)")
-    p.add_argument("--annotate", default="epoch",
-                   help="label points with this metadata column: epoch (default), train_error, step, none")
+    p.add_argument("--annotate", default="label",
+                   help="label points with this metadata column: label (default: epoch, else step, else "
+                        "file name), epoch, step, train_error, ..., or none")
     p.add_argument("--title", default=None, help="figure title (default: what is shown)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where the Gram and eigensolver run (auto: CUDA when available)")
@@ -68,8 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--solver", default="auto", choices=SOLVERS,
                    help=f"eigensolver: dense for N <= {DENSE_MAX_N}, iterative (Lanczos) above (auto)")
     p.add_argument("--cache-dir", default=None, metavar="DIR",
-                   help="where to cache the Gram (default <snapshots>/.pylandscape-cache)")
+                   help="where to cache the Gram (default $XDG_CACHE_HOME/pylandscape or "
+                        "~/.cache/pylandscape)")
+    p.add_argument("--cache-max", default=None, metavar="SIZE",
+                   help="size limit of the cache folder, least recently used files removed first "
+                        "(default 4G)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the Gram cache")
+    p.add_argument("--keep-copies", action="store_true",
+                   help="draw snapshots with identical weights (last.ckpt, model_best, ...) separately")
     p.add_argument("--skip-bad", action="store_true",
                    help="skip unreadable, mismatched or non-finite checkpoints with a warning")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -77,7 +104,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_cache_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pylandscape.mds cache",
+                                description="Show or empty the Gram cache of python -m pylandscape.mds.",
+                                epilog=CACHE_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true", help="list the cache files (the default)")
+    what.add_argument("--clear", action="store_true", help="remove every cache file")
+    p.add_argument("--cache-dir", default=None, metavar="DIR", help="another cache folder")
+    return p
+
+
+def cache_main(argv: list[str]) -> int:
+    args = build_cache_parser().parse_args(argv)
+    d = Path(args.cache_dir) if args.cache_dir else gram_cache.default_dir()
+    if not d.is_dir():
+        print(f"Gram cache {d}: empty (no such folder)")
+        return 0
+    if args.clear:
+        n, size = gram_cache.clear(d)
+        print(f"Gram cache {d}: removed {n} file(s), {size / 2**20:.1f} MiB")
+        return 0
+    print(gram_cache.describe(d))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["cache"]:
+        return cache_main(argv[1:])
     args = build_parser().parse_args(argv)
 
     def say(msg: str) -> None:
@@ -110,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
                         cache=not args.no_cache, cache_dir=args.cache_dir, max_memory=args.max_memory,
                         progress=False if args.no_progress else None,
                         formats=tuple(dict.fromkeys(("png", args.format))),
-                        skip_bad=args.skip_bad)
+                        skip_bad=args.skip_bad, cache_max=args.cache_max,
+                        copies="keep" if args.keep_copies else "auto")
+            for s in res.notes:
+                say(f"note: {s}")
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
         if args.debug:
             raise

@@ -6,6 +6,7 @@ total); only the [L, N, N] float64 Gram must fit.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -22,7 +23,7 @@ from ..devices import resolve_device
 from ..flat import ParamSpec
 from ..ops import segment_gram
 from ..snapshots import SnapshotError, open_source, select_tensors
-from . import gram_cache
+from . import duplicates, gram_cache
 from .dissimilarity import zero_norm
 from .estimator import ClassicalMDS
 from .outputs import write_json, write_outputs
@@ -48,6 +49,7 @@ class MDSResult:
     skipped: list[str] = field(default_factory=list)     # tensors / files left out, with why
     files: dict = field(default_factory=dict)            # kind -> written path
     title: str | None = None
+    notes: list[str] = field(default_factory=list)       # e.g. copies drawn once
 
     @property
     def n(self) -> int:
@@ -66,18 +68,20 @@ class MDSResult:
             "n_snapshots": self.n, "n_params": self.n_params, "dims": int(self.coords.shape[1]),
             "eigenvalues": [float(v) for v in self.eigenvalues], "captured": self.captured,
             "negative_mass": self.negative_mass, "mass_exact": self.mass_exact, "solver": self.solver,
-            "device": self.device, "timings": self.timings, "skipped": self.skipped, "files": self.files,
+            "device": self.device, "timings": self.timings, "skipped": self.skipped, "notes": self.notes,
+            "files": self.files,
         }
 
 
 def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int = 2,
-          select: str | None = None, out_dir: str | os.PathLike | None = None, annotate: str = "epoch",
+          select: str | None = None, out_dir: str | os.PathLike | None = None, annotate: str = "label",
           title: str | None = None, device: str = "auto", spec: ParamSpec | None = None,
           trajectory: Sequence[str] | str | None = None, solver: str = "auto",
           cache: bool = True, cache_dir: str | os.PathLike | None = None,
           max_memory: str | int | None = None, progress: bool | None = None,
           formats: Sequence[str] = ("png",), skip_bad: bool = False,
-          group_by: str | None = None) -> MDSResult:
+          group_by: str | None = None, copies: str = "auto",
+          cache_max: str | int | None = None) -> MDSResult:
     """Classical MDS of snapshots; writes mds.csv/json/png/html into `out_dir` when given.
 
     source: a folder of checkpoints (any mix of .pt/.pth/.ckpt/.safetensors/.npz, or our store), a
@@ -86,6 +90,10 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
     layer: None (all parameters), a name glob ('conv1.*'; comma-separated for several), or the paper's
     numbering ("2" or "layer2" = the first weight-bearing module's weight and bias).
     select: a filter over metadata such as "stage >= 5 and trajectory in (a, b)".
+    copies: "merge" draws snapshots with identical weights once (the others listed in its "aliases"
+    column), "keep" draws every row; "auto" merges for files and keeps in-memory rows.
+    annotate: the metadata column printed next to points ("label" = epoch, else step, else file name).
+    cache / cache_dir / cache_max: the Gram cache (gram_cache.py), in the user's cache folder by default.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -97,23 +105,28 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
     tensor_idx = select_tensors(sset.spec, layer)
     t1 = time.perf_counter()
     grams, rows, gram_info = compute_grams(sset, rows, device=device, cache=cache, cache_dir=cache_dir,
-                                           max_memory=max_memory, progress=progress, skip_bad=skip_bad)
+                                           max_memory=max_memory, progress=progress, skip_bad=skip_bad,
+                                           cache_max=cache_max, copies=copies)
     timings["gram"] = time.perf_counter() - t1
     timings.update({f"gram_{k}": v for k, v in gram_info.get("timings", {}).items()})
+    metas = [dict(sset.meta[r]) for r in rows]
+    copy_notes: list[str] = []
+    if gram_info.get("copies"):
+        grams, metas, copy_notes = merge_copies(grams, metas, gram_info["copies"])
     G = grams[tensor_idx].sum(0)
-    check_norms(G, [sset.meta[r] for r in rows], [sset.spec.names[i] for i in tensor_idx], metric)
+    check_norms(G, metas, [sset.spec.names[i] for i in tensor_idx], metric)
     t2 = time.perf_counter()
     est = ClassicalMDS(dims, metric=metric, solver=solver, device=device)
     est.fit_from_gram(G)
     timings["mds"] = time.perf_counter() - t2
     sizes = sset.spec.sizes
     result = MDSResult(
-        coords=est.embedding_, meta=[dict(sset.meta[r]) for r in rows], eigenvalues=est.eigenvalues_,
+        coords=est.embedding_, meta=metas, eigenvalues=est.eigenvalues_,
         captured=float(est.captured_), negative_mass=float(est.negative_mass_), metric=metric,
         layer=layer, selected=[sset.spec.names[i] for i in tensor_idx],
         n_params=int(sum(sizes[i] for i in tensor_idx)), solver=est.solver_, mass_exact=est.mass_exact_,
         device=str(resolve_device(device)), timings=timings,
-        skipped=list(sset.skipped) + list(gram_info.get("skipped", [])), title=title)
+        skipped=list(sset.skipped) + list(gram_info.get("skipped", [])), title=title, notes=copy_notes)
     result.timings["cache"] = gram_info.get("cache", "off")
     if "chunks" in gram_info:  # a pass over the files happened
         result.timings["read_chunks"] = gram_info["chunks"]
@@ -155,34 +168,43 @@ def parse_memory(s: str | int | None) -> int:
 
 def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, cache_dir=None,
                   max_memory=None, progress: bool | None = None, skip_bad: bool = False,
-                  on_warning=None) -> tuple[torch.Tensor, list[int], dict]:
+                  on_warning=None, cache_max=None, copies: str = "auto") -> tuple[torch.Tensor, list[int], dict]:
     """Per-tensor Grams [L, n, n] float64 of the given rows, from the cache or one pass over the files.
 
     Reads column ranges of all rows into a float32 buffer of at most `max_memory` bytes, so N x P
-    larger than RAM works (each file is read once in total). Returns (grams, rows kept, info).
+    larger than RAM works (each file is read once in total). Returns (grams, rows kept, info);
+    info["copies"] lists groups of positions (into the rows kept) with identical weights when `copies`
+    is "merge" (or "auto" and the snapshots are files).
     """
+    if copies not in ("auto", "merge", "keep"):
+        raise ValueError(f"copies must be 'auto', 'merge' or 'keep', got {copies!r}")
+    find_copies = copies == "merge" or (copies == "auto" and sset.cacheable)
     warn = on_warning or (lambda m: warnings.warn(m, stacklevel=3))
     info: dict[str, Any] = {"timings": {}, "skipped": []}
     spec = sset.spec
     dev = resolve_device(device)
     d = None
     keys = None
+    spec_key = gram_cache.spec_hash(spec)
     if cache and sset.cacheable:
         keys = [sset.file_key(r) for r in rows]
-        d = gram_cache.cache_dir_for(sset, cache_dir)
+        d = gram_cache.writable_dir(cache_dir)
         if d is None:
-            warn(f"{sset.root} is read-only: Gram not cached (pass --cache-dir to cache it elsewhere)")
+            where = cache_dir if cache_dir is not None else gram_cache.default_dir()
+            warn(f"cache folder {where} is not writable: Gram not cached (pass --cache-dir DIR or --no-cache)")
             info["cache"] = "unwritable"
         else:
             t = time.perf_counter()
-            hit = gram_cache.lookup(d, gram_cache.spec_hash(spec), keys)
+            hit = gram_cache.lookup(d, spec_key, keys)
             if hit is not None:
-                G, idx = hit
+                G, idx, known = hit
                 info["timings"]["cache_read"] = time.perf_counter() - t
                 info["cache"] = "hit"
                 if idx != list(range(G.shape[1])):  # a subset or another order of the cached rows
                     ix = torch.as_tensor(idx)
                     G = G[:, ix][:, :, ix].contiguous()
+                if find_copies:
+                    info["copies"] = _copy_groups(sset, rows, G, keys, known)
                 return G, rows, info
             info["cache"] = "miss"
     n = len(rows)
@@ -241,13 +263,59 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
         grams = grams[:, ix][:, :, ix].contiguous()
         rows = [rows[r] for r in keep]
         keys = [keys[r] for r in keep] if keys is not None else None
+    hashes: dict = {}
+    if find_copies:
+        info["copies"] = _copy_groups(sset, rows, grams, keys, {}, hashes)
     if d is not None and keys is not None:
         try:
-            gram_cache.save(d, gram_cache.spec_hash(spec), keys, grams)
-            info["cache"] = "written"
+            limit = gram_cache.DEFAULT_MAX_BYTES if cache_max is None else parse_memory(cache_max)
+            if gram_cache.save(d, spec_key, keys, grams, hashes, max_bytes=limit) is None:
+                warn(f"the Gram ({grams.numel() * 8 / 2**20:.0f} MiB) is larger than the cache limit "
+                     f"({limit / 2**20:.0f} MiB, --cache-max): not cached")
+            else:
+                info["cache"] = "written"
         except OSError as e:
             warn(f"could not write the Gram cache in {d}: {e}")
     return grams, rows, info
+
+
+def _copy_groups(sset, rows: list[int], grams: torch.Tensor, keys: list | None, known: dict,
+                 new_hashes: dict | None = None) -> list[list[int]]:
+    """Groups of positions with identical weights. Hashes of candidate rows come from `known` (the
+    cache: row key json -> hash) or are computed (and then added to new_hashes by key json)."""
+    cand = duplicates.candidates(grams)
+    if not cand:
+        return []
+    hashes: dict[int, str] = {}
+    missing = []
+    for w in cand:
+        k = json.dumps(keys[w]) if keys is not None else None
+        if k is not None and k in known:
+            hashes[w] = known[k]
+        else:
+            missing.append(w)
+    computed = duplicates.row_hashes(sset, rows, missing)
+    hashes.update(computed)
+    if new_hashes is not None and keys is not None:
+        new_hashes.update({json.dumps(keys[w]): h for w, h in hashes.items()})
+    return duplicates.groups(hashes)
+
+
+def merge_copies(grams: torch.Tensor, metas: list[dict], groups: list[list[int]]
+                 ) -> tuple[torch.Tensor, list[dict], list[str]]:
+    """Keep the first of each group of identical snapshots; its "aliases" column lists the others."""
+    drop = set()
+    lines = []
+    for g in groups:
+        first, others = g[0], g[1:]
+        metas[first]["aliases"] = "; ".join(str(metas[o].get("path")) for o in others)
+        drop.update(others)
+        lines.append(f"{metas[first].get('path')} = {metas[first]['aliases']}")
+    keep = [i for i in range(len(metas)) if i not in drop]
+    ix = torch.as_tensor(keep)
+    note = (f"{len(drop)} snapshot(s) with weights identical to another drawn once (aliases column): "
+            f"{' | '.join(lines[:4])}{' | ...' if len(lines) > 4 else ''}")
+    return grams[:, ix][:, :, ix].contiguous(), [metas[i] for i in keep], [note]
 
 
 def check_norms(G: torch.Tensor, metas: list[dict], names: list[str], metric: str) -> None:

@@ -11,7 +11,7 @@ import re
 from typing import Any, Callable, Sequence
 
 from ..flat import ParamSpec
-from .formats import SnapshotError
+from .formats import WRAPPER_PREFIXES, SnapshotError
 
 
 def parse_number(v: str):
@@ -50,7 +50,8 @@ def paper_layers(spec: ParamSpec) -> list[tuple[str, list[int]]]:
 
 
 def select_tensors(spec: ParamSpec, layer: str | None) -> list[int]:
-    """Tensor indices for `--layer` (None/'all': everything)."""
+    """Tensor indices for `--layer` (None/'all': everything): tensor names or globs as stored in the file,
+    with or without its wrapper prefix, or the paper's layer numbers; comma-separated for several."""
     if layer is None or str(layer).strip().lower() in ("", "all"):
         return list(range(len(spec)))
     chosen: list[int] = []
@@ -66,13 +67,35 @@ def select_tensors(spec: ParamSpec, layer: str | None) -> list[int]:
                 raise SnapshotError(f"--layer {part}: {what}; layers with weights are {listing}")
             idx = layers[k - 2][1]
         else:
-            idx = [i for i, n in enumerate(spec.names)
-                   if fnmatch.fnmatchcase(n, part) or n.startswith(part + ".")]
+            idx = _match_names(spec.names, part)
             if not idx:
                 raise SnapshotError(f"--layer {part!r} matches no tensor; tensors are: "
                                     f"{', '.join(spec.names)}")
         chosen += [i for i in idx if i not in chosen]
     return sorted(chosen)
+
+
+def _unwrapped(name: str) -> str:
+    """name without the wrapper prefixes (model., module., _orig_mod., net.) it starts with."""
+    changed = True
+    while changed:
+        changed = False
+        for p in WRAPPER_PREFIXES:
+            if name.startswith(p) and len(name) > len(p):
+                name, changed = name[len(p):], True
+    return name
+
+
+def _match_names(names: Sequence[str], pattern: str) -> list[int]:
+    """Tensors whose name matches the glob (or is below the module it names); wrapper prefixes are
+    ignored on both sides, so 'module.conv1.*', '_orig_mod.conv1.*' and 'conv1.*' are the same."""
+    def hits(name: str, pat: str) -> bool:
+        return fnmatch.fnmatchcase(name, pat) or name.startswith(pat + ".")
+    idx = [i for i, n in enumerate(names) if hits(n, pattern)]
+    if not idx:
+        bare = _unwrapped(pattern)
+        idx = [i for i, n in enumerate(names) if hits(_unwrapped(n), bare)]
+    return idx
 
 
 # --select: tokens are numbers, quoted strings, operators and words.

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..flat import ParamSpec
 from ..store import SnapshotStore
 from .formats import Snapshot, SnapshotError, load_tensors, read_safetensors_pieces
-from .layouts import find_snapshots, sort_order
+from .layouts import find_snapshots, label_of, sort_order
 from .selection import columns, parse_select
 
 
@@ -45,10 +45,11 @@ class SnapshotSet:
         return str(self.root) if self.root is not None else "in-memory snapshots"
 
     def file_key(self, i: int) -> list:
-        """(relative path, size, mtime_ns): changes whenever the file is rewritten."""
+        """(absolute path, size, mtime_ns): the snapshot's identity in the (shared) Gram cache; it
+        changes whenever the file is rewritten."""
         p = self.items[i].path
         st = p.stat()
-        return [self.meta[i]["path"], st.st_size, st.st_mtime_ns]
+        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
 
     def filter_rows(self, select: str | None = None,
                     trajectory: Sequence[str] | str | None = None) -> list[int]:
@@ -174,6 +175,8 @@ def open_source(source, *, spec: ParamSpec | None = None, group_by: str | None =
         spec = ParamSpec(("params",), ((X.shape[1],),))
     if spec.numel != X.shape[1]:
         raise SnapshotError(f"spec has {spec.numel} parameters, snapshots have {X.shape[1]}")
+    for m in metas:
+        m.setdefault("label", label_of(m))
     items = [Snapshot("memory", None, {}, row=i) for i in range(X.shape[0])]
     order = sort_order(metas)
     return SnapshotSet(spec=spec, items=[items[i] for i in order], meta=[metas[i] for i in order],
