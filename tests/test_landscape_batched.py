@@ -59,15 +59,21 @@ def bn_setup():
     return m, x, y, flats
 
 
-@pytest.mark.parametrize("route", ["loop", "grouped", "vmap"])
+@pytest.mark.parametrize("route,max_memory", [("loop", None), ("loop", 1), ("grouped", None), ("vmap", None)])
 @pytest.mark.parametrize("bn", ["keep", "reestimate"])
-def test_routes_match_evaluate_with_batchnorm(bn_setup, route, bn):
+def test_routes_match_evaluate_with_batchnorm(bn_setup, route, max_memory, bn):
+    """max_memory=1 makes the loop route use evaluate.reestimate_bn_ instead of the one-pass sweep."""
     m, x, y, flats = bn_setup
-    r = evaluate_points(m, flats, (x, y), bn=bn, route=route, batch_size=32, chunk=2)
+    xt, yt = x[:25] * 1.5, y[:25]
+    r = evaluate_points(m, flats, {"train": (x, y), "test": (xt, yt)}, bn=bn, route=route, batch_size=32, chunk=2,
+                        max_memory=max_memory)
     for k in range(3):
         e, l = evaluate(m, x, y, flat=flats[k], bn=bn, batch_size=32)
         assert r.errors["train"][k].item() == e
         assert r.losses["train"][k].item() == pytest.approx(l, rel=1e-10)
+        e, l = evaluate(m, xt, yt, flat=flats[k], bn=bn, bn_x=x, batch_size=32)
+        assert r.errors["test"][k].item() == e
+        assert r.losses["test"][k].item() == pytest.approx(l, rel=1e-10)
 
 
 @pytest.mark.parametrize("route", ["loop", "grouped", "vmap"])

@@ -42,6 +42,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..evaluate import grouped_metrics, model_metrics, reestimate_bn_, reestimate_grouped_bn_
 from ..flat import ParamSpec, load_flat_
 from ..models import GroupedNet
+from . import bn_sweep
 from .points import PointSet, as_points
 
 BN_CHOICES = ("reestimate", "keep", "train")
@@ -154,25 +155,41 @@ def _metrics_from_logits(out: torch.Tensor, yb: torch.Tensor) -> tuple[torch.Ten
     return wrong, ce
 
 
-class _LoopRoute:
-    """One model, weights copied in per vector."""
+def _same_tensor(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    return b is not None and (a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                                        and a.stride() == b.stride() and a.dtype == b.dtype))
 
-    def __init__(self, model, bn, bn_x, batch_size):
+
+class _LoopRoute:
+    """One model, weights copied in per vector. With bn="reestimate" on an nn.Sequential whose
+    activations on bn_x fit in memory, one layer-by-layer sweep re-estimates the statistics and yields
+    the logits on bn_x at once (bn_sweep); otherwise evaluate.reestimate_bn_ (one pass per BatchNorm)."""
+
+    def __init__(self, model, bn, bn_x, batch_size, act_bytes, max_memory):
         self.m = copy.deepcopy(model).eval()
         if bn == "train":
             use_batch_statistics_(self.m)
         self.bn, self.bn_x, self.batch_size = bn, bn_x, batch_size
+        self.sweep = (bn == "reestimate" and bn_sweep.sweepable(self.m)
+                      and bn_sweep.fits(act_bytes, bn_x.shape[0], max_memory))
 
     def run(self, rows, sets):
         k = rows.shape[0]
         res = {n: (torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)) for n in sets}
         for i in range(k):
             load_flat_(self.m, rows[i])
-            if self.bn == "reestimate":
+            logits = None
+            if self.sweep:
+                logits = bn_sweep.sweep_(self.m, self.bn_x, self.batch_size)
+            elif self.bn == "reestimate":
                 reestimate_bn_(self.m, self.bn_x, self.batch_size)
             self.m.eval()
             for n, (x, y) in sets.items():
-                e, l = model_metrics(self.m, x, y, self.batch_size)
+                if logits is not None and _same_tensor(x, self.bn_x):
+                    w, c = _metrics_from_logits(logits.unsqueeze(0), y)
+                    e, l = float(w[0]) / x.shape[0], float(c[0]) / x.shape[0]
+                else:
+                    e, l = model_metrics(self.m, x, y, self.batch_size)
                 res[n][0][i], res[n][1][i] = e, l
         return res
 
@@ -180,7 +197,7 @@ class _LoopRoute:
 class _GroupedRoute:
     """K copies as one GroupedNet (rebuilt only when the chunk size changes)."""
 
-    def __init__(self, model, bn, bn_x, batch_size):
+    def __init__(self, model, bn, bn_x, batch_size, act_bytes, max_memory):
         self.model, self.bn, self.bn_x, self.batch_size = model, bn, bn_x, batch_size
         self.g: GroupedNet | None = None
 
@@ -201,7 +218,7 @@ class _GroupedRoute:
 class _VmapRoute:
     """functional_call + vmap over stacked weights (and, for "reestimate", stacked buffers)."""
 
-    def __init__(self, model, bn, bn_x, batch_size):
+    def __init__(self, model, bn, bn_x, batch_size, act_bytes, max_memory):
         self.m = copy.deepcopy(model).eval()
         if bn == "train":
             use_batch_statistics_(self.m)
@@ -289,12 +306,12 @@ def evaluate_points(model: nn.Module, points, sets, *, bn: str = "reestimate", b
     batch_size = int(batch_size or (1024 if device.type == "cuda" else 256))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    max_memory = int(max_memory or DEFAULT_MAX_MEMORY)
+    act = activation_bytes_per_sample(model, first_x)
     if chunk is None:
-        act = activation_bytes_per_sample(model, first_x) if rname != "loop" else 0
-        chunk = models_per_pass(rname, P, first_x.element_size(), act, batch_size,
-                                int(max_memory or DEFAULT_MAX_MEMORY))
+        chunk = models_per_pass(rname, P, first_x.element_size(), act, batch_size, max_memory)
     chunk = max(1, min(int(chunk), max(len(pts), 1)))
-    runner = _ROUTE_CLASSES[rname](model, bn_eff, bn_x, batch_size)
+    runner = _ROUTE_CLASSES[rname](model, bn_eff, bn_x, batch_size, act, max_memory)
     K = len(pts)
     errors = {n: torch.empty(K, dtype=torch.float64) for n in sets}
     losses = {n: torch.empty(K, dtype=torch.float64) for n in sets}
