@@ -170,8 +170,10 @@ class _LoopRoute:
         if bn == "train":
             use_batch_statistics_(self.m)
         self.bn, self.bn_x, self.batch_size = bn, bn_x, batch_size
-        self.sweep = (bn == "reestimate" and bn_sweep.sweepable(self.m)
-                      and bn_sweep.fits(act_bytes, bn_x.shape[0], max_memory))
+        self.sweep = None
+        if (bn == "reestimate" and bn_sweep.sweepable(self.m)
+                and bn_sweep.fits(act_bytes, bn_x.shape[0], max_memory)):
+            self.sweep = bn_sweep.Sweeper(self.m, bn_x, batch_size)
 
     def run(self, rows, sets):
         k = rows.shape[0]
@@ -179,8 +181,8 @@ class _LoopRoute:
         for i in range(k):
             load_flat_(self.m, rows[i])
             logits = None
-            if self.sweep:
-                logits = bn_sweep.sweep_(self.m, self.bn_x, self.batch_size)
+            if self.sweep is not None:
+                logits = self.sweep()
             elif self.bn == "reestimate":
                 reestimate_bn_(self.m, self.bn_x, self.batch_size)
             self.m.eval()
