@@ -39,6 +39,12 @@ class ParamSpec:
     def __len__(self) -> int:
         return len(self.names)
 
+    def index(self, name: str) -> int:
+        try:
+            return self.names.index(name)
+        except ValueError:
+            raise KeyError(f"no tensor named {name!r}; have: {', '.join(self.names)}") from None
+
     def to_json(self) -> dict:
         return {"names": list(self.names), "shapes": [list(s) for s in self.shapes]}
 
