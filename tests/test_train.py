@@ -277,3 +277,23 @@ def test_cli_killed_subprocess_resumes_bit_identically(tmp_path):
     _same_store(tmp_path / "ref", tmp_path / "a")
     ha = json.loads((tmp_path / "a" / "train_history.json").read_text())["histories"]
     assert ha == json.loads((tmp_path / "ref" / "train_history.json").read_text())["histories"]
+
+
+def test_stop_at_zero_training_error(data, tmp_path):
+    """stop_at_zero_error_from=k: every epoch from k on is evaluated and training stops at the first with
+    zero training error (snapshot there); resuming the finished run trains no further."""
+    cfg = TrainConfig(lr=0.2, batch_size=20, epochs=40, snapshot_epochs=[40], eval_every=5, stop_at_zero_error_from=3)
+    h = train(fresh(), data, cfg, store=tmp_path / "s", progress=False)
+    errs = {r["epoch"]: r["train_error"] for r in h}
+    stop = h[-1]["epoch"]
+    assert all(e in errs for e in range(3, stop + 1))  # evaluated after every epoch from 3 on
+    assert errs[stop] == 0 and stop < 40 and all(errs[e] > 0 for e in range(3, stop))
+    st = SnapshotStore(tmp_path / "s")
+    assert [int(e["epoch"]) for e in st.entries] == [stop]
+    # the same run without the rule passes through the same weights at that epoch
+    ref = train(fresh(), data, replace(cfg, epochs=stop, stop_at_zero_error_from=None, snapshot_epochs=[stop]),
+                store=tmp_path / "ref", progress=False)
+    assert ref[-1]["train_error"] == 0
+    torch.testing.assert_close(st.load_flat(0), SnapshotStore(tmp_path / "ref").load_flat(0), rtol=0, atol=0)
+    assert train(fresh(), data, cfg, store=tmp_path / "s", resume=True, progress=False) == h
+    assert len(SnapshotStore(tmp_path / "s")) == 1

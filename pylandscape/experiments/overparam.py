@@ -97,10 +97,11 @@ def run(config: Config, out_dir: Path) -> dict:
                 if config.stop == "zero_error":
                     outdir.log(f"width {w:g}, {n} training examples: SGD to zero training error "
                                f"(at most {config.max_epochs} epochs)")
-                    tconfig = training.train_config(config, epochs=1, snapshot_epochs=[], eval_every=1)
+                    tconfig = training.train_config(config, epochs=1, snapshot_epochs=[config.max_epochs],
+                                                    eval_every=1)
                     hist, zero = training.run_train_to_zero(make, flat0, data, tconfig, outdir.store_dir(out, unit),
-                                                            meta=meta, max_epochs=config.max_epochs, every=1,
-                                                            name=unit, warn_if_longer=False)
+                                                            meta=meta, max_epochs=config.max_epochs, name=unit,
+                                                            warn_if_longer=False)
                 else:
                     epochs = _epochs_for(config, n)
                     outdir.log(f"width {w:g}, {n} training examples: {epochs} epochs (equal steps)")

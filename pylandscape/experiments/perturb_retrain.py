@@ -172,7 +172,7 @@ def _gd_to_zero(config: Config, out: Path, make, data, start, tag: str, seed: in
                                     epochs=config.gd_epochs, snapshot_epochs=snaps, seed=seed, eval_every=every)
     return training.run_train_to_zero(make, start, data, tconfig, outdir.store_dir(out, f"{tag}_gd"),
                                       meta={"run": f"{tag}_gd", "trajectory": f"{tag} GD"},
-                                      max_epochs=config.gd_max_epochs, every=every, name=f"{tag} GD")
+                                      max_epochs=config.gd_max_epochs, name=f"{tag} GD")
 
 
 def source_model(out: Path, config: Config, src: str, tag: str = "base") -> torch.Tensor:

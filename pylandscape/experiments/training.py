@@ -127,29 +127,20 @@ def run_train_many(make, starts: torch.Tensor, data, tconfig, store_path: Path, 
 
 
 def run_train_to_zero(make, start: torch.Tensor, data, tconfig: TrainConfig, store_path: Path, *, meta: dict,
-                      max_epochs: int, every: int, name: str,
-                      warn_if_longer: bool = True) -> tuple[list[dict], int | None]:
-    """Train tconfig.epochs, then, while the training error is not zero, `every` more epochs at a time
-    (the same trajectory, resumed in the same store) until it is or max_epochs is reached; say so loudly
-    when tconfig.epochs was not enough (warn_if_longer=False: tconfig.epochs is only a start).
-    tconfig.snapshot_epochs must already cover the epochs up to max_epochs (a resumed run needs the same
-    snapshot plan). Returns (history, first evaluated epoch with zero training error or None)."""
-    store_path = Path(store_path)
-    done = max((int(e["epoch"]) for e in SnapshotStore(store_path).entries), default=0) \
-        if SnapshotStore.is_store(store_path) else 0
-    epochs = max(tconfig.epochs, done)  # a killed run that was already extending continues from there
-    while True:
-        hist = run_train(make, start, data, dataclasses.replace(tconfig, epochs=epochs), store_path, meta=meta,
-                         resume=True)
-        zero = next((r["epoch"] for r in hist if r["train_error"] == 0), None)
-        if zero is not None or epochs >= max_epochs:
-            break
-        if epochs == tconfig.epochs and warn_if_longer:
-            log(f"WARNING: {name}: training error {hist[-1]['train_error']:.4f} after {epochs} epochs, not zero; "
-                f"continuing until it is (at most {max_epochs} epochs)")
-        epochs = min(max_epochs, epochs + max(1, every))
+                      max_epochs: int, name: str, warn_if_longer: bool = True) -> tuple[list[dict], int | None]:
+    """Train at least tconfig.epochs, then on until the training error is zero (evaluated after every
+    epoch from tconfig.epochs on; TrainConfig.stop_at_zero_error_from) or max_epochs is reached; say so
+    loudly when tconfig.epochs was not enough (warn_if_longer=False: tconfig.epochs is only a start).
+    Resumable like run_train. Returns (history, first epoch with zero training error or None)."""
+    tc = dataclasses.replace(tconfig, epochs=max_epochs, stop_at_zero_error_from=tconfig.epochs)
+    hist = run_train(make, start, data, tc, store_path, meta=meta, resume=True)
+    zero = next((r["epoch"] for r in hist if r["train_error"] == 0 and r["epoch"] >= tconfig.epochs), None)
+    end = hist[-1]
+    if warn_if_longer and end["epoch"] > tconfig.epochs:
+        log(f"WARNING: {name}: training error was not zero after {tconfig.epochs} epochs; trained on to epoch "
+            f"{end['epoch']}")
     if zero is None:
-        log(f"WARNING: {name}: training error still {hist[-1]['train_error']:.4f} after {max_epochs} epochs "
+        log(f"WARNING: {name}: training error still {end['train_error']:.4f} after {max_epochs} epochs "
             f"(the cap): NOT at zero training error")
     else:
         log(f"{name}: zero training error at epoch {zero}")

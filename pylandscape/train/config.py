@@ -35,6 +35,9 @@ class TrainConfig:
     eval_batch_size: images per forward pass in evaluation (None = the whole set when N <= 2000,
         else 1000).
     seed: data-order seed of train() (train_many takes one seed per trajectory instead).
+    stop_at_zero_error_from: None (train all `epochs`) or an epoch k: from epoch k on, evaluate after
+        every epoch and stop at the first one where every trajectory has zero training error (a snapshot
+        is written there); `epochs` is then the cap.
     """
 
     optimizer: str = "sgd"
@@ -51,6 +54,7 @@ class TrainConfig:
     device: str = "cpu"
     eval_bn: str = "reestimate"
     eval_batch_size: int | None = None
+    stop_at_zero_error_from: int | None = None
 
     def __post_init__(self):
         self.validate()
@@ -79,6 +83,9 @@ class TrainConfig:
         if self.snapshot_steps is not None:
             if any(int(s) != s or s < 1 for s in self.snapshot_steps):
                 raise ValueError(f"snapshot_steps must be integers >= 1, got {list(self.snapshot_steps)}")
+        v = self.stop_at_zero_error_from
+        if v is not None and (not isinstance(v, int) or v < 0):
+            raise ValueError(f"stop_at_zero_error_from must be None or an integer >= 0, got {v!r}")
         if self.eval_bn not in BN_MODES:
             raise ValueError(f"eval_bn must be one of {BN_MODES}, got {self.eval_bn!r}")
         return self

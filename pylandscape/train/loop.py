@@ -111,6 +111,11 @@ def _run(runner: SingleRunner, data: Dataset, cfg: TrainConfig, seeds: Sequence[
         if is_snap_epoch(0):
             snapshot(rows, [g.get_state() for g in gens], 0, 0)
 
+    stop_from = cfg.stop_at_zero_error_from
+    if stop_from is not None and histories[0] and epoch >= stop_from and \
+            all(h[-1]["epoch"] == epoch and h[-1]["train_error"] == 0 for h in histories):
+        return histories  # a resumed run that already met the stopping rule is finished
+
     bar = tqdm(total=cfg.epochs, initial=epoch, disable=not progress, desc=f"train ({cfg.optimizer}, K={K})",
                unit="epoch", leave=False)
     last_loss = float("nan")
@@ -142,12 +147,17 @@ def _run(runner: SingleRunner, data: Dataset, cfg: TrainConfig, seeds: Sequence[
             pos = 0
             epoch += 1
             snap = is_snap_epoch(epoch) or step in snap_steps
-            if snap or epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
+            watch = stop_from is not None and epoch >= stop_from
+            if snap or watch or epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                 rows = record(epoch, True)
-                if snap:
+                done = watch and all(r["train_error"] == 0 for r in rows)
+                if snap or done:
                     snapshot(rows, [g.get_state() for g in gens], epoch, 0)
                 bar.set_postfix(loss=f"{last_loss:.4f}", err=f"{sum(r['train_error'] for r in rows) / K:.4f}",
                                 snaps=n_written[0])
+                if done:  # zero training error: the stopping rule is met (the snapshot above is the end)
+                    bar.update(1)
+                    break
             bar.update(1)
     finally:
         bar.close()
