@@ -1,6 +1,7 @@
 """The experiment runner's command line: listing, help, errors, config overrides and the output folder rules."""
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+import pylandscape
 from pylandscape import plot
 from pylandscape.experiments import MODULES, bgd_branches, cli, load_all, outdir, perturb_retrain
 from pylandscape.experiments.config import apply_overrides, config_from_dict, config_to_dict
@@ -148,3 +150,64 @@ def test_no_momentum_where_the_paper_says_sgd_or_gd():
         for name, cfg in mod.PRESETS.items():
             for field in ("momentum", "gd_momentum"):
                 assert getattr(cfg, field, 0.0) == 0.0, (mod.NAME, name, field)
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """pylandscape module -> the pylandscape modules it imports at module level (not inside functions)."""
+    pkg_root = Path(pylandscape.__file__).resolve().parent
+    mods = {}
+    for path in pkg_root.rglob("*.py"):
+        rel = path.relative_to(pkg_root.parent).with_suffix("")
+        parts = list(rel.parts)
+        is_pkg = parts[-1] == "__init__"
+        name = ".".join(parts[:-1] if is_pkg else parts)
+        mods[name] = (path, is_pkg)
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_pkg) in mods.items():
+        package = name if is_pkg else name.rsplit(".", 1)[0]
+        edges = set()
+        tree = ast.parse(path.read_text())
+        nodes = list(tree.body)
+        while nodes:  # module level, including try/if blocks, but no function or class bodies
+            node = nodes.pop()
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                continue  # annotations only, never imported at run time
+            if isinstance(node, (ast.Try, ast.If)):
+                nodes += node.body + node.orelse + getattr(node, "finalbody", []) + \
+                    [n for h in getattr(node, "handlers", []) for n in h.body]
+            elif isinstance(node, ast.Import):
+                edges |= {a.name for a in node.names if a.name in mods}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    up = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(up + ([base] if base else []))
+                if not base.startswith("pylandscape"):
+                    continue
+                for a in node.names:
+                    target = f"{base}.{a.name}"
+                    edges.add(target if target in mods else base)
+        graph[name] = {e for e in edges if e in mods and e != name}
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _module_imports()
+    assert "pylandscape.plot" in graph and "pylandscape.experiments.outdir" in graph
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(n):] + [n]))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
