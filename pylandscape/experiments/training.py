@@ -131,17 +131,17 @@ def run_train_to_zero(make, start: torch.Tensor, data, tconfig: TrainConfig, sto
     """Train at least tconfig.epochs, then on until the training error is zero (evaluated after every
     epoch from tconfig.epochs on; TrainConfig.stop_at_zero_error_from) or max_epochs is reached; say so
     loudly when tconfig.epochs was not enough (warn_if_longer=False: tconfig.epochs is only a start).
-    Resumable like run_train. Returns (history, first epoch with zero training error or None)."""
+    Resumable like run_train. Returns (history, first evaluated epoch with zero training error or None)."""
     tc = dataclasses.replace(tconfig, epochs=max_epochs, stop_at_zero_error_from=tconfig.epochs)
     hist = run_train(make, start, data, tc, store_path, meta=meta, resume=True)
-    zero = next((r["epoch"] for r in hist if r["train_error"] == 0 and r["epoch"] >= tconfig.epochs), None)
+    zero = next((r["epoch"] for r in hist if r["train_error"] == 0), None)
     end = hist[-1]
     if warn_if_longer and end["epoch"] > tconfig.epochs:
         log(f"WARNING: {name}: training error was not zero after {tconfig.epochs} epochs; trained on to epoch "
             f"{end['epoch']}")
-    if zero is None:
+    if end["train_error"] != 0:
         log(f"WARNING: {name}: training error still {end['train_error']:.4f} after {max_epochs} epochs "
             f"(the cap): NOT at zero training error")
     else:
-        log(f"{name}: zero training error at epoch {zero}")
+        log(f"{name}: zero training error at epoch {end['epoch']} (first reached at epoch {zero})")
     return hist, zero
