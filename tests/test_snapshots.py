@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import pickle
-import zipfile
 
 import numpy as np
 import pytest
@@ -14,8 +13,14 @@ import torch
 from safetensors.torch import save_file
 
 from pylandscape.flat import ParamSpec
-from pylandscape.snapshots import (SnapshotError, discover, open_source, paper_layers, parse_select,
-                                   select_tensors)
+from pylandscape.snapshots import (
+    SnapshotError,
+    discover,
+    open_source,
+    paper_layers,
+    parse_select,
+    select_tensors,
+)
 from pylandscape.store import SnapshotStore
 
 
