@@ -259,3 +259,29 @@ def test_cache_version_and_size_cap(tmp_path, capsys, monkeypatch):
     rc, err = _run(["--snapshots", str(tmp_path / "a"), "--out", str(tmp_path / "o"), "--cache-max", "1k"],
                    capsys)
     assert rc == 0 and "cache hit" in err  # reading is not limited by the cap
+
+
+def test_one_layer_without_cache_reads_only_that_layer(tmp_path, monkeypatch):
+    """--layer with --no-cache reads and computes the selected tensors only; with the cache on, every
+    tensor is read once so that later runs for other layers read nothing."""
+    _write_run(tmp_path / "ck", fmt="safetensors")
+    from pylandscape.snapshots import SnapshotSet, discover
+    sset_names = discover(tmp_path / "ck").spec.names
+    seen: set = set()
+    real = SnapshotSet.read_block
+
+    def spy(self, rows, pieces, *a, **k):
+        seen.update(t for t, _, _ in pieces)
+        return real(self, rows, pieces, *a, **k)
+    monkeypatch.setattr(SnapshotSet, "read_block", spy)
+    res = mds.embed(tmp_path / "ck", layer="fc.*", cache=False, progress=False, max_memory=12 * 4 * 3 * 10)
+    names = set(res.selected)
+    assert names == {"fc.weight", "fc.bias"} and res.timings["read_chunks"] > 1
+    assert {sset_names[t] for t in seen} == names
+    seen.clear()
+    res2 = mds.embed(tmp_path / "ck", layer="fc.*", cache=False, progress=False, max_memory=12 * 4 * 3 * 10)
+    ref = mds.embed(tmp_path / "ck", cache=False, progress=False, layer="fc.*", max_memory="1G")
+    np.testing.assert_allclose(res2.coords, ref.coords, rtol=0, atol=1e-12)
+    seen.clear()
+    mds.embed(tmp_path / "ck", layer="fc.*", progress=False)
+    assert {sset_names[t] for t in seen} == set(sset_names)
