@@ -22,7 +22,7 @@ import re
 import struct
 import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -121,6 +121,9 @@ class Snapshot:
     tensors: dict[str, tuple]        # name -> (shape, dtype tag); safetensors: + (start, end) in file
     data_start: int = 0              # safetensors: offset of the data section
     row: int = -1                    # memory: row in the in-memory matrix
+    # torch zip files: the tensors, memory-mapped (file pages, no copy in RAM), kept so that reading
+    # column chunks neither loads the file again per chunk nor reads any byte twice
+    mapped: dict | None = field(default=None, repr=False)
 
 
 def kind_of(path: Path) -> str:
@@ -163,8 +166,9 @@ def parse_safetensors_header(path: Path) -> tuple[dict, int, dict]:
     return tensors, data_start, meta
 
 
-def torch_load(path: Path) -> Any:
-    """torch.load that never runs code from the file (weights_only=True + the SAFE_GLOBALS allow-list)."""
+def torch_load(path: Path) -> tuple[Any, bool]:
+    """torch.load that never runs code from the file (weights_only=True + the SAFE_GLOBALS allow-list);
+    (object, whether its tensors are memory-mapped)."""
     kw = dict(weights_only=True, map_location="cpu")
     with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_GLOBALS):
         warnings.simplefilter("ignore")  # torch's notes on pickle protocols are noise here
@@ -178,14 +182,14 @@ def _looks_like_torch(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
-def _torch_load_checked(path: Path, kw: dict) -> Any:
+def _torch_load_checked(path: Path, kw: dict) -> tuple[Any, bool]:
     try:
         try:
-            return torch.load(path, mmap=True, **kw)
+            return torch.load(path, mmap=True, **kw), True
         except RuntimeError as e:
             if "mmap" not in str(e) and "zip" not in str(e).lower():
                 raise
-            return torch.load(path, **kw)  # legacy (non-zip) format cannot be memory-mapped
+            return torch.load(path, **kw), False  # legacy (non-zip) format cannot be memory-mapped
     except Exception as e:  # noqa: BLE001 - any failure becomes one clear line naming the file
         msg = str(e)
         if "Weights only load failed" in msg or "Unsupported global" in msg or "UnpicklingError" in type(e).__name__:
@@ -254,10 +258,17 @@ def strip_wrapper_prefix(names: Sequence[str]) -> dict[str, str]:
 
 
 def load_tensors(item: Snapshot) -> tuple[dict[str, Any], dict]:
-    """(name -> tensor, metadata the file records) of a PyTorch file, wrapper prefixes stripped."""
-    sd, extra = find_state_dict(torch_load(item.path), item.path)
+    """(name -> tensor, metadata the file records) of a PyTorch file, wrapper prefixes stripped; a
+    memory-mapped result is kept in item.mapped."""
+    if item.mapped is not None:
+        return item.mapped, {}
+    obj, mapped = torch_load(item.path)
+    sd, extra = find_state_dict(obj, item.path)
     ren = strip_wrapper_prefix(list(sd))
-    return {ren[k]: v for k, v in sd.items()}, extra
+    sd = {ren[k]: v for k, v in sd.items()}
+    if mapped:
+        item.mapped = sd
+    return sd, extra
 
 
 def is_float(dtype_tag: str) -> bool:
