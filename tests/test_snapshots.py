@@ -213,10 +213,11 @@ def test_non_weight_files_are_counted_not_errors(tmp_path):
         (ck / "training_args.bin").write_bytes(b"\x80\x04not a weights-only pickle")
         (ck / "trainer_state.json").write_text(json.dumps({"global_step": i * 10 + 1, "epoch": i + 0.5}))
         (ck / "random_states_0.pkl").write_bytes(b"x")
+        (ck / "vocab.bin").write_bytes(b"not a checkpoint at all")
     sset = discover(tmp_path)
-    assert sset.skipped[0] == ("skipped 16 non-weight files: 4 RNG states, 4 optimizer states, "
-                               "2 AMP scaler states, 2 JSON metadata files, 2 scheduler states, "
-                               "2 training arguments")
+    assert sset.skipped[0] == ("skipped 18 non-weight files: 4 RNG states, 4 optimizer states, "
+                               "2 AMP scaler states, 2 JSON metadata files, 2 other .bin files (not PyTorch), "
+                               "2 scheduler states, 2 training arguments")
     assert [(m["step"], m["epoch"], m["label"]) for m in sset.meta] == [(1, 0.5, "ep 0.5"), (11, 1.5, "ep 1.5")]
     assert {m["time_source"] for m in sset.meta} == {"trainer_state.json (global_step, epoch)"}
     torch.save({"weights": [1, 2]}, tmp_path / "checkpoint-0" / "broken.pt")

@@ -192,6 +192,8 @@ def _torch_load_checked(path: Path, kw: dict) -> tuple[Any, bool]:
             return torch.load(path, **kw), False  # legacy (non-zip) format cannot be memory-mapped
     except Exception as e:  # noqa: BLE001 - any failure becomes one clear line naming the file
         msg = str(e)
+        if path.name.endswith(".bin") and not _looks_like_torch(path):
+            raise NotWeights("other .bin files (not PyTorch)") from None
         if "Weights only load failed" in msg or "Unsupported global" in msg or "UnpicklingError" in type(e).__name__:
             first = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln or "GLOBAL" in ln), "")
             first = first.split(" was not an allowed global")[0]
@@ -199,8 +201,6 @@ def _torch_load_checked(path: Path, kw: dict) -> tuple[Any, bool]:
                                 f"allow-list (tensors, containers, argparse.Namespace, paths, numpy data), "
                                 f"and unpickling them could run code; save model.state_dict() instead. "
                                 f"{first}".strip()) from None
-        if path.name.endswith(".bin") and not _looks_like_torch(path):
-            raise NotWeights("other .bin files (not PyTorch)") from None
         raise SnapshotError(f"{path}: cannot read as a PyTorch checkpoint "
                             f"(truncated or corrupt?): {msg.splitlines()[0] if msg else type(e).__name__}") from None
 
