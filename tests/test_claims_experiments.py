@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from pylandscape import ops
 from pylandscape.experiments import (bgd_vs_sgd, branch_divergence, cli, nondegenerate_minima, outdir,
                                      perturb_sweep, training, weights)
 from pylandscape.experiments.config import apply_overrides, config_from_dict, config_to_dict
@@ -168,39 +167,62 @@ def test_bgd_vs_sgd_same_init_and_recorded_errors(tmp_path):
 
 # -------------------------------------------------------------------------------- nondegenerate-minima
 def test_classify_spectra():
-    c = nondegenerate_minima.classify(torch.tensor([1e-3, 0.5, 2.0], dtype=torch.float64), 3)
+    ev = torch.tensor
+    c = nondegenerate_minima.classify(ev([1e-3, 0.5, 2.0], dtype=torch.float64), 3)
     assert (c["kind"], c["hessian_rank"], c["hessian_negative"]) == ("non-degenerate minimum", 3, 0)
-    c = nondegenerate_minima.classify(torch.tensor([1e-19, 0.5, 2.0], dtype=torch.float64), 3)
+    c = nondegenerate_minima.classify(ev([1e-19, 0.5, 2.0], dtype=torch.float64), 3)
     assert (c["kind"], c["hessian_rank"], c["hessian_zero"]) == ("degenerate minimum", 2, 1)
-    c = nondegenerate_minima.classify(torch.tensor([-0.1, 0.5, 2.0], dtype=torch.float64), 3)
+    c = nondegenerate_minima.classify(ev([1e-19, 0.5, 2.0], dtype=torch.float64), 3, symmetry=1)
+    assert c["kind"] == "non-degenerate modulo symmetry" and c["lambda_min_beyond_symmetry"] == 0.5
+    c = nondegenerate_minima.classify(ev([-0.1, 0.5, 2.0], dtype=torch.float64), 3)
     assert (c["kind"], c["hessian_negative"]) == ("saddle", 1)
+    c = nondegenerate_minima.classify(ev([1e-3, 0.5, 2.0], dtype=torch.float64), 3, grad_norm=1e-3)
+    assert c["kind"] == "not a critical point"
+
+
+def test_symmetry_count():
+    cfg = nondegenerate_minima.PRESETS["quick"]
+    for act, expect in (("relu", 3), ("poly", 3), ("tanh", 0)):  # the ReLU fit has no cubic term: poly acts as degree 2
+        model = nondegenerate_minima.make_fc2(cfg, 3, act)
+        assert nondegenerate_minima.symmetry_dim(model, act, 3) == expect, act
 
 
 def test_nondegenerate_minima_tiny(tmp_path):
     cfg = dataclasses.replace(nondegenerate_minima.PRESETS["quick"], in_dim=3, num_points=12, under_widths=(1,),
-                              over_widths=(4,), restarts=1, lbfgs_steps=300, newton_steps=40)
+                              over_widths=(6,), activations=("tanh", "poly"), over_activations=("tanh",),
+                              restarts=1, lbfgs_steps=300, newton_steps=40)
     res = nondegenerate_minima.run(cfg, tmp_path)
     rows = {(r["regime"], r["activation"]): r for r in outdir.read_table(tmp_path / "metrics" / "nondegenerate_minima")}
-    poly = rows[("under", "poly")]  # n = 3 + 1 + 1 + 1 = 6 < 12
+    poly = rows[("under", "poly")]  # n = 3 + 1 + 1 + 1 = 6 < 12; one rescaling symmetry (degree-2 fit)
     assert poly["num_params"] == 6 and poly["final_loss"] > 1e-3 and poly["grad_norm"] < 1e-9
-    assert poly["kind"] == "non-degenerate minimum" and poly["hessian_rank"] == 6
-    relu = rows[("under", "relu")]  # one rescaling direction per hidden unit: rank n - 1
-    assert relu["grad_norm"] < 1e-9 and relu["hessian_rank"] == relu["rank_bound_from_symmetry"] == 5
-    over = rows[("over", "poly")]  # n = 12 + 4 + 4 + 1 = 21 > 12: zero loss, 21 - 12 flat directions
-    assert over["final_loss"] < 1e-20 and over["hessian_zero"] == over["predicted_zero_dim"] == 9
-    assert res["under_poly_nondegenerate_minima"] == 1
-    # independent check that the under-parametrised point is a strict local minimum: the loss rises in
-    # random directions (spectrum-free)
-    g = training.generator(cfg.seed)
-    x = torch.randn(cfg.num_points, cfg.in_dim, generator=g, dtype=torch.float64)
-    y = torch.randn(cfg.num_points, generator=g, dtype=torch.float64)
-    torch.manual_seed(0)
-    model = nondegenerate_minima.models.fc2(3, 1, 1, activation="poly", poly_degree=cfg.poly_degree).double()
+    assert poly["kind"] == "non-degenerate modulo symmetry" and poly["hessian_rank"] == 5
+    assert poly["lambda_min_beyond_symmetry"] > 1e3 * poly["eig_tol"]
+    assert rows[("under", "tanh")]["grad_norm"] < 1e-9
+    over = rows[("over", "tanh")]  # n = 18 + 6 + 6 + 1 = 31 > 12: zero loss, 31 - 12 flat directions
+    assert over["final_loss"] < 1e-20 and over["hessian_zero"] == over["predicted_zero_dim"] == 19
+    assert res["over_tanh_zero_dim_eq_n_minus_d"] == 1 and res["under_points"] == 2
+    assert (tmp_path / "figures" / "nondegenerate_minima.png").stat().st_size > 1000
+
+
+def test_newton_lands_on_a_strict_minimum_modulo_symmetry():
+    """Spectrum-free check: at the point found the loss rises in random directions, and the Hessian
+    has exactly one zero eigenvalue whose eigenvector keeps the network function (the symmetry)."""
+    cfg = dataclasses.replace(nondegenerate_minima.PRESETS["quick"], in_dim=3)
+    g = training.generator(0)
+    x = torch.randn(12, 3, generator=g, dtype=torch.float64)
+    y = torch.randn(12, generator=g, dtype=torch.float64)
+    torch.manual_seed(1009 + 7)  # the initialisation test_nondegenerate_minima_tiny's poly case starts from
+    model = nondegenerate_minima.make_fc2(cfg, 1, "poly")
     nondegenerate_minima.theory.fit_to_zero_loss(model, x, y, lbfgs_steps=300, newton_steps=0)
     fit = nondegenerate_minima.newton_to_critical(model, x, y, steps=40, grad_tol=1e-10)
+    assert fit["grad_norm"] < 1e-10 and fit["loss"] > 1e-3
     loss = nondegenerate_minima._loss_of(model, x, y)
     theta = nondegenerate_minima._theta(model)
     v = torch.randn(20, theta.numel(), dtype=torch.float64)
     v = v / v.norm(dim=1, keepdim=True)
     assert all(float(loss(theta + 1e-3 * d)) > fit["loss"] for d in v)
-    assert (tmp_path / "figures" / "nondegenerate_minima.png").stat().st_size > 1000
+    h = torch.func.hessian(loss)(theta)
+    ev, vec = torch.linalg.eigh((h + h.T) / 2)
+    assert ev[0].abs() < 1e-10 * ev.abs().max() and ev[1] > 1e-6 * ev.abs().max()
+    f = nondegenerate_minima.linalg.output_fn(model, x)  # along the null vector, f moves only to 2nd order
+    assert float((f(theta + 1e-4 * vec[:, 0]) - f(theta)).norm()) < 1e-5

@@ -294,7 +294,9 @@ def _case_cnn(config: Config) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Counts per regime and activation; "clean" points: critical (||g|| <= 1e-8), no inactive unit."""
+    """Counts per regime and activation. "Clean" points are the proposition's generic case: critical
+    (||g|| <= 1e-8) with an output Jacobian of maximal rank n - symmetry (no dead or saturated unit, no
+    unit reduced to a step function on the data, which makes flat directions of J itself)."""
     res = {}
     for regime in ("under", "over"):
         sub = [r for r in rows if r["regime"] == regime]
@@ -303,7 +305,8 @@ def summarize(rows: list[dict]) -> dict:
             s = [r for r in sub if r["activation"] == act]
             kinds = [r["kind"] for r in s]
             if regime == "under":
-                clean = [r for r in s if r["kind"] != "not a critical point" and r["inactive_units"] == 0]
+                clean = [r for r in s if r["kind"] != "not a critical point"
+                         and r["jacobian_rank"] == r["rank_bound_from_symmetry"]]
                 res[f"under_{act}_points"] = len(s)
                 res[f"under_{act}_kinds"] = {k: kinds.count(k) for k in sorted(set(kinds))}
                 res[f"under_{act}_clean_points"] = len(clean)

@@ -213,6 +213,11 @@ def summarize(out: Path, config: Config, prog: outdir.Progress) -> dict:
         res[f"{name}_train_loss"] = sub[0]["base_train_loss"]
         res[f"{name}_frac_down_by_sigma"] = {str(r["sigma"]): r["frac_down"] for r in sub}
         res[f"{name}_max_frac_down"] = max(r["frac_down"] for r in sub)
+        # above this sigma (on the grid) the loss almost never goes down: the curvature term beats the
+        # gradient term; below it a non-zero gradient makes about half the directions descend
+        res[f"{name}_smallest_sigma_with_frac_down_le_0.05"] = next(
+            (r["sigma"] for r in sorted(sub, key=lambda r: r["sigma"])
+             if all(q["frac_down"] <= 0.05 for q in sub if q["sigma"] >= r["sigma"])), None)
         res[f"{name}_median_increase_by_sigma"] = {str(r["sigma"]): r["q50_increase"] for r in sub}
     res["directions_per_sigma"] = config.n_directions
     return res
