@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from pylandscape.experiments import (bgd_vs_sgd, branch_divergence, cli, nondegenerate_minima, outdir,
-                                     perturb_sweep, training, weights)
+from pylandscape.experiments import (
+    bgd_vs_sgd,
+    branch_divergence,
+    cli,
+    nondegenerate_minima,
+    outdir,
+    perturb_sweep,
+    training,
+    weights,
+)
 from pylandscape.experiments.config import apply_overrides, config_from_dict, config_to_dict
 from pylandscape.store import SnapshotStore
 

@@ -10,11 +10,10 @@ from pathlib import Path
 import matplotlib
 import torch
 
-from .. import data, figures, linalg, models, theory
+from .. import figures, linalg, models, theory
 from ..flat import flatten_module, load_flat_
 from . import outdir, training
 from .config import Protocol
-from .minimum_dimension import _freeze_batchnorm
 
 NAME = "nondegenerate-minima"
 FIGURE = "Liao & Poggio Prop. 1: n < d gives non-degenerate minima, n > d an (n - d)-dim zero-loss set"
@@ -34,8 +33,11 @@ ReLU nets have one exact flat direction per hidden unit, (w_j, b_j, v_j) -> (c w
 and so does a degree-2 polynomial activation with an output bias (the ReLU fit of models.fc2 has no
 cubic term, so poly_degree=3 acts as 2): their Hessian rank is at most n - width (column
 rank_bound_from_symmetry), and "non-degenerate" can only mean rank = that bound. tanh (no continuous
-symmetry) is the clean case of the proposition. Optionally (cnn_points > 0) the paper's network at a small width on
-cnn_points images (BatchNorm statistics frozen at initialisation, as minimum-dimension does).
+symmetry) is the clean case of the proposition. A point counts as the proposition's generic case
+("clean") when it is critical (||g|| <= 1e-8) and the output Jacobian has rank n - symmetry (no dead,
+saturated or step-like unit). The paper's network is not probed: an exact Hessian per Newton step is
+out of reach at its size (a 1,000-parameter dcnn on 200 images ran > 9 minutes without finishing on
+2 cores); minimum-dimension covers the dcnn at zero loss with Lanczos.
 """
 
 
@@ -52,17 +54,13 @@ class Config:
     lbfgs_steps: int = 2000
     newton_steps: int = 100
     grad_tol: float = 1e-10
-    cnn_dataset: str = "cifar10"
-    cnn_points: int = 0
-    cnn_width: float = 0.0625
-    data_root: str | None = None
     seed: int = 0
     device: str = "cpu"
     threads: int = 0
 
 
 PRESETS = {
-    "paper": Config(cnn_points=100),
+    "paper": Config(),
     "quick": Config(in_dim=6, num_points=30, under_widths=(1, 2, 3), over_widths=(8,), restarts=2,
                     lbfgs_steps=1000, threads=1),
 }
@@ -73,12 +71,12 @@ PROTOCOLS = {
         "(issue 12) Proposition 1's other half: in an under-parametrised case (n < d) the non-zero-loss minima "
         "found are non-degenerate (Hessian rank = n, minimum eigenvalue > 0), next to the over-parametrised "
         "(n - d)-dimensional case.",
-        (_NOTE, "CNN case: the paper's dcnn at width 0.0625 on 100 CIFAR-10 images (d = 1000 equations with 10 "
-         "outputs), BatchNorm frozen at init so the net is a fixed smooth map of theta.",
+        (_NOTE, "no CIFAR-10 here: Proposition 1 is about the parameter count, not the data; the paper preset "
+         "is the larger fc2 setting (8-dim inputs, 40 points, widths 1-3 and 8, 16, 3 restarts).",
          "poly_degree=3: with a degree-2 activation f is a quadratic polynomial in x, a function space of "
          "dimension 1 + in_dim + in_dim(in_dim+1)/2 that would cap the Jacobian rank of wider nets.")),
     "quick": Protocol("as paper, smaller: 6-dim inputs, 30 points, widths 1-3 (n = 9, 17, 25 < 30) and 8 "
-                      "(n = 65 > 30), two restarts, no CNN.", (_NOTE,)),
+                      "(n = 65 > 30), two restarts.", (_NOTE,)),
 }
 
 
@@ -260,13 +258,6 @@ def run(config: Config, out_dir: Path) -> dict:
             if unit not in prog:
                 outdir.log(f"{NAME}: {regime}-parametrised fc2 {act} width {width}, restart {r}")
                 prog.mark(unit, _case(config, regime, act, width, r, x, y))
-    if config.cnn_points > 0:
-        for regime in ("under",):
-            unit = f"cnn-{regime}"
-            units.append(unit)
-            if unit not in prog:
-                outdir.log(f"{NAME}: dcnn x{config.cnn_width} on {config.cnn_points} {config.cnn_dataset} images")
-                prog.mark(unit, _case_cnn(config))
     rows = [prog.get(u) for u in units]
     outdir.write_table(out / "metrics" / "nondegenerate_minima",
                        [{k: v for k, v in r.items() if k != "eigenvalues"} for r in rows])
@@ -277,20 +268,6 @@ def run(config: Config, out_dir: Path) -> dict:
     outdir.write_results(out, res)
     plot(out)
     return res
-
-
-def _case_cnn(config: Config) -> dict:
-    ds = data.load_dataset(config.cnn_dataset, config.data_root, train_size=config.cnn_points, seed=config.seed,
-                           dtype=torch.float64)
-    x = ds.x_train
-    y = torch.nn.functional.one_hot(ds.y_train, ds.num_classes).to(torch.float64)
-    torch.manual_seed(config.seed)
-    model = models.dcnn(config.cnn_width, in_channels=ds.in_channels, num_classes=ds.num_classes,
-                        image_size=ds.image_size).double()
-    _freeze_batchnorm(model, x)
-    # ReLU rescaling symmetries of the dcnn are broken by BatchNorm's frozen statistics only in part; the
-    # bound is not computed for it (symmetry_dim 0 means "not counted" here)
-    return _fit_and_measure(config, "under", f"dcnn x{config.cnn_width}", "relu", 0, model, x, y, 0, chunk=100)
 
 
 def summarize(rows: list[dict]) -> dict:
