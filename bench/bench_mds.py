@@ -181,9 +181,11 @@ def main(argv=None) -> int:
         res = procrustes(sk["coords"], ours["coords"])
         rows.append(("agreement (Procrustes residual / scale)", res, f"{res:.1e}"))
     # the cache: a first CLI-like run writes it, a second one for another layer reads it
-    shutil.rmtree(root / ".pylandscape-cache", ignore_errors=True)
-    t1, _ = _time(lambda: mds.embed(root, progress=False, device=args.device))
-    t2, r2 = _time(lambda: mds.embed(root, layer="2", metric="chordal", progress=False, device=args.device))
+    cache = Path(args.dir) / "gram-cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    t1, _ = _time(lambda: mds.embed(root, progress=False, device=args.device, cache_dir=cache))
+    t2, r2 = _time(lambda: mds.embed(root, layer="2", metric="chordal", progress=False, device=args.device,
+                                     cache_dir=cache))
     rows.append(("embed(), cold cache (read + gram + mds)", t1, ""))
     rows.append(("embed(), cache hit, other layer/metric", t2, f"gram from cache {r2.timings['gram']:.3f}s"))
     return 0

@@ -49,6 +49,16 @@ def palette(k: int) -> list:
     return [cmap(i / max(1, k - 1)) for i in range(k)]
 
 
+def _label(m: dict, column: str):
+    """m[column]; for "label" (epoch, else step, else file name) also on metadata that has no such column."""
+    if column != "label" or m.get("label") is not None:
+        return m.get(column)
+    for key, prefix in (("epoch", "ep "), ("step", "step ")):
+        if isinstance(m.get(key), (int, float)) and not isinstance(m.get(key), bool):
+            return f"{prefix}{m[key]:g}"
+    return Path(str(m["path"])).name if m.get("path") else None
+
+
 def _fmt(v) -> str:
     if isinstance(v, float):
         if v != v:
@@ -57,7 +67,7 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def plot_embedding(coords: np.ndarray, meta: Sequence[dict], *, ax=None, annotate: str = "epoch",
+def plot_embedding(coords: np.ndarray, meta: Sequence[dict], *, ax=None, annotate: str = "label",
                    title: str | None = None, path: str | os.PathLike | None = None,
                    group: str = "trajectory", order: str | None = None, max_labels: int = 8,
                    dims: tuple[int, int] = (0, 1), legend: bool = True, **savefig_kw):
@@ -65,7 +75,8 @@ def plot_embedding(coords: np.ndarray, meta: Sequence[dict], *, ax=None, annotat
 
     One colour per trajectory with a legend; the first point of each trajectory is a hollow circle,
     the last a filled square. `annotate`: a metadata column to print next to up to `max_labels`
-    points per trajectory ("epoch", "train_error", ... or "none"). Time order is meta[order]
+    points per trajectory ("label" = epoch, else step, else file name; "epoch", "train_error", ... or
+    "none"). Time order is meta[order]
     (default: "step" when present, else the order of `meta`). Returns the matplotlib Figure; saved to `path`
     when given (format from the suffix).
     """
@@ -99,7 +110,7 @@ def plot_embedding(coords: np.ndarray, meta: Sequence[dict], *, ax=None, annotat
                 [ix[int(round(j))] for j in np.linspace(0, len(ix) - 1, max_labels)]
             placed: list[int] = []
             for i in dict.fromkeys([ix[-1], ix[0]] + list(pick)):  # end and start first
-                v = meta[i].get(annotate)
+                v = _label(meta[i], annotate)
                 if v is None:
                     continue
                 # a label on top of another of the same trajectory helps nobody
@@ -141,7 +152,7 @@ def title_for(result) -> str:
             + ("" if result.mass_exact else " (estimated)"))
 
 
-def plot_result(result, path: str | os.PathLike | None = None, *, ax=None, annotate: str = "epoch",
+def plot_result(result, path: str | os.PathLike | None = None, *, ax=None, annotate: str = "label",
                 title: str | None = None, **kw):
     """plot_embedding for an MDSResult, with a title saying what is shown (metric, layer, captured %)."""
     return plot_embedding(result.coords, result.meta, ax=ax, annotate=annotate,

@@ -101,7 +101,12 @@ def build_accelerate(root: Path, saves: int = 4, safe: bool = True) -> Path:
 
 def build_hf_trainer(root: Path, steps: int = 8, save_steps: int = 2) -> Path:
     """transformers.Trainer: output_dir/checkpoint-<step>/ every save_steps, then save_model()."""
-    from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        Trainer,
+        TrainingArguments,
+    )
 
     torch.manual_seed(0)
     config = BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
@@ -117,6 +122,36 @@ def build_hf_trainer(root: Path, steps: int = 8, save_steps: int = 2) -> Path:
     trainer = Trainer(model=model, args=args, train_dataset=data)
     trainer.train()
     trainer.save_model()
+    return out
+
+
+def build_timm_by_hand(root: Path, epochs: int = 4) -> Path:
+    """What timm 1.0's CheckpointSaver writes (CheckpointSaver._save / save_checkpoint, decreasing metric),
+    for machines where timm cannot be imported: last.pth.tar each epoch, hard-linked to
+    checkpoint-<epoch>.pth.tar and, for a new best metric, model_best.pth.tar."""
+    out = root / "timm_by_hand"
+    out.mkdir(parents=True)
+    model = _tiny_net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = argparse.Namespace(model="tiny", lr=0.1, epochs=epochs)
+    history = []
+    for epoch in range(epochs):
+        for x, y in _batches(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+        metric = float(3 - epoch)
+        state = {"epoch": epoch, "arch": args.model, "optimizer": opt.state_dict(), "version": 2,
+                 "args": args, "state_dict": model.state_dict(), "metric": metric,
+                 "saver": {"checkpoint_files": list(history), "best_epoch": None, "best_metric": None,
+                           "pending": (epoch, metric)}}
+        torch.save(state, out / "tmp.pth.tar")
+        os.replace(out / "tmp.pth.tar", out / "last.pth.tar")
+        os.link(out / "last.pth.tar", out / f"checkpoint-{epoch}.pth.tar")
+        history.append((f"checkpoint-{epoch}.pth.tar", metric))
+        if os.path.exists(out / "model_best.pth.tar"):
+            os.unlink(out / "model_best.pth.tar")
+        os.link(out / f"checkpoint-{epoch}.pth.tar", out / "model_best.pth.tar")
     return out
 
 

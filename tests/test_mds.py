@@ -221,3 +221,18 @@ def test_one_minus_cos_has_one_implementation():
     Xt = torch.from_numpy(X)
     torch.testing.assert_close(cosine_distance(Xt, off, [1]),
                                cosine_distance_from_gram(Xt[:, 20:] @ Xt[:, 20:].T), rtol=0, atol=1e-12)
+
+
+def test_identical_copies_merged_and_near_copies_kept():
+    """Copies are found by hash after a loose Gram pre-filter: an exact copy is drawn once (aliases), a
+    copy with one weight changed by one float32 ulp is a distinct snapshot and stays."""
+    X = torch.from_numpy(_trajectories(n_traj=1, n=6, p=40))
+    near = X[2].clone()
+    near[7] = torch.nextafter(near[7], torch.tensor(float("inf")))
+    pairs = [({"path": f"s{i}", "step": i}, X[i]) for i in range(6)]
+    pairs += [({"path": "copy_of_s4", "step": 9}, X[4].clone()), ({"path": "near_s2", "step": 10}, near)]
+    res = embed(pairs, copies="merge")
+    assert [m["path"] for m in res.meta] == ["s0", "s1", "s2", "s3", "s4", "s5", "near_s2"]
+    assert res.meta[4]["aliases"] == "copy_of_s4" and "aliases" not in res.meta[2]
+    assert res.notes and "s4 = copy_of_s4" in res.notes[0]
+    assert embed(pairs).n == 8  # in-memory rows are kept by default ("auto")

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 from pylandscape import mds
-from pylandscape.store import SnapshotStore
 from pylandscape.flat import ParamSpec
+from pylandscape.store import SnapshotStore
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -183,3 +183,105 @@ def test_help_and_module_entry_points(tmp_path):
     r = subprocess.run([sys.executable, "-m", "pylandscape.mds", "--snapshots", str(tmp_path / "x")],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr and "no such folder" in r.stderr
+
+
+def _listing(folder: Path) -> set:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
+
+
+def test_cache_lives_in_the_user_cache_folder(tmp_path, capsys, monkeypatch):
+    """Nothing is written into --snapshots; the cache is $XDG_CACHE_HOME/pylandscape; a second run for
+    another layer reads no weights, copies included; `cache --list/--clear` show and empty it."""
+    monkeypatch.delenv("PYLANDSCAPE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    ck = tmp_path / "ck"
+    _write_run(ck)
+    import shutil
+    shutil.copy(ck / "run1/epoch_5.pt", ck / "run1/last.pt")
+    before = _listing(ck)
+    rc, err = _run(["--snapshots", str(ck), "--out", str(tmp_path / "o1")], capsys)
+    assert rc == 0 and "cache written" in err, err
+    assert _listing(ck) == before  # the user's folder is untouched
+    cached = list((tmp_path / "xdg" / "pylandscape").glob("gram-v*.safetensors"))
+    assert len(cached) == 1
+    # a second run for another layer reads no weights (copies come from the hashes in the cache)
+    from pylandscape.snapshots import SnapshotSet
+
+    def no_reading(*a, **k):
+        raise AssertionError("weights were read on a cache hit")
+    monkeypatch.setattr(SnapshotSet, "read_block", no_reading)
+    rc, err = _run(["--snapshots", str(ck), "--out", str(tmp_path / "o2"), "--layer", "fc.weight"], capsys)
+    assert rc == 0 and "cache hit" in err and "run1/epoch_5.pt = run1/last.pt" in err, err
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("PYLANDSCAPE_CACHE_DIR", raising=False)
+    # show and clear
+    assert mds.main(["cache", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "1 file(s)" in out and cached[0].name in out and "13 snapshots" in out
+    assert mds.main(["cache", "--clear"]) == 0
+    assert "removed 1 file(s)" in capsys.readouterr().out
+    assert not list((tmp_path / "xdg" / "pylandscape").glob("gram-*"))
+    # --no-cache writes nothing; --cache-dir chooses the folder
+    rc, err = _run(["--snapshots", str(ck), "--out", str(tmp_path / "o3"), "--no-cache"], capsys)
+    assert rc == 0 and not list((tmp_path / "xdg" / "pylandscape").glob("gram-*"))
+    rc, err = _run(["--snapshots", str(ck), "--out", str(tmp_path / "o4"), "--cache-dir", str(tmp_path / "c")],
+                   capsys)
+    assert rc == 0 and len(list((tmp_path / "c").glob("gram-v*.safetensors"))) == 1
+
+
+def test_cache_version_and_size_cap(tmp_path, capsys, monkeypatch):
+    """A file written by another Gram algorithm version is never reused; above --cache-max the least
+    recently used files go first."""
+    from pylandscape.mds import gram_cache
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("PYLANDSCAPE_CACHE_DIR", str(cache))
+    for name, seed in (("a", 0), ("b", 1), ("c", 2)):
+        _write_run(tmp_path / name, seed=seed)
+    rc, err = _run(["--snapshots", str(tmp_path / "a"), "--out", str(tmp_path / "o")], capsys)
+    assert "cache written" in err
+    monkeypatch.setattr(gram_cache, "ALGORITHM_VERSION", gram_cache.ALGORITHM_VERSION + 1)
+    rc, err = _run(["--snapshots", str(tmp_path / "a"), "--out", str(tmp_path / "o")], capsys)
+    assert rc == 0 and "cache written" in err and "cache hit" not in err, err
+    rc, err = _run(["--snapshots", str(tmp_path / "a"), "--out", str(tmp_path / "o")], capsys)
+    assert "cache hit" in err
+    one = max(p.stat().st_size for p in cache.glob("gram-*"))
+    # cap at two files: writing b then c evicts the oldest (the old-version file, then a's)
+    cap = str(2 * one + one // 2)
+    for name in ("b", "c"):
+        rc, err = _run(["--snapshots", str(tmp_path / name), "--out", str(tmp_path / "o"), "--cache-max", cap],
+                       capsys)
+        assert rc == 0 and "cache written" in err
+    names = sorted(p.name.split("-")[1] for p in cache.glob("gram-*"))
+    assert len(names) == 2 and names == [f"v{gram_cache.ALGORITHM_VERSION}"] * 2
+    rc, err = _run(["--snapshots", str(tmp_path / "a"), "--out", str(tmp_path / "o")], capsys)
+    assert "cache written" in err  # a's Gram was evicted
+    rc, err = _run(["--snapshots", str(tmp_path / "a"), "--out", str(tmp_path / "o"), "--cache-max", "1k"],
+                   capsys)
+    assert rc == 0 and "cache hit" in err  # reading is not limited by the cap
+
+
+def test_one_layer_without_cache_reads_only_that_layer(tmp_path, monkeypatch):
+    """--layer with --no-cache reads and computes the selected tensors only; with the cache on, every
+    tensor is read once so that later runs for other layers read nothing."""
+    _write_run(tmp_path / "ck", fmt="safetensors")
+    from pylandscape.snapshots import SnapshotSet, discover
+    sset_names = discover(tmp_path / "ck").spec.names
+    seen: set = set()
+    real = SnapshotSet.read_block
+
+    def spy(self, rows, pieces, *a, **k):
+        seen.update(t for t, _, _ in pieces)
+        return real(self, rows, pieces, *a, **k)
+    monkeypatch.setattr(SnapshotSet, "read_block", spy)
+    res = mds.embed(tmp_path / "ck", layer="fc.*", cache=False, progress=False, max_memory=12 * 4 * 3 * 10)
+    names = set(res.selected)
+    assert names == {"fc.weight", "fc.bias"} and res.timings["read_chunks"] > 1
+    assert {sset_names[t] for t in seen} == names
+    seen.clear()
+    res2 = mds.embed(tmp_path / "ck", layer="fc.*", cache=False, progress=False, max_memory=12 * 4 * 3 * 10)
+    ref = mds.embed(tmp_path / "ck", cache=False, progress=False, layer="fc.*", max_memory="1G")
+    np.testing.assert_allclose(res2.coords, ref.coords, rtol=0, atol=1e-12)
+    seen.clear()
+    mds.embed(tmp_path / "ck", layer="fc.*", progress=False)
+    assert {sset_names[t] for t in seen} == set(sset_names)

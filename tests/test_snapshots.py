@@ -6,7 +6,6 @@ import json
 import os
 import pathlib
 import pickle
-import zipfile
 
 import numpy as np
 import pytest
@@ -14,8 +13,14 @@ import torch
 from safetensors.torch import save_file
 
 from pylandscape.flat import ParamSpec
-from pylandscape.snapshots import (SnapshotError, discover, open_source, paper_layers, parse_select,
-                                   select_tensors)
+from pylandscape.snapshots import (
+    SnapshotError,
+    discover,
+    open_source,
+    paper_layers,
+    parse_select,
+    select_tensors,
+)
 from pylandscape.store import SnapshotStore
 
 
@@ -208,10 +213,11 @@ def test_non_weight_files_are_counted_not_errors(tmp_path):
         (ck / "training_args.bin").write_bytes(b"\x80\x04not a weights-only pickle")
         (ck / "trainer_state.json").write_text(json.dumps({"global_step": i * 10 + 1, "epoch": i + 0.5}))
         (ck / "random_states_0.pkl").write_bytes(b"x")
+        (ck / "vocab.bin").write_bytes(b"not a checkpoint at all")
     sset = discover(tmp_path)
-    assert sset.skipped[0] == ("skipped 16 non-weight files: 4 RNG states, 4 optimizer states, "
-                               "2 AMP scaler states, 2 JSON metadata files, 2 scheduler states, "
-                               "2 training arguments")
+    assert sset.skipped[0] == ("skipped 18 non-weight files: 4 RNG states, 4 optimizer states, "
+                               "2 AMP scaler states, 2 JSON metadata files, 2 other .bin files (not PyTorch), "
+                               "2 scheduler states, 2 training arguments")
     assert [(m["step"], m["epoch"], m["label"]) for m in sset.meta] == [(1, 0.5, "ep 0.5"), (11, 1.5, "ep 1.5")]
     assert {m["time_source"] for m in sset.meta} == {"trainer_state.json (global_step, epoch)"}
     torch.save({"weights": [1, 2]}, tmp_path / "checkpoint-0" / "broken.pt")
@@ -343,3 +349,25 @@ def test_select_parsing():
                      ("stage in 5", "needs a list")]:
         with pytest.raises(SnapshotError, match=msg):
             parse_select(bad, columns=["stage", "trajectory", "train_error"])
+
+
+@pytest.mark.parametrize("save", ["savez", "savez_compressed"])
+def test_npz_column_chunks(tmp_path, save):
+    """.npz headers are parsed without reading arrays; column ranges are read straight from the member
+    (also Fortran-ordered and compressed arrays) and agree with np.load."""
+    rng = np.random.default_rng(0)
+    arrays = []
+    for i in range(3):
+        a = {"w": rng.standard_normal((5, 7)).astype(np.float32), "b": rng.standard_normal(4),
+             "f": np.asfortranarray(rng.standard_normal((3, 4)).astype(np.float16))}
+        getattr(np, save)(tmp_path / f"s_{i}.npz", **a)
+        arrays.append(a)
+    sset = discover(tmp_path)
+    assert [sset.items[0].tensors[n][:2] for n in ("w", "b", "f")] == [((5, 7), "float32"), ((4,), "float64"),
+                                                                       ((3, 4), "float16")]
+    for width in (sset.spec.numel, 6, 1):
+        parts = [sset.read_block(range(3), c, progress=False) for c in sset.plan_chunks(width)]
+        X = np.concatenate(parts, axis=1)
+        for i, a in enumerate(arrays):
+            ref = np.concatenate([a[n].reshape(-1).astype(np.float32) for n in sset.spec.names])
+            np.testing.assert_array_equal(X[i], ref)

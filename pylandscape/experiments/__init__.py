@@ -19,6 +19,8 @@ import importlib
 MODULES = (
     "sgd_stages", "bgd_branches", "perturb_retrain", "agreement", "interpolate", "polynomial",
     "overparam", "random_labels", "minimum_dimension", "activation_regions", "feature_rank",
+    # the paper's claims as measured numbers (issue 12)
+    "perturb_sweep", "branch_divergence", "bgd_vs_sgd", "nondegenerate_minima",
 )
 
 

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pylandscape.mds",
         description="Classical MDS of a folder of checkpoints: a 2-D map of where training went in "
-                    "weight space (Liao & Poggio's Figs. 3, 8-13).",
+                    "weight space (Liao & Poggio's Figs. 3, 8-13). The Gram cache: "
+                    "python -m pylandscape.mds cache --list | --clear.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--snapshots", required=True, metavar="DIR",
                    help="folder (searched recursively) or single store of checkpoints")

@@ -106,7 +106,7 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
     t1 = time.perf_counter()
     grams, rows, gram_info = compute_grams(sset, rows, device=device, cache=cache, cache_dir=cache_dir,
                                            max_memory=max_memory, progress=progress, skip_bad=skip_bad,
-                                           cache_max=cache_max, copies=copies)
+                                           cache_max=cache_max, copies=copies, tensors=tensor_idx)
     timings["gram"] = time.perf_counter() - t1
     timings.update({f"gram_{k}": v for k, v in gram_info.get("timings", {}).items()})
     metas = [dict(sset.meta[r]) for r in rows]
@@ -168,13 +168,15 @@ def parse_memory(s: str | int | None) -> int:
 
 def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, cache_dir=None,
                   max_memory=None, progress: bool | None = None, skip_bad: bool = False,
-                  on_warning=None, cache_max=None, copies: str = "auto") -> tuple[torch.Tensor, list[int], dict]:
+                  on_warning=None, cache_max=None, copies: str = "auto",
+                  tensors: Sequence[int] | None = None) -> tuple[torch.Tensor, list[int], dict]:
     """Per-tensor Grams [L, n, n] float64 of the given rows, from the cache or one pass over the files.
 
     Reads column ranges of all rows into a float32 buffer of at most `max_memory` bytes, so N x P
     larger than RAM works (each file is read once in total). Returns (grams, rows kept, info);
     info["copies"] lists groups of positions (into the rows kept) with identical weights when `copies`
-    is "merge" (or "auto" and the snapshots are files).
+    is "merge" (or "auto" and the snapshots are files). `tensors`: the ones needed; without a cache
+    only they are read and computed (the others stay 0), with one every tensor is (for later runs).
     """
     if copies not in ("auto", "merge", "keep"):
         raise ValueError(f"copies must be 'auto', 'merge' or 'keep', got {copies!r}")
@@ -213,15 +215,13 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
     budget = parse_memory(max_memory)
     # a third of the budget for the float32 rows, the rest for the Gram kernel's float64 copies
     cols = max(1, budget // max(1, 3 * 4 * n))
-    P = spec.numel
+    caching = d is not None and keys is not None
+    chunks = sset.plan_chunks(cols, None if caching else tensors)
     grams = torch.zeros(L, n, n, dtype=torch.float64)
     bad: dict[int, str] = {}
     t_read = t_gram = 0.0
     read_bytes = 0
-    chunks = list(range(0, P, cols))
-    for ci, c0 in enumerate(chunks):
-        c1 = min(P, c0 + cols)
-        pieces = sset.plan_pieces(c0, c1)
+    for ci, pieces in enumerate(chunks):
         t = time.perf_counter()
         desc = "reading snapshots" + (f" ({ci + 1}/{len(chunks)})" if len(chunks) > 1 else "")
         buf = sset.read_block(rows, pieces, progress=progress, desc=desc)

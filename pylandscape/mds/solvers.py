@@ -19,11 +19,9 @@ from .dissimilarity import double_center
 
 # Optional dependencies: without scipy a full numpy eigh gives the same numbers (~3x slower) and the
 # iterative solver falls back to the dense one; without threadpoolctl BLAS keeps its thread count.
-try:
-    from scipy.linalg import eigh_tridiagonal, lapack
-    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
-except ImportError:  # pragma: no cover - depends on the environment
-    eigh_tridiagonal = lapack = eigsh = LinearOperator = ArpackNoConvergence = None
+# scipy.linalg is imported when a solver runs, not here: it costs 0.5-0.7 s of start-up on a 2-core VM
+# (python -X importtime, after numpy and torch), which `python -m pylandscape.mds --help` and every
+# import of pylandscape.mds would pay.
 try:
     from threadpoolctl import threadpool_limits
 except ImportError:  # pragma: no cover - depends on the environment
@@ -79,6 +77,10 @@ def one_blas_thread():
 
 def _tridiagonal_topk(B: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     n = B.shape[0]
+    try:
+        from scipy.linalg import lapack  # start-up time: see the note at the top
+    except ImportError:  # pragma: no cover - depends on the environment
+        lapack = None
     if lapack is None or n < 3:
         w, V = np.linalg.eigh(B)
         return w[::-1].copy(), np.ascontiguousarray(V[:, ::-1][:, :k])
@@ -87,6 +89,10 @@ def _tridiagonal_topk(B: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _tridiagonal_topk_lapack(B: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.linalg import (  # start-up time: see the note at the top
+        eigh_tridiagonal,
+        lapack,
+    )
     n = B.shape[0]
     lwork, _ = lapack.dsytrd_lwork(n, lower=1)
     c, d, e, tau, info = lapack.dsytrd(B, lower=1, lwork=int(lwork))
@@ -113,7 +119,13 @@ def iterative_topk(D2: np.ndarray, k: int, seed: int, psd: bool = False) -> tupl
 
     The mass uses trace(B) = sum(Δ²) / 2N and the most negative eigenvalues, also found by Lanczos.
     """
-    if eigsh is None:
+    try:
+        from scipy.sparse.linalg import (  # start-up time: see the note at the top
+            ArpackNoConvergence,
+            LinearOperator,
+            eigsh,
+        )
+    except ImportError:  # pragma: no cover - depends on the environment
         warnings.warn("scipy is not installed: using the dense eigensolver", stacklevel=3)
         return dense_topk(double_center(D2), k, "cpu")
     n = D2.shape[0]

@@ -21,7 +21,8 @@ import pathlib
 import re
 import struct
 import warnings
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -120,6 +121,9 @@ class Snapshot:
     tensors: dict[str, tuple]        # name -> (shape, dtype tag); safetensors: + (start, end) in file
     data_start: int = 0              # safetensors: offset of the data section
     row: int = -1                    # memory: row in the in-memory matrix
+    # torch zip files: the tensors, memory-mapped (file pages, no copy in RAM), kept so that reading
+    # column chunks neither loads the file again per chunk nor reads any byte twice
+    mapped: dict | None = field(default=None, repr=False)
 
 
 def kind_of(path: Path) -> str:
@@ -162,8 +166,9 @@ def parse_safetensors_header(path: Path) -> tuple[dict, int, dict]:
     return tensors, data_start, meta
 
 
-def torch_load(path: Path) -> Any:
-    """torch.load that never runs code from the file (weights_only=True + the SAFE_GLOBALS allow-list)."""
+def torch_load(path: Path) -> tuple[Any, bool]:
+    """torch.load that never runs code from the file (weights_only=True + the SAFE_GLOBALS allow-list);
+    (object, whether its tensors are memory-mapped)."""
     kw = dict(weights_only=True, map_location="cpu")
     with warnings.catch_warnings(), torch.serialization.safe_globals(SAFE_GLOBALS):
         warnings.simplefilter("ignore")  # torch's notes on pickle protocols are noise here
@@ -177,16 +182,18 @@ def _looks_like_torch(path: Path) -> bool:
     return head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"
 
 
-def _torch_load_checked(path: Path, kw: dict) -> Any:
+def _torch_load_checked(path: Path, kw: dict) -> tuple[Any, bool]:
     try:
         try:
-            return torch.load(path, mmap=True, **kw)
+            return torch.load(path, mmap=True, **kw), True
         except RuntimeError as e:
             if "mmap" not in str(e) and "zip" not in str(e).lower():
                 raise
-            return torch.load(path, **kw)  # legacy (non-zip) format cannot be memory-mapped
+            return torch.load(path, **kw), False  # legacy (non-zip) format cannot be memory-mapped
     except Exception as e:  # noqa: BLE001 - any failure becomes one clear line naming the file
         msg = str(e)
+        if path.name.endswith(".bin") and not _looks_like_torch(path):
+            raise NotWeights("other .bin files (not PyTorch)") from None
         if "Weights only load failed" in msg or "Unsupported global" in msg or "UnpicklingError" in type(e).__name__:
             first = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln or "GLOBAL" in ln), "")
             first = first.split(" was not an allowed global")[0]
@@ -194,8 +201,6 @@ def _torch_load_checked(path: Path, kw: dict) -> Any:
                                 f"allow-list (tensors, containers, argparse.Namespace, paths, numpy data), "
                                 f"and unpickling them could run code; save model.state_dict() instead. "
                                 f"{first}".strip()) from None
-        if path.name.endswith(".bin") and not _looks_like_torch(path):
-            raise NotWeights("other .bin files (not PyTorch)") from None
         raise SnapshotError(f"{path}: cannot read as a PyTorch checkpoint "
                             f"(truncated or corrupt?): {msg.splitlines()[0] if msg else type(e).__name__}") from None
 
@@ -253,27 +258,73 @@ def strip_wrapper_prefix(names: Sequence[str]) -> dict[str, str]:
 
 
 def load_tensors(item: Snapshot) -> tuple[dict[str, Any], dict]:
-    """(name -> tensor/array, metadata the file records) for torch and npz files, wrapper prefixes
-    stripped."""
-    path = item.path
-    extra: dict = {}
-    if item.kind == "torch":
-        sd, extra = find_state_dict(torch_load(path), path)
-    else:
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                sd = {k: z[k] for k in z.files}
-        except ValueError as e:
-            raise SnapshotError(f"{path}: refused to load: {e}") from None
-        except Exception as e:  # noqa: BLE001
-            raise SnapshotError(f"{path}: cannot read as .npz (truncated or corrupt?): {e}") from None
+    """(name -> tensor, metadata the file records) of a PyTorch file, wrapper prefixes stripped; a
+    memory-mapped result is kept in item.mapped."""
+    if item.mapped is not None:
+        return item.mapped, {}
+    obj, mapped = torch_load(item.path)
+    sd, extra = find_state_dict(obj, item.path)
     ren = strip_wrapper_prefix(list(sd))
-    return {ren[k]: v for k, v in sd.items()}, extra
+    sd = {ren[k]: v for k, v in sd.items()}
+    if mapped:
+        item.mapped = sd
+    return sd, extra
 
 
 def is_float(dtype_tag: str) -> bool:
     return dtype_tag in ("F32", "F64", "F16", "BF16") or dtype_tag.startswith("torch.float") \
         or dtype_tag.startswith("torch.bfloat") or dtype_tag.startswith("float") or dtype_tag == "torch.half"
+
+
+def parse_npz_header(path: Path) -> dict[str, tuple]:
+    """name -> (shape, dtype tag, member name) of every array in an .npz, from the .npy headers alone
+    (no array is read; object arrays are refused as np.load(allow_pickle=False) would)."""
+    out = {}
+    try:
+        with zipfile.ZipFile(path) as zf:
+            for member in zf.namelist():
+                if not member.endswith(".npy"):
+                    continue
+                with zf.open(member) as f:
+                    shape, fortran, dtype = _npy_header(f)
+                if dtype.hasobject:
+                    raise SnapshotError(f"{path}: refused to load: array {member[:-4]!r} holds Python objects "
+                                        f"(allow_pickle=False)")
+                out[member[:-4]] = (tuple(shape), str(dtype), member, fortran)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise SnapshotError(f"{path}: cannot read as .npz (truncated or corrupt?): {e}") from None
+    return out
+
+
+def _npy_header(f) -> tuple:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def read_npz_pieces(item: Snapshot, names: Sequence[str], pieces, dst: np.ndarray) -> None:
+    """Copy element ranges of arrays in an .npz into dst (float32): only the bytes of each range are
+    read from an uncompressed member (np.savez), so column chunks read every byte once in total."""
+    try:
+        with zipfile.ZipFile(item.path) as zf:
+            c = 0
+            for t, a, b in pieces:
+                shape, _, member, fortran = item.tensors[names[t]]
+                with zf.open(member) as f:
+                    _, _, dtype = _npy_header(f)
+                    if fortran:  # element order on disk is not the C order we read in: whole array
+                        flat = np.lib.format.read_array(zf.open(member), allow_pickle=False).reshape(-1)
+                        dst[c:c + b - a] = flat[a:b]
+                    else:
+                        f.seek(f.tell() + a * dtype.itemsize)
+                        raw = f.read((b - a) * dtype.itemsize)
+                        if len(raw) != (b - a) * dtype.itemsize:
+                            raise SnapshotError(f"{item.path}: truncated while reading array {names[t]!r}")
+                        dst[c:c + b - a] = np.frombuffer(raw, dtype=dtype)
+                c += b - a
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise SnapshotError(f"{item.path}: cannot read as .npz (truncated or corrupt?): {e}") from None
 
 
 def read_header(item: Snapshot) -> dict:
@@ -283,6 +334,11 @@ def read_header(item: Snapshot) -> dict:
         tensors, item.data_start, _ = parse_safetensors_header(item.path)
         ren = strip_wrapper_prefix(list(tensors))
         item.tensors = {ren[k]: v for k, v in tensors.items()}
+        return {}
+    if item.kind == "npz":
+        arrays = parse_npz_header(item.path)
+        ren = strip_wrapper_prefix(list(arrays))
+        item.tensors = {ren[k]: v for k, v in arrays.items()}
         return {}
     sd, extra = load_tensors(item)
     item.tensors = {k: (tuple(v.shape), str(v.dtype)) for k, v in sd.items()}

@@ -249,6 +249,8 @@ def find_snapshots(root: str | os.PathLike, *, group_by: str | None = None, skip
             if len(stores) > 1 and (e.get("trajectory") is not None or e.get("run") is not None):
                 traj = f"{rel_store}/{traj}"
             m["trajectory"] = traj
+            if "epoch" in m or "step" in m:
+                m["time_source"] = "manifest"
             items.append(Snapshot("safetensors", path, {}))
             metas.append(m)
         store_specs.append((sroot, st.spec))

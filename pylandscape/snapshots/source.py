@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..flat import ParamSpec
 from ..store import SnapshotStore
-from .formats import Snapshot, SnapshotError, load_tensors, read_safetensors_pieces
+from .formats import Snapshot, SnapshotError, load_tensors, read_npz_pieces, read_safetensors_pieces
 from .layouts import find_snapshots, label_of, sort_order
 from .selection import columns, parse_select
 
@@ -78,6 +78,23 @@ class SnapshotSet:
                 out.append((t, a - offs[t], b - offs[t]))
         return out
 
+    def plan_chunks(self, width: int, tensors: Sequence[int] | None = None) -> list[list[tuple[int, int, int]]]:
+        """The selected tensors (default: all) cut into pieces lists of at most `width` columns each."""
+        sizes = self.spec.sizes
+        chunks: list[list[tuple[int, int, int]]] = [[]]
+        room = width
+        for t in (range(len(self.spec)) if tensors is None else sorted(tensors)):
+            a = 0
+            while a < sizes[t]:
+                if room == 0:
+                    chunks.append([])
+                    room = width
+                b = min(sizes[t], a + room)
+                chunks[-1].append((t, a, b))
+                room -= b - a
+                a = b
+        return [c for c in chunks if c]
+
     def read_block(self, rows: Sequence[int], pieces: Sequence[tuple[int, int, int]],
                    out: np.ndarray | None = None, progress: bool | None = None,
                    desc: str = "reading") -> np.ndarray:
@@ -104,6 +121,9 @@ class SnapshotSet:
             return
         if item.kind == "safetensors":
             read_safetensors_pieces(item, names, pieces, dst)
+            return
+        if item.kind == "npz":
+            read_npz_pieces(item, names, pieces, dst)
             return
         sd, _ = load_tensors(item)
         c = 0
