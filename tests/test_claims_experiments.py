@@ -93,6 +93,8 @@ def test_perturb_sweep_run_reports_the_minimum(tmp_path):
     gd = outdir.read_table(tmp_path / "metrics" / "gd")
     assert res["minimum_train_error"] == gd[-1]["train_error"]
     assert res["minimum_has_zero_train_error"] == (gd[-1]["train_error"] == 0)
+    # GD goes on past gd_epochs until zero training error or the cap (sgd_epochs + gd_max_epochs)
+    assert gd[-1]["train_error"] == 0 or gd[-1]["epoch"] == 2 + 6
     rows = outdir.read_table(tmp_path / "metrics" / "perturb_sweep")
     assert [(r["point"], r["sigma"]) for r in rows] == [("minimum", 0.01), ("minimum", 1.0), ("early", 0.01),
                                                          ("early", 1.0)]

@@ -103,27 +103,15 @@ def direction_seeds(config: Config, point: int) -> torch.Tensor:
 
 
 def train_to_zero(config, out: Path, make, data, start: torch.Tensor, store_name: str) -> tuple[list[dict], int | None]:
-    """Plain full-batch GD from `start` for gd_epochs; if the training error is not zero then, continue in
-    steps of check_every epochs until it is or gd_max_epochs is reached. (history, first zero epoch)."""
+    """Plain full-batch GD from `start` for at least gd_epochs, then on until zero training error or
+    gd_max_epochs (training.run_train_to_zero, as perturb-retrain does). (history, first zero epoch)."""
     every = max(1, config.check_every)
-    snaps = sorted(set(range(0, config.gd_max_epochs + 1, every)) | {config.gd_epochs, config.gd_max_epochs})
-    path = outdir.store_dir(out, store_name)
-    done = max((int(e["epoch"]) for e in SnapshotStore(path).entries), default=0) if SnapshotStore.is_store(path) else 0
-    epochs = max(config.gd_epochs, done)
-    while True:
-        tconfig = training.train_config(config, optimizer="gd", lr=config.gd_lr, momentum=0.0, epochs=epochs,
-                                        snapshot_epochs=snaps, eval_every=every)
-        hist = training.run_train(make, start, data, tconfig, path, meta={"run": store_name}, resume=True)
-        zero = next((r["epoch"] for r in hist if r["train_error"] == 0), None)
-        if zero is not None or epochs >= config.gd_max_epochs:
-            break
-        outdir.log(f"{store_name}: training error {hist[-1]['train_error']:.4f} after {epochs} GD epochs; "
-                   f"continuing (at most {config.gd_max_epochs})")
-        epochs = min(config.gd_max_epochs, epochs + every)
-    if zero is None:
-        outdir.log(f"WARNING: {store_name}: training error still {hist[-1]['train_error']:.4f} after "
-                   f"{config.gd_max_epochs} GD epochs: the 'minimum' is NOT at zero training error")
-    return hist, zero
+    snaps = sorted(set(range(0, config.gd_max_epochs + 1, every)) | {config.gd_epochs})
+    tconfig = training.train_config(config, optimizer="gd", lr=config.gd_lr, momentum=0.0, epochs=config.gd_epochs,
+                                    snapshot_epochs=snaps, eval_every=every)
+    return training.run_train_to_zero(make, start, data, tconfig, outdir.store_dir(out, store_name),
+                                      meta={"run": store_name}, max_epochs=config.gd_max_epochs, name=store_name,
+                                      warn_if_longer=False)
 
 
 def sweep_point(make, base: torch.Tensor, spec, frozen, data, config: Config, point: int) -> list[dict]:
