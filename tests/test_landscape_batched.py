@@ -8,8 +8,13 @@ from torch import nn
 from pylandscape import ops
 from pylandscape.evaluate import evaluate
 from pylandscape.flat import flatten_module, load_flat_
-from pylandscape.landscape import (CombinationPoints, InterpolationPoints, PerturbedPoints, StackedPoints,
-                                   evaluate_points)
+from pylandscape.landscape import (
+    CombinationPoints,
+    InterpolationPoints,
+    PerturbedPoints,
+    StackedPoints,
+    evaluate_points,
+)
 from pylandscape.models import dcnn, fc2
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -6,9 +6,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pylandscape.landscape.hessian import (HessianOperator, curvature, hutchinson_trace, layer_blocks,
-                                           spectral_density, top_eigen)
-from pylandscape.models import dcnn, fc2
+from pylandscape.landscape.hessian import (
+    HessianOperator,
+    curvature,
+    hutchinson_trace,
+    layer_blocks,
+    spectral_density,
+    top_eigen,
+)
+from pylandscape.models import dcnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -100,7 +106,7 @@ def test_network_with_batchnorm_matches_torch_func_hessian():
     # per-layer block = the diagonal block of the full Hessian
     blocks = layer_blocks(op.spec)
     assert [b[0] for b in blocks][:2] == ["layer 2 (conv1)", "layer 3 (conv2)"]
-    name, a, b = blocks[1]
+    _, a, b = blocks[1]
     bop = HessianOperator(op.m, x, y, bn="keep", block=(a, b))
     w = torch.randn(b - a, dtype=torch.float64)
     np.testing.assert_allclose(bop(w).numpy(), H[a:b, a:b] @ w.numpy(), rtol=1e-9, atol=1e-12)

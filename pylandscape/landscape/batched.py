@@ -30,9 +30,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,12 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..evaluate import grouped_metrics, model_metrics, reestimate_bn_, reestimate_grouped_bn_
+from ..evaluate import (
+    grouped_metrics,
+    model_metrics,
+    reestimate_bn_,
+    reestimate_grouped_bn_,
+)
 from ..flat import ParamSpec, load_flat_
 from ..models import GroupedNet
 from . import bn_sweep
@@ -330,7 +335,9 @@ def evaluate_points(model: nn.Module, points, sets, *, bn: str = "reestimate", b
     t0 = time.perf_counter()
     bar = None
     if progress:
-        from tqdm.auto import tqdm  # optional progress bar: tqdm's import costs ~0.1 s, only when asked
+        from tqdm.auto import (
+            tqdm,  # optional progress bar: tqdm's import costs ~0.1 s, only when asked
+        )
         bar = tqdm(total=K, desc=f"evaluating ({rname})", unit="model", leave=False)
     threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(workers) if workers > 1 else None

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -210,7 +210,7 @@ def spectral_density(op, *, runs: int = 4, steps: int = 80, seed: int = 0, sigma
         nodes.append(vals.numpy())
         weights.append((vecs[0, :] ** 2).numpy())
     L = max(len(n) for n in nodes)
-    pad = lambda a, fill: np.concatenate([a, np.full(L - len(a), fill)])  # noqa: E731
+    pad = lambda a, fill: np.concatenate([a, np.full(L - len(a), fill)])
     nd = np.stack([pad(n, 0.0) for n in nodes])
     w = np.stack([pad(x, 0.0) for x in weights])
     span = float(nd.max() - nd.min()) if nd.size else 1.0

@@ -9,8 +9,8 @@ Values are stored as [ny, nx] arrays (row = y) for 2-D grids and [nx] for 1-D on
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
