@@ -77,7 +77,7 @@ def extensions():
     # 2.14; 2.14's headers refuse anything older).
     cxx = opt + ["-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-DPy_LIMITED_API=0x03090000"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    sources = ["csrc/pylandscape.cpp"] + _sources("cpu", "cpp")
+    sources = ["csrc/pylandscape.cpp"] + _sources("host", "cpp") + _sources("cpu", "cpp")
     define_macros = []
     ldflags = ["-fopenmp"]
 

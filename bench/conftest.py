@@ -1,12 +1,16 @@
-"""Benchmark fixtures: the paper's layer layout, devices, and a record of pure-torch times so each
+"""Benchmark fixtures: the paper's segment layout, devices, and a record of pure-torch times so each
 extension benchmark can store its speed-up in extra_info."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-# The paper's CIFAR-10 net: P = 188,810 parameters in 12 tensors (5 conv layers + classifier, w and b).
-PAPER_SIZES = [2400, 32, 9216, 32, 18432, 64, 36864, 64, 73728, 128, 47840, 10]
+from pylandscape.flat import ParamSpec
+from pylandscape.models import dcnn
+
+# The paper's CIFAR-10 net (pylandscape.models.dcnn: 5 conv layers, weights and biases, P = 188,810):
+# the segment sizes of its flat buffer, taken from the model itself.
+PAPER_SIZES = ParamSpec.from_module(dcnn()).sizes
 P = sum(PAPER_SIZES)
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

@@ -8,7 +8,13 @@ import torch
 
 REBUILD = "pip install --no-build-isolation --force-reinstall --no-deps ."
 
-_state = {"loaded": None, "why": None, "warned": False}
+_state = {"loaded": None, "why": None, "warned": False, "warned_devices": set()}
+
+#: dispatch keys of the devices the extension can carry kernels for
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA"}
+
+BUILD_CUDA = ("install a CUDA toolkit (nvcc) matching torch's CUDA, then run "
+              "PYLANDSCAPE_CUDA=1 " + REBUILD + " (see README: Build options)")
 
 
 def _env_flag(name: str) -> bool:
@@ -59,6 +65,40 @@ def use_extension() -> bool:
     return False
 
 
+@torch.compiler.assume_constant_result  # a registry lookup, constant for the process: no graph break
+def has_kernel(op: str, dispatch_key: str) -> bool:
+    """Whether the loaded extension registered a kernel of pylandscape::<op> for a dispatch key (or one for
+    every key, as philox_normal, which takes no tensor to dispatch on, has)."""
+    name = f"pylandscape::{op}"
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
+                or torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"))
+
+
+def use_kernel(op: str, device) -> bool:
+    """Whether `op` on data on `device` should call the compiled kernel; False: the pure-torch reference.
+
+    A CPU-only build (e.g. `pip install .` on a CUDA torch wheel, which ships no nvcc) has no CUDA
+    kernels: CUDA data then runs the references on the GPU, with one warning per device type that says
+    how to build them (an error under PYLANDSCAPE_REQUIRE_EXT=1).
+    """
+    if not use_extension():
+        return False
+    dev = torch.device(device)
+    key = _DISPATCH_KEYS.get(dev.type)
+    if key is not None and has_kernel(op, key):
+        return True
+    what = f"pylandscape: this build has no {key or dev.type} kernels (pylandscape::{op} on {dev})"
+    if _env_flag("PYLANDSCAPE_REQUIRE_EXT"):
+        raise RuntimeError(f"{what}, and PYLANDSCAPE_REQUIRE_EXT=1 forbids the fallback. To build them: "
+                           f"{BUILD_CUDA if dev.type == 'cuda' else REBUILD}")
+    if dev.type not in _state["warned_devices"]:
+        _state["warned_devices"].add(dev.type)
+        hint = f"To build the CUDA kernels: {BUILD_CUDA}" if dev.type == "cuda" else ""
+        warnings.warn(f"{what}; running the pure-PyTorch references on {dev} instead (same results, "
+                      f"slower). {hint}".rstrip(), RuntimeWarning, stacklevel=3)
+    return False
+
+
 def has_extension() -> bool:
     """True when the compiled kernels (CPU at least) are loaded."""
     return loaded()
@@ -68,4 +108,4 @@ def has_cuda_kernels() -> bool:
     """True when the extension carries CUDA kernels (whether or not a GPU is present)."""
     if not loaded():
         return False
-    return bool(torch._C._dispatch_has_kernel_for_dispatch_key("pylandscape::perturb", "CUDA"))
+    return has_kernel("perturb", "CUDA")

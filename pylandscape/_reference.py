@@ -176,7 +176,7 @@ def philox_normal(n: int, seed: int, offset: int = 0, dtype: torch.dtype = torch
 
 
 # ======================================================================================
-# Section: layer statistics and layerwise perturbation
+# Section: segment statistics and segmentwise perturbation
 # ======================================================================================
 
 MODE_STD, MODE_MAGNITUDE = 0, 1
@@ -185,7 +185,7 @@ MODE_STD, MODE_MAGNITUDE = 0, 1
 def layer_stats(flat: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Twin of torch.ops.pylandscape.layer_stats: [L, 3] float64 (mean, population std, mean |w|).
 
-    Two-pass in float64 (exact enough to be the oracle). An empty layer gets NaN in all three columns.
+    Two-pass in float64 (exact enough to be the oracle). An empty segment gets NaN in all three columns.
     """
     offs = [int(v) for v in offsets.tolist()]
     L = len(offs) - 1
@@ -204,9 +204,9 @@ def layer_stats(flat: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
 
 
 def layer_sigmas(stats: torch.Tensor, offsets, scales: torch.Tensor, mode: int) -> torch.Tensor:
-    """[K, L] float64 noise std per copy and layer, with the checks the kernels make (same messages).
+    """[K, L] float64 noise std per copy and segment, with the checks the kernels make (same messages).
 
-    Raises ValueError for a non-empty layer with NaN/Inf statistics, and in std mode for a layer with
+    Raises ValueError for a non-empty segment with NaN/Inf statistics, and in std mode for a segment with
     zero std and a nonzero scale (its noise would silently be zero).
     """
     offs = [int(v) for v in torch.as_tensor(offsets).tolist()]
@@ -217,18 +217,18 @@ def layer_sigmas(stats: torch.Tensor, offsets, scales: torch.Tensor, mode: int) 
         if offs[l + 1] <= offs[l]:
             continue
         if not bool(torch.isfinite(st[l]).all()):
-            raise ValueError(f"perturb: layer {l} (flat[{offs[l]}:{offs[l + 1]}]) contains NaN or Inf")
+            raise ValueError(f"perturb: segment {l} (flat[{offs[l]}:{offs[l + 1]}]) contains NaN or Inf")
         if mode == MODE_STD and float(s[l]) == 0.0 and bool((sc[:, l] != 0).any()):
-            raise ValueError(f"perturb: layer {l} (flat[{offs[l]}:{offs[l + 1]}]) has zero std, so "
+            raise ValueError(f"perturb: segment {l} (flat[{offs[l]}:{offs[l + 1]}]) has zero std, so "
                              f"std-relative noise would be zero; use scale 0 for it or mode='magnitude'")
     sig = sc * s.unsqueeze(0)
-    # Empty layers have NaN stats but no elements: their sigma is irrelevant, keep it finite.
+    # Empty segments have NaN stats but no elements: their sigma is irrelevant, keep it finite.
     empty = torch.tensor([offs[l + 1] <= offs[l] for l in range(len(offs) - 1)], dtype=torch.bool)
     return torch.where(empty.unsqueeze(0), torch.zeros_like(sig), sig)
 
 
 def apply_noise(flat: torch.Tensor, offsets, sigmas: torch.Tensor, seed: int, offset: int) -> torch.Tensor:
-    """flat + sigma_l * z (z from stream (seed, offset)), in flat's dtype; layers with sigma 0 are copied.
+    """flat + sigma_l * z (z from stream (seed, offset)), in flat's dtype; segments with sigma 0 are copied.
 
     Operation order as in the kernels: sigma is rounded to flat's dtype, then w + sigma * z.
     """
@@ -300,7 +300,7 @@ def combine(W: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
 
 
 # ======================================================================================
-# Section: per-layer Gram matrices of snapshots (segment_gram)
+# Section: per-segment Gram matrices of snapshots (segment_gram)
 # ======================================================================================
 
 
@@ -321,7 +321,7 @@ def _shifted_gram64(A: torch.Tensor, B: torch.Tensor | None) -> torch.Tensor:
 
 def segment_gram(X: torch.Tensor, offsets: torch.Tensor, Y: torch.Tensor | None = None,
                  block_bytes: int = 1 << 28) -> torch.Tensor:
-    """[L, N, M] float64 per-layer dot products of the rows of X [N, P] and Y [M, P] (Y = X when None).
+    """[L, N, M] float64 per-segment dot products of the rows of X [N, P] and Y [M, P] (Y = X when None).
 
     fp64 products of reference-shifted rows, blocked over rows so that at most ~`block_bytes` of fp64
     copies exist at a time (never N*P*8 bytes). Pure torch: the fallback and a test oracle.
@@ -359,7 +359,7 @@ def segment_gram(X: torch.Tensor, offsets: torch.Tensor, Y: torch.Tensor | None 
 
 
 def _exact_duplicates(X: torch.Tensor, off: list[int], out: torch.Tensor) -> None:
-    """Rows equal on a layer get identical Gram entries there, so their 1 - cos is exactly 0."""
+    """Rows equal on a segment get identical Gram entries there, so their 1 - cos is exactly 0."""
     for l in range(len(off) - 1):
         lo, hi = off[l], off[l + 1]
         if hi == lo or X.shape[0] < 2:

@@ -1,5 +1,5 @@
-"""Per-layer Gram matrices of many snapshots, streamed block pair by block pair, and the step from a
-Gram to cosine distances.
+"""Per-layer Gram matrices of many snapshots, streamed block pair by block pair (the Gram -> 1 - cos
+step is pylandscape.mds.dissimilarity).
 
 Why a Gram and not distances directly: one pass of BLAS-speed products gives every layer's Gram, and any
 group of layers (the whole model included) is then a sum of those. The op behind it
@@ -15,9 +15,6 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator
 
 import torch
-
-#: Largest round-off that cosine_distance_from_gram silently clips to 0 (fp64 1 - cos of equal rows).
-NEGATIVE_TOL = 1e-13
 
 PairFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -36,7 +33,9 @@ class _Source:
     """Row blocks from a tensor, a list/tuple of blocks, or any re-iterable (iter() restarts it).
 
     A one-shot iterator (iter(x) is x) cannot be read twice, so its blocks are kept in memory: pass a
-    re-iterable (e.g. an object whose __iter__ reads the snapshots from disk) to really stream.
+    re-iterable (e.g. an object whose __iter__ reads the snapshots from disk) to really stream. Tensors and
+    lists know their row count and skip rows for free; a re-iterable is traversed from its start, and the
+    blocks before a panel are dropped as they arrive (never joined or moved).
     """
 
     def __init__(self, x, name: str):
@@ -50,6 +49,8 @@ class _Source:
         else:
             self.blocks = None
             self.iterable = x
+        #: total rows, when known without reading (tensors and in-memory blocks)
+        self.rows = None if self.blocks is None else sum(b.shape[0] for b in self.blocks)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         if self.blocks is not None:
@@ -58,20 +59,31 @@ class _Source:
             for b in self.iterable:
                 yield _as_2d(b, self.name)
 
-    def panels(self, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first row, [<= rows, P]) panels; blocks are split or joined to fill them."""
-        start, pending, have = 0, [], 0
+    def first(self) -> torch.Tensor | None:
+        return next(iter(self), None)
+
+    def panels(self, rows: int, start: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, [<= rows, P]) panels from row `start` on (a multiple of rows); blocks are split or
+        joined to fill them."""
+        pos, pending, have = 0, [], 0
         for b in self:
+            n = b.shape[0]
+            if pos + n <= start:  # wholly before the first wanted panel: skipped, never touched
+                pos += n
+                continue
+            if pos < start:
+                b = b[start - pos:]
+                pos = start
             while b.shape[0] > 0:
                 take = min(rows - have, b.shape[0])
                 pending.append(b[:take])
                 have += take
                 b = b[take:]
                 if have == rows:
-                    yield start, pending[0] if len(pending) == 1 else torch.cat(pending)
-                    start, pending, have = start + rows, [], 0
+                    yield pos, pending[0] if len(pending) == 1 else torch.cat(pending)
+                    pos, pending, have = pos + rows, [], 0
         if have:
-            yield start, pending[0] if len(pending) == 1 else torch.cat(pending)
+            yield pos, pending[0] if len(pending) == 1 else torch.cat(pending)
 
 
 def _check_blocks(P: int, dtype, panel: torch.Tensor, name: str) -> None:
@@ -81,61 +93,86 @@ def _check_blocks(P: int, dtype, panel: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name}: row blocks disagree on dtype: {panel.dtype} vs {dtype}")
 
 
+def panel_rows(P: int, element_size: int, memory_budget: int) -> int:
+    """Rows per panel: two panels resident plus the op's workspace (about two more) fit memory_budget."""
+    return max(1, int(memory_budget // (4 * element_size * max(P, 1))))
+
+
 def streamed_gram(pair_fn: PairFn, X, offsets: torch.Tensor, *, Y=None, device=None,
-                  progress: bool = False, memory_budget: int = 1 << 30) -> torch.Tensor:
+                  progress: bool = False, memory_budget: int = 1 << 30,
+                  rows: int | None = None) -> torch.Tensor:
     """[L, N, M] float64 from row panels of X (and Y): pair_fn(A, offsets, B_or_None) per panel pair.
 
     Only panel pairs (I, J >= I) are computed when Y is None; the lower triangle is mirrored.
-    Panels hold about memory_budget / 4 bytes each (two resident + the op's workspace).
+    rows: rows per panel (default: panel_rows(P, ..., memory_budget)). The panels, hence the blocks and
+    the bits of the result, depend on X, Y, rows and memory_budget only: `progress` just draws a bar.
     """
     sx = _Source(X, "X")
     sy = None if Y is None else _Source(Y, "Y")
     L = offsets.numel() - 1
-    first = next(iter(sx), None)
+    first = sx.first()
     if first is None:
         raise ValueError("X: no row blocks given")
     P, dtype = first.shape[1], first.dtype
     dev = torch.device(device) if device is not None else first.device
-    elt = first.element_size()
-    rows = max(1, int(memory_budget // (4 * elt * max(P, 1))))
+    if rows is None:
+        rows = panel_rows(P, first.element_size(), memory_budget)
+    del first
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(desc="segment_gram", unit="block pair")
+        from tqdm.auto import tqdm  # only to draw the bar (tqdm's import costs start-up time otherwise)
+        bar = tqdm(desc="segment_gram", unit="panel pair")
 
-    # The output size is known after the first sweep of the inner loop; until then keep the blocks.
-    out = None
-    pieces: list[tuple[int, int, torch.Tensor]] = []
-    N = M = None
-    offsets_dev = offsets.to(dev)
-    for a, A in sx.panels(rows):
-        _check_blocks(P, dtype, A, "X")
-        A = A.to(dev, non_blocking=True)
-        inner = sx.panels(rows) if sy is None else sy.panels(rows)
-        for c, B in inner:
-            if sy is None and c < a:
-                continue
-            _check_blocks(P, dtype, B, "X" if sy is None else "Y")
-            if sy is None and c == a:
-                g = pair_fn(A, offsets_dev, None)
-            else:
-                g = pair_fn(A, offsets_dev, B.to(dev, non_blocking=True))
-            if out is None:
-                pieces.append((a, c, g))
-            else:
-                _place(out, a, c, g, sy is None)
-            if bar is not None:
-                bar.update(1)
-        if out is None:
-            # after the first outer panel every inner panel has been seen: sizes are known
-            M = max(c + g.shape[2] for _, c, g in pieces)
-            N = M if sy is None else None
-            if N is None:
-                N = sum(b.shape[0] for b in sx)
-            out = torch.zeros(L, N, M, dtype=torch.float64, device=dev)
-            for pa, pc, g in pieces:
-                _place(out, pa, pc, g, sy is None)
-            pieces.clear()
+    sym = sy is None
+    N = sx.rows
+    M = N if sym else sy.rows
+    out = None if N is None or M is None else torch.empty(L, N, M, dtype=torch.float64, device=dev)
+    # sizes not known without reading (re-iterables): results are kept until they are
+    done: list[tuple[int, int, torch.Tensor]] = []
+
+    def emit(a: int, c: int, g: torch.Tensor) -> None:
+        if out is not None:
+            _place(out, a, c, g, sym)
+        else:
+            done.append((a, c, g))
+        if bar is not None:
+            bar.update(1)
+
+    if sym:
+        # one traversal per row panel A: the panels before it are skipped (not joined or moved), A is
+        # paired with itself and with every later panel as they arrive; nothing is computed twice
+        a = 0
+        while N is None or a < N:
+            it = sx.panels(rows, start=a)
+            head = next(it, None)
+            if head is None:
+                break
+            _check_blocks(P, dtype, head[1], "X")
+            A = head[1].to(dev, non_blocking=True)
+            emit(a, a, pair_fn(A, offsets, None))
+            for c, B in it:
+                _check_blocks(P, dtype, B, "X")
+                emit(a, c, pair_fn(A, offsets, B.to(dev, non_blocking=True)))
+            if out is None:  # the first traversal saw every row
+                N = M = max(c + g.shape[2] for _, c, g in done)
+                out = torch.empty(L, N, M, dtype=torch.float64, device=dev)
+                for pa, pc, g in done:
+                    _place(out, pa, pc, g, sym)
+                done.clear()
+            a += rows
+    else:
+        for a, A in sx.panels(rows):
+            _check_blocks(P, dtype, A, "X")
+            A = A.to(dev, non_blocking=True)
+            for c, B in sy.panels(rows):
+                _check_blocks(P, dtype, B, "Y")
+                emit(a, c, pair_fn(A, offsets, B.to(dev, non_blocking=True)))
+        if out is None:  # X's rows were counted as its panels went by, Y's in the first sweep
+            N = max(a + g.shape[1] for a, _, g in done)
+            M = max(c + g.shape[2] for _, c, g in done)
+            out = torch.empty(L, N, M, dtype=torch.float64, device=dev)
+            for pa, pc, g in done:
+                _place(out, pa, pc, g, sym)
     if bar is not None:
         bar.close()
     return out
@@ -145,71 +182,3 @@ def _place(out: torch.Tensor, a: int, c: int, g: torch.Tensor, sym: bool) -> Non
     out[:, a:a + g.shape[1], c:c + g.shape[2]] = g
     if sym and c != a:
         out[:, c:c + g.shape[2], a:a + g.shape[1]] = g.transpose(1, 2)
-
-
-# --------------------------------------------------------------------------------------
-# From a Gram to cosine distances
-# --------------------------------------------------------------------------------------
-
-def layer_gram(G_layers: torch.Tensor, layers=None) -> torch.Tensor:
-    """Gram of a group of layers: the sum of their [N, M] Grams (all layers = the whole model).
-
-    layers: None (all), an int, a sequence of ints, a slice, or a bool mask [L].
-    """
-    if G_layers.dim() != 3:
-        raise ValueError(f"G_layers must be [L, N, M], got shape {tuple(G_layers.shape)}")
-    if layers is None:
-        return G_layers.sum(0)
-    if isinstance(layers, int):
-        layers = [layers]
-    sel = G_layers[layers] if not isinstance(layers, (list, tuple)) else G_layers[list(layers)]
-    if sel.dim() == 2:
-        return sel
-    return sel.sum(0)
-
-
-def cosine_distance_from_gram(G: torch.Tensor, sq_norms_x: torch.Tensor | None = None,
-                              sq_norms_y: torch.Tensor | None = None, *,
-                              zero_rows: str = "raise") -> torch.Tensor:
-    """1 - cos in float64 from a Gram [..., N, M] (norms from its diagonal when square and not given).
-
-    1 - G_ij / sqrt(G_ii G_jj) is computed in fp64; it is as accurate as G is (the op keeps G accurate
-    for nearly parallel rows). Round-off of at most NEGATIVE_TOL below 0 is clipped to 0; anything more
-    negative means G is not a Gram (or was computed inaccurately) and raises ValueError.
-    zero_rows: "raise" (a zero-norm row has no direction) or "nan" (its distances become NaN).
-    """
-    G = G.to(torch.float64)
-    if G.dim() < 2:
-        raise ValueError(f"G must be [..., N, M], got shape {tuple(G.shape)}")
-    if sq_norms_x is None or sq_norms_y is None:
-        if G.shape[-1] != G.shape[-2]:
-            raise ValueError("G is not square: give sq_norms_x and sq_norms_y (the rows' squared norms)")
-        d = torch.diagonal(G, dim1=-2, dim2=-1)
-        sq_norms_x = d if sq_norms_x is None else sq_norms_x
-        sq_norms_y = d if sq_norms_y is None else sq_norms_y
-    nx = sq_norms_x.to(torch.float64)
-    ny = sq_norms_y.to(torch.float64)
-    if nx.shape[-1] != G.shape[-2] or ny.shape[-1] != G.shape[-1]:
-        raise ValueError(f"sq_norms shapes {tuple(nx.shape)}, {tuple(ny.shape)} do not match G {tuple(G.shape)}")
-    if (nx < 0).any() or (ny < 0).any():
-        raise ValueError("G: negative squared norms on the diagonal; not a Gram matrix")
-    zx, zy = nx == 0, ny == 0
-    if zero_rows == "raise" and (zx.any() or zy.any()):
-        raise ValueError("G: a row has zero norm, so its cosine distance is undefined (zero_rows='nan' allows it)")
-    if zero_rows not in ("raise", "nan"):
-        raise ValueError(f"zero_rows must be 'raise' or 'nan', got {zero_rows!r}")
-    # sqrt(G_ii G_jj) rather than sqrt(G_ii) sqrt(G_jj): for equal rows sqrt(g * g) == g exactly, so
-    # duplicates get 1 - cos = 0 exactly (overflow would need |x|^2 > 1e154)
-    denom = torch.sqrt(nx.unsqueeze(-1) * ny.unsqueeze(-2))
-    D = 1.0 - G / denom
-    if D.numel():
-        worst = torch.nan_to_num(D, nan=0.0).min().item()
-        if worst < -NEGATIVE_TOL:
-            raise ValueError(f"G: 1 - cos = {worst:.3e} < -{NEGATIVE_TOL:g}; not an accurate Gram matrix")
-    return D.clamp_min_(0.0)
-
-
-def cosine_distance(X, offsets: torch.Tensor, layers=None, **kw) -> torch.Tensor:
-    """1 - cos [N, N] float64 between snapshots (rows of X or row blocks), over the chosen layers."""
-    from . import ops
-    return cosine_distance_from_gram(layer_gram(ops.segment_gram(X, offsets, **kw), layers))

@@ -1,5 +1,9 @@
-"""Public wrappers of the kernels: validate arguments, then call torch.ops.pylandscape.* or, when the
-extension is unavailable, the pure-torch twin in `pylandscape._reference` (same results).
+"""Public wrappers of the kernels: validate arguments, then call torch.ops.pylandscape.* or, where no
+compiled kernel exists for the data's device, the pure-torch twin in `pylandscape._reference` (same results).
+
+Words: a model's parameters are one flat buffer [P] plus `offsets` (int64 [L+1]); segment l is
+flat[offsets[l]:offsets[l+1]], usually one parameter tensor (a weight or a bias). The paper's "layer" (a
+module's weight + bias) is a group of segments. The ops are not differentiable: outputs never require grad.
 """
 from __future__ import annotations
 
@@ -7,12 +11,9 @@ import torch
 
 from . import _ext
 from . import _reference as ref
+from .gram import panel_rows, streamed_gram
 
 
-# ======================================================================================
-# Section: argument checks shared by every op
-# (owned by the kernels work; the Gram section below may use these helpers)
-# ======================================================================================
 
 #: dtypes every kernel supports (the references accept more).
 FLOAT_DTYPES = (torch.float32, torch.float64)
@@ -51,8 +52,9 @@ def check_same_device(*named: tuple[str, torch.Tensor]) -> None:
 def check_offsets(offsets, numel: int, name: str = "offsets") -> torch.Tensor:
     """offsets as a contiguous int64 CPU tensor [L+1]: offsets[0] = 0, non-decreasing, offsets[-1] = numel.
 
-    Accepts any integer tensor (on any device) or a sequence of ints. Equal neighbours are allowed
-    (empty layers). The kernels read offsets on the host, for CUDA data too.
+    The one offsets rule of every op (the C++ kernels check the same, csrc/host/checks.cpp). Accepts any
+    integer tensor (on any device) or a sequence of ints; L = 0 (no segments) is allowed, and so are equal
+    neighbours (empty segments). The kernels read offsets on the host, for CUDA data too.
     """
     if not isinstance(offsets, torch.Tensor):
         try:
@@ -77,7 +79,7 @@ def check_offsets(offsets, numel: int, name: str = "offsets") -> torch.Tensor:
     return offsets
 
 
-def _num_layers(offsets: torch.Tensor) -> int:
+def _num_segments(offsets: torch.Tensor) -> int:
     return offsets.numel() - 1
 
 
@@ -121,22 +123,20 @@ def _as_alphas(alphas) -> torch.Tensor:
     return t.contiguous()
 
 
-# ======================================================================================
-# Section: layer statistics and layerwise perturbation
-# ======================================================================================
 
 
 def layer_stats(flat: torch.Tensor, offsets) -> torch.Tensor:
-    """[L, 3] float64 per-layer (mean, population std, mean |w|) of flat [P], on flat's device.
+    """[L, 3] float64 per-segment (mean, population std, mean |w|) of flat [P], on flat's device.
 
-    Accumulated in float64. An empty layer (offsets[l] == offsets[l+1]) gets NaN in all columns.
+    Accumulated in float64. An empty segment (offsets[l] == offsets[l+1]) gets NaN in all columns.
     """
     check_float_tensor(flat, "flat", dims=1)
     offsets = check_offsets(offsets, flat.numel())
-    flat = flat.detach().contiguous()
-    if _ext.use_extension():
+    flat = flat.contiguous()
+    if _ext.use_kernel("layer_stats", flat.device):
         return torch.ops.pylandscape.layer_stats(flat, offsets)
-    return ref.layer_stats(flat, offsets)
+    with torch.no_grad():
+        return ref.layer_stats(flat, offsets)
 
 
 def philox_normal(n: int, seed: int, offset: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -148,7 +148,7 @@ def philox_normal(n: int, seed: int, offset: int = 0, dtype: torch.dtype = torch
         raise ValueError(f"n must be >= 0, got {n}")
     if dtype not in FLOAT_DTYPES:
         raise ValueError(f"dtype must be float32 or float64, got {dtype}")
-    if _ext.use_extension():
+    if _ext.use_kernel("philox_normal", "cpu"):
         return torch.ops.pylandscape.philox_normal(int(n), int(seed), int(offset), dtype)
     return ref.philox_normal(int(n), int(seed), int(offset), dtype)
 
@@ -156,31 +156,32 @@ def philox_normal(n: int, seed: int, offset: int = 0, dtype: torch.dtype = torch
 def perturb_layerwise(flat: torch.Tensor, offsets, scale, *, mode: str = "std",
                       generator: torch.Generator | None = None, seed: int | None = None,
                       inplace: bool = False) -> torch.Tensor:
-    """flat [P] plus N(0, (scale_l * s_l)^2) noise in each layer l; s_l = layer std ("std") or mean |w|.
+    """flat [P] plus N(0, (scale_l * s_l)^2) noise in each segment l; s_l = its std ("std") or mean |w|.
 
-    scale: float or [L] tensor, >= 0 (0 leaves a layer bit-for-bit unchanged). The noise is fixed by
-    `seed` (drawn from `generator` when None), identical on CPU and CUDA. Raises ValueError for a layer
+    scale: float or [L] tensor, >= 0 (0 leaves a segment bit-for-bit unchanged). The noise is fixed by
+    `seed` (drawn from `generator` when None), identical on CPU and CUDA. Raises ValueError for a segment
     with NaN/Inf, or with zero std and a nonzero scale in "std" mode. Returns flat itself when inplace.
     """
     check_float_tensor(flat, "flat", dims=1)
     offsets = check_offsets(offsets, flat.numel())
     m = _check_mode(mode)
-    scales = _check_scales(scale, None, _num_layers(offsets), "scale")
+    scales = _check_scales(scale, None, _num_segments(offsets), "scale")
     if seed is None:
         seed = int(_draw_seeds(1, generator)[0])
     seed = int(seed)
     if not inplace:
         seeds = torch.tensor([seed], dtype=torch.int64)
-        src = flat.detach().contiguous()
-        if _ext.use_extension():
+        src = flat.contiguous()
+        if _ext.use_kernel("perturb", src.device):
             out = torch.ops.pylandscape.perturb(src, offsets, scales.unsqueeze(0), seeds, 0, m)
         else:
-            out = ref.perturb(src, offsets, scales.unsqueeze(0), seeds, 0, m)
+            with torch.no_grad():
+                out = ref.perturb(src, offsets, scales.unsqueeze(0), seeds, 0, m)
         return out.reshape(-1)
     if not flat.is_contiguous():
         raise ValueError("flat must be contiguous for inplace=True")
     with torch.no_grad():
-        if _ext.use_extension():
+        if _ext.use_kernel("perturb_", flat.device):
             torch.ops.pylandscape.perturb_(flat, offsets, scales, seed, 0, m)
         else:
             ref.perturb_(flat, offsets, scales, seed, 0, m)
@@ -203,7 +204,7 @@ def perturb_batched(flat: torch.Tensor, offsets, scales, *, seeds=None, mode: st
     if sc.dim() not in (1, 2):
         raise ValueError(f"scales must have shape [K] or [K, L], got {tuple(sc.shape)}")
     K = sc.shape[0]
-    sc = _check_scales(sc, K, _num_layers(offsets), "scales")
+    sc = _check_scales(sc, K, _num_segments(offsets), "scales")
     if seeds is None:
         seeds_t = _draw_seeds(K, generator)
     else:
@@ -211,17 +212,19 @@ def perturb_batched(flat: torch.Tensor, offsets, scales, *, seeds=None, mode: st
         if seeds_t.dtype.is_floating_point or seeds_t.dim() != 1 or seeds_t.shape[0] != K:
             raise ValueError(f"seeds must be K = {K} integers, got {seeds_t.dtype} of shape {tuple(seeds_t.shape)}")
         seeds_t = seeds_t.to(torch.int64).contiguous()
-    src = flat.detach().contiguous()
+    src = flat.contiguous()
     if out is not None:
         _check_out(out, flat, K)
-        if _ext.use_extension():
+        if _ext.use_kernel("perturb_out", src.device):
             torch.ops.pylandscape.perturb_out(src, offsets, sc, seeds_t, 0, m, out)
         else:
-            ref.perturb_out(src, offsets, sc, seeds_t, 0, m, out)
+            with torch.no_grad():
+                ref.perturb_out(src, offsets, sc, seeds_t, 0, m, out)
         return out
-    if _ext.use_extension():
+    if _ext.use_kernel("perturb", src.device):
         return torch.ops.pylandscape.perturb(src, offsets, sc, seeds_t, 0, m)
-    return ref.perturb(src, offsets, sc, seeds_t, 0, m)
+    with torch.no_grad():
+        return ref.perturb(src, offsets, sc, seeds_t, 0, m)
 
 
 def _check_out(out, flat: torch.Tensor, K: int) -> None:
@@ -239,9 +242,6 @@ def _check_out(out, flat: torch.Tensor, K: int) -> None:
         raise ValueError("out must not share memory with flat")
 
 
-# ======================================================================================
-# Section: interpolation and weighted combinations of models
-# ======================================================================================
 
 
 def interpolate(a: torch.Tensor, b: torch.Tensor, alphas) -> torch.Tensor:
@@ -257,10 +257,11 @@ def interpolate(a: torch.Tensor, b: torch.Tensor, alphas) -> torch.Tensor:
     if a.shape != b.shape:
         raise ValueError(f"a and b must have one shape, got a {tuple(a.shape)} and b {tuple(b.shape)}")
     al = _as_alphas(alphas)
-    a, b = a.detach().contiguous(), b.detach().contiguous()
-    if _ext.use_extension():
+    a, b = a.contiguous(), b.contiguous()
+    if _ext.use_kernel("interpolate", a.device):
         return torch.ops.pylandscape.interpolate(a, b, al)
-    return ref.interpolate(a, b, al)
+    with torch.no_grad():
+        return ref.interpolate(a, b, al)
 
 
 def combine(W: torch.Tensor, coeffs) -> torch.Tensor:
@@ -278,76 +279,55 @@ def combine(W: torch.Tensor, coeffs) -> torch.Tensor:
         raise ValueError(f"coeffs must have shape [K, M] or [M] with M = {W.shape[0]} (rows of W), "
                          f"got {tuple(torch.as_tensor(coeffs).shape)}")
     c = c.contiguous()
-    Wc = W.detach().contiguous()
-    if _ext.use_extension():
+    Wc = W.contiguous()
+    if _ext.use_kernel("combine", Wc.device):
         out = torch.ops.pylandscape.combine(Wc, c)
     else:
-        out = ref.combine(Wc, c)
+        with torch.no_grad():
+            out = ref.combine(Wc, c)
     return out[0] if single else out
 
 
-# ======================================================================================
-# Section: per-layer Gram matrices of snapshots (segment_gram)
-# ======================================================================================
-
-from . import gram as _gram  # noqa: E402  (the streaming driver and the Gram -> distance helpers)
-
-cosine_distance_from_gram = _gram.cosine_distance_from_gram
-layer_gram = _gram.layer_gram
-
-
-def _gram_check_offsets(offsets, P: int) -> torch.Tensor:
-    if not isinstance(offsets, torch.Tensor):
-        offsets = torch.as_tensor(offsets, dtype=torch.int64)
-    if offsets.dtype != torch.int64 or offsets.dim() != 1 or offsets.numel() < 2:
-        raise ValueError(f"offsets must be a 1-D int64 tensor [L+1] with L >= 1, got dtype {offsets.dtype}, "
-                         f"shape {tuple(offsets.shape)}")
-    o = offsets.cpu()
-    if int(o[0]) != 0 or int(o[-1]) != P or bool((o[1:] < o[:-1]).any()):
-        raise ValueError(f"offsets must increase from 0 to P = {P} (the rows' length); got "
-                         f"{o.tolist() if o.numel() <= 20 else [int(o[0]), '...', int(o[-1])]}")
-    return offsets
-
-
-def _gram_check_rows(T: torch.Tensor, name: str) -> torch.Tensor:
+def _gram_rows(T, name: str) -> torch.Tensor:
+    if not isinstance(T, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(T).__name__}")
     if T.dim() != 2:
         raise ValueError(f"{name} must be [N, P], got shape {tuple(T.shape)}")
     if T.dtype in (torch.float16, torch.bfloat16):
         T = T.float()  # exact; the kernels take fp32 or fp64
-    if T.dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"{name} must be float32 or float64, got {T.dtype}")
-    return T
+    return check_float_tensor(T, name)
 
 
-def _gram_pair(A: torch.Tensor, offsets: torch.Tensor, B: torch.Tensor | None) -> torch.Tensor:
-    A = _gram_check_rows(A, "X")
+def _gram_pair(A: torch.Tensor, offsets, B: torch.Tensor | None) -> torch.Tensor:
+    """One op call on resident rows A [N, P] (and B [M, P]): checks, then the kernel or the reference."""
+    A = _gram_rows(A, "X")
     if B is not None:
-        B = _gram_check_rows(B, "Y")
+        B = _gram_rows(B, "Y")
         if B.dtype != A.dtype:
             raise ValueError(f"X and Y must have the same dtype, got {A.dtype} and {B.dtype}")
         if B.shape[1] != A.shape[1]:
             raise ValueError(f"X and Y must have the same row length P, got {A.shape[1]} and {B.shape[1]}")
-        if B.device != A.device:
-            raise ValueError(f"X and Y must be on the same device, got {A.device} and {B.device}")
-    offsets = _gram_check_offsets(offsets, A.shape[1]).to(A.device)
-    if _ext.use_extension():
+        check_same_device(("X", A), ("Y", B))
+    offsets = check_offsets(offsets, A.shape[1])
+    if _ext.use_kernel("segment_gram", A.device):
         return torch.ops.pylandscape.segment_gram(A, offsets, B)
     _gram_check_finite(A, offsets, "X")
     if B is not None:
         _gram_check_finite(B, offsets, "Y")
-    return ref.segment_gram(A, offsets, B)
+    with torch.no_grad():
+        return ref.segment_gram(A, offsets, B)
 
 
 def _gram_check_finite(T: torch.Tensor, offsets: torch.Tensor, name: str) -> None:
     if T.numel() and not bool(torch.isfinite(T).all()):
         bad = (~torch.isfinite(T)).any(0).nonzero()[0, 0].item()
-        layer = int(torch.searchsorted(offsets.cpu(), torch.tensor([bad]), right=True)[0]) - 1
-        raise ValueError(f"{name} holds NaN or inf in layer {layer} (column {bad})")
+        seg = int(torch.searchsorted(offsets.cpu(), torch.tensor([bad]), right=True)[0]) - 1
+        raise ValueError(f"{name} holds NaN or inf in segment {seg} (column {bad})")
 
 
 def segment_gram(X, offsets, *, Y=None, device=None, progress: bool = False,
                  memory_budget: int | None = None) -> torch.Tensor:
-    """[L, N, M] float64: per-layer dot products G[l, i, j] = x_i[layer l] . y_j[layer l].
+    """[L, N, M] float64: per-segment dot products G[l, i, j] = x_i[segment l] . y_j[segment l].
 
     X (and Y): a [N, P] tensor, or row blocks (a list, or any re-iterable of [rows, P] tensors, e.g.
     snapshots read from disk; a one-shot iterator is buffered in memory). Y=None means Y = X (symmetric;
@@ -356,39 +336,53 @@ def segment_gram(X, offsets, *, Y=None, device=None, progress: bool = False,
     device: where to compute (blocks are moved there); the result lives there too.
     memory_budget: bytes of input rows to hold at once for row blocks or for tensors moved to `device`
     (default 1 GiB). A tensor already on the compute device is processed in one call unless a budget is
-    given; the op then needs about one more copy of the largest layer's columns as workspace. Use cosine_distance_from_gram(layer_gram(G, layers)) for 1 - cos.
+    given; the op then needs about one more copy of the largest segment's columns as workspace.
+    progress: draw a progress bar; what is computed (and every bit of it) does not depend on it.
+    Sum segments into the paper's layers (weight + bias) before taking 1 - cos
+    (pylandscape.mds.cosine_distance_from_gram(layer_gram(G, layers))).
     """
     budget = (1 << 30) if memory_budget is None else int(memory_budget)
     if budget <= 0:
         raise ValueError(f"memory_budget must be positive, got {memory_budget}")
-    if isinstance(X, torch.Tensor) and (Y is None or isinstance(Y, torch.Tensor)) and not progress:
-        X = _gram_check_rows(X, "X")
+    rows = None
+    if isinstance(X, torch.Tensor) and (Y is None or isinstance(Y, torch.Tensor)):
+        X = _gram_rows(X, "X")
+        Y = None if Y is None else _gram_rows(Y, "Y")
+        offsets = check_offsets(offsets, X.shape[1])
         dev = X.device if device is None else torch.device(device)
         tot = X.numel() * X.element_size() + (0 if Y is None else Y.numel() * Y.element_size())
         # resident on the compute device already: one call (the op's workspace is about one copy of the
-        # largest layer's columns); otherwise only what fits the budget is moved at a time
-        if (dev == X.device and (Y is None or Y.device == dev) and memory_budget is None) or tot <= budget:
-            return _gram_pair(X.to(dev), offsets, None if Y is None else Y.to(dev))
-    if isinstance(X, torch.Tensor):
-        X = _gram_check_rows(X, "X")
-        _gram_check_offsets(offsets, X.shape[1])
-    if not isinstance(offsets, torch.Tensor):
-        offsets = torch.as_tensor(offsets, dtype=torch.int64)
-    return _gram.streamed_gram(_gram_pair, X, offsets, Y=Y, device=device, progress=progress,
-                               memory_budget=budget)
-
-
-if _ext.loaded() and hasattr(torch.ops.pylandscape, "segment_gram"):
-    @torch.library.register_fake("pylandscape::segment_gram")
-    def _segment_gram_fake(X, offsets, Y=None):
-        M = X.shape[0] if Y is None else Y.shape[0]
-        return X.new_empty((offsets.shape[0] - 1, X.shape[0], M), dtype=torch.float64)
-
+        # largest segment's columns); otherwise only what fits the budget is moved at a time
+        resident = X.device == dev and (Y is None or Y.device == dev) and memory_budget is None
+        if resident or tot <= budget:
+            rows = max(1, X.shape[0])
+        else:
+            rows = panel_rows(X.shape[1], X.element_size(), budget)
+    elif not isinstance(offsets, torch.Tensor):
+        offsets = torch.as_tensor(list(offsets), dtype=torch.int64)
+    return streamed_gram(_gram_pair, X, offsets, Y=Y, device=device, progress=progress,
+                         memory_budget=budget, rows=rows)
 
 
 # ======================================================================================
-# Section: torch.compile support (register_fake), guarded on the extension being loaded
+# torch.compile support: fake kernels (shapes, dtypes and the checks that need no data), guarded on the
+# extension being loaded. Value checks (offsets' contents) need data and stay in the kernels.
 # ======================================================================================
+
+
+def _fake_check_flat(flat, offsets, name: str = "flat") -> None:
+    torch._check(flat.dim() == 1, lambda: f"{name} must be 1-D [P], got {flat.dim()} dims")
+    torch._check(flat.dtype in FLOAT_DTYPES, lambda: f"{name} must be float32 or float64, got {flat.dtype}")
+    torch._check(offsets.dim() == 1 and offsets.dtype == torch.int64,
+                 lambda: f"offsets must be a 1-D int64 tensor, got {offsets.dtype} {tuple(offsets.shape)}")
+
+
+def _fake_check_batch(flat, offsets, scales, seeds) -> None:
+    _fake_check_flat(flat, offsets)
+    torch._check(scales.dim() == 2 and scales.shape[1] == offsets.shape[0] - 1,
+                 lambda: f"scales must be [K, L], got {tuple(scales.shape)}")
+    torch._check(seeds.dim() == 1 and seeds.shape[0] == scales.shape[0],
+                 lambda: f"seeds must be [K] with K = scales.shape[0], got {tuple(seeds.shape)}")
 
 
 def _register_fakes() -> None:
@@ -396,31 +390,64 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake(lib + "layer_stats")
     def _(flat, offsets):
+        _fake_check_flat(flat, offsets)
         return flat.new_empty((offsets.shape[0] - 1, 3), dtype=torch.float64)
 
     @torch.library.register_fake(lib + "perturb")
-    def _(flat, offsets, scales, seeds, offset, mode):
+    def _(flat, offsets, scales, seeds, offset, sigma_mode):
+        _fake_check_batch(flat, offsets, scales, seeds)
+        torch._check(sigma_mode in (0, 1), lambda: f"sigma_mode must be 0 (std) or 1 (magnitude), got {sigma_mode}")
         return flat.new_empty((seeds.shape[0], flat.shape[0]))
 
     @torch.library.register_fake(lib + "perturb_")
-    def _(flat, offsets, scales, seed, offset, mode):
+    def _(flat, offsets, scales, seed, offset, sigma_mode):
+        _fake_check_flat(flat, offsets)
+        torch._check(scales.dim() == 1 and scales.shape[0] == offsets.shape[0] - 1,
+                     lambda: f"scales must be [L], got {tuple(scales.shape)}")
+        torch._check(sigma_mode in (0, 1), lambda: f"sigma_mode must be 0 (std) or 1 (magnitude), got {sigma_mode}")
         return None
 
     @torch.library.register_fake(lib + "perturb_out")
-    def _(flat, offsets, scales, seeds, offset, mode, out):
+    def _(flat, offsets, scales, seeds, offset, sigma_mode, out):
+        _fake_check_batch(flat, offsets, scales, seeds)
+        torch._check(out.dtype == flat.dtype and out.device == flat.device,
+                     lambda: "out must have flat's dtype and device")
+        torch._check(out.dim() == 2 and out.shape[0] == seeds.shape[0] and out.shape[1] == flat.shape[0],
+                     lambda: f"out must be [K, P], got {tuple(out.shape)}")
         return None
 
     @torch.library.register_fake(lib + "philox_normal")
     def _(n, seed, offset, dtype):
+        torch._check(n >= 0, lambda: f"n must be >= 0, got {n}")
+        torch._check(dtype in FLOAT_DTYPES, lambda: f"dtype must be float32 or float64, got {dtype}")
         return torch.empty((n,), dtype=dtype, device="cpu")
 
     @torch.library.register_fake(lib + "interpolate")
     def _(a, b, alphas):
+        torch._check(a.dim() == 1 and b.dim() == 1 and a.shape[0] == b.shape[0],
+                     lambda: f"a and b must be [P] of one length, got {tuple(a.shape)} and {tuple(b.shape)}")
+        torch._check(a.dtype == b.dtype and a.dtype in FLOAT_DTYPES,
+                     lambda: f"a and b must share a float dtype, got {a.dtype} and {b.dtype}")
+        torch._check(alphas.dim() == 1, lambda: f"alphas must be [K], got {tuple(alphas.shape)}")
         return a.new_empty((alphas.shape[0], a.shape[0]))
 
     @torch.library.register_fake(lib + "combine")
     def _(W, coeffs):
+        torch._check(W.dim() == 2 and W.dtype in FLOAT_DTYPES, lambda: f"W must be a float [M, P], got {W.dtype}")
+        torch._check(coeffs.dim() == 2 and coeffs.shape[1] == W.shape[0],
+                     lambda: f"coeffs must be [K, M] with M = {W.shape[0]}, got {tuple(coeffs.shape)}")
         return W.new_empty((coeffs.shape[0], W.shape[1]))
+
+    @torch.library.register_fake(lib + "segment_gram")
+    def _(X, offsets, Y=None):
+        torch._check(X.dim() == 2 and X.dtype in FLOAT_DTYPES,
+                     lambda: f"X must be a float32/float64 [N, P], got {X.dtype} {tuple(X.shape)}")
+        torch._check(offsets.dim() == 1 and offsets.dtype == torch.int64, lambda: "offsets must be 1-D int64")
+        if Y is not None:
+            torch._check(Y.dim() == 2 and Y.shape[1] == X.shape[1] and Y.dtype == X.dtype,
+                         lambda: f"Y must be [M, P] with X's P and dtype, got {Y.dtype} {tuple(Y.shape)}")
+        M = X.shape[0] if Y is None else Y.shape[0]
+        return X.new_empty((offsets.shape[0] - 1, X.shape[0], M), dtype=torch.float64)
 
 
 if _ext.loaded():

@@ -9,12 +9,15 @@ import pytest
 import torch
 
 import pylandscape
+from pylandscape.flat import ParamSpec
+from pylandscape.models import dcnn
 
 SOURCE_TREE = pathlib.Path(__file__).resolve().parent.parent
 
-# The paper's CIFAR-10 net has P = 188,810 parameters in 12 tensors (5 conv layers + a classifier,
-# weights and biases); these sizes reproduce that layout.
-PAPER_SIZES = [2400, 32, 9216, 32, 18432, 64, 36864, 64, 73728, 128, 47840, 10]
+# The paper's CIFAR-10 net (pylandscape.models.dcnn: 5 conv layers, weights and biases, P = 188,810):
+# the segment sizes of its flat buffer, taken from the model itself.
+PAPER_SIZES = ParamSpec.from_module(dcnn()).sizes
+assert sum(PAPER_SIZES) == 188_810, PAPER_SIZES
 
 
 if os.environ.get("PYLANDSCAPE_REQUIRE_EXT", "0") not in ("", "0"):
@@ -23,6 +26,12 @@ if os.environ.get("PYLANDSCAPE_REQUIRE_EXT", "0") not in ("", "0"):
         f"PYLANDSCAPE_REQUIRE_EXT=1 but the compiled kernels did not load for pylandscape at "
         f"{pylandscape.__file__}: {pylandscape._ext.reason()}. Build them first "
         f"(MAX_JOBS=2 pip install --no-build-isolation .).")
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    """The MDS Gram cache goes to the user's cache folder by default: tests never write there."""
+    monkeypatch.setenv("PYLANDSCAPE_CACHE_DIR", str(tmp_path_factory.mktemp("gram-cache")))
 
 
 def offsets_of(sizes) -> torch.Tensor:

@@ -1,9 +1,13 @@
 """The build: extension presence, torch-version guard, and setup.py / CMakeLists.txt agreement."""
 from __future__ import annotations
 
+import importlib
 import pathlib
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import types
 
 import pytest
@@ -14,18 +18,35 @@ from conftest import SOURCE_TREE
 from pylandscape import _ext
 
 
-def test_has_extension_and_cuda_flags_are_consistent():
-    assert isinstance(pylandscape.has_extension(), bool)
-    assert isinstance(pylandscape.has_cuda_kernels(), bool)
-    if pylandscape.has_cuda_kernels():
-        assert pylandscape.has_extension()
-    if pylandscape.has_extension():
-        from pylandscape import _build_info
-        assert _build_info.TORCH_VERSION == torch.__version__
-        assert pylandscape.has_cuda_kernels() == bool(_build_info.WITH_CUDA)
-        assert hasattr(torch.ops.pylandscape, "perturb")
-    else:
+def _built_library() -> pathlib.Path | None:
+    pkg = pathlib.Path(pylandscape.__file__).parent
+    libs = sorted(pkg.glob("_C*.so")) + sorted(pkg.glob("_C*.pyd"))
+    return libs[0] if libs else None
+
+
+def test_has_extension_and_cuda_flags_tell_the_truth():
+    """has_extension() is True exactly when a library built for this torch sits in the package (and it is
+    not disabled); has_cuda_kernels() exactly when the registry holds CUDA kernels of every tensor op."""
+    try:
+        info = importlib.import_module("pylandscape._build_info")
+    except ImportError:
+        info = None
+    expect = (_built_library() is not None and info is not None and info.TORCH_VERSION == torch.__version__
+              and not _ext._env_flag("PYLANDSCAPE_DISABLE_EXT"))
+    assert pylandscape.has_extension() is expect, _ext.reason()
+    if _ext._env_flag("PYLANDSCAPE_REQUIRE_EXT"):
+        assert pylandscape.has_extension() is True
+    if not expect:
         assert _ext.reason()
+        assert pylandscape.has_cuda_kernels() is False
+        return
+    assert _ext.reason() is None
+    registry = torch._C._dispatch_has_kernel_for_dispatch_key
+    for op in ("layer_stats", "perturb", "perturb_", "perturb_out", "interpolate", "combine", "segment_gram"):
+        assert registry(f"pylandscape::{op}", "CPU"), op
+        assert registry(f"pylandscape::{op}", "CUDA") is bool(info.WITH_CUDA), op
+        assert registry(f"pylandscape::{op}", "Autograd"), op  # declared non-differentiable
+    assert pylandscape.has_cuda_kernels() is bool(info.WITH_CUDA)
 
 
 def test_extension_built_for_another_torch_is_not_loaded(monkeypatch):
@@ -70,7 +91,7 @@ def test_setup_and_cmake_compile_the_same_sources():
     if not setup.exists() or not cmake.exists():
         pytest.skip("source tree not available next to the tests")
     s, c = _setup_source_dirs(setup.read_text()), _cmake_source_dirs(cmake.read_text())
-    assert s == {("csrc", "cpp"), ("csrc/cpu", "cpp"), ("csrc/cuda", "cu")}
+    assert s == {("csrc", "cpp"), ("csrc/host", "cpp"), ("csrc/cpu", "cpp"), ("csrc/cuda", "cu")}
     assert s == c, f"setup.py compiles {sorted(s)} but CMakeLists.txt compiles {sorted(c)}"
 
 
@@ -79,18 +100,36 @@ def test_noise_helpers_are_inlined_into_the_simd_clones():
     """The per-element math (normal.h, philox.h, exact.h) must be inlined into the multiversioned loops: an
     out-of-line copy is compiled for baseline SSE2 and called per element (the noise pass then ran 2-3x
     slower). A function symbol of those helpers in the binary means GCC stopped inlining one."""
-    import shutil
-    import subprocess
-
     nm = shutil.which("nm")
     if nm is None:
         pytest.skip("binutils nm not found")
-    from pylandscape import _C
-
-    syms = subprocess.run([nm, "-C", _C.__file__], capture_output=True, text=True, check=True).stdout
-    helpers = ("sincos_turn24", "log_u24", "normal_radius", "philox_normal4", "philox4x32_10", "philox_round",
-               "pylandscape::fp::")
-    # function symbols: local/global text (t/T) or weak (W: an inline function emitted out of line)
-    out_of_line = [ln for ln in syms.splitlines()
-                   if any(h in ln for h in helpers) and len(ln.split()) >= 3 and ln.split()[1] in "tTwW"]
+    lib = _built_library()
+    out_of_line = _out_of_line_helpers(nm, lib)
     assert not out_of_line, "helpers compiled out of line:\n" + "\n".join(out_of_line[:10])
+    # the check can fail: a stripped copy has no symbol table to inspect, and says so
+    strip = shutil.which("strip")
+    if strip is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            stripped = pathlib.Path(tmp) / lib.name
+            subprocess.run([strip, "-o", str(stripped), str(lib)], check=True)
+            with pytest.raises(AssertionError, match="no symbol table"):
+                _out_of_line_helpers(nm, stripped)
+
+
+# Anchors: out-of-line functions every build has (they prove the symbol table is there to be searched).
+_ANCHORS = ("pylandscape::check_offsets", "pylandscape::gram::segment_gram")
+_HELPERS = ("sincos_turn24", "log_u24", "normal_radius", "philox_normal4", "philox4x32_10", "philox_round",
+            "pylandscape::fp::")
+
+
+def _out_of_line_helpers(nm: str, lib) -> list[str]:
+    """Function symbols of the inlined-only helpers in lib's symbol table; AssertionError when the table is
+    missing (a stripped library would otherwise pass for one with everything inlined)."""
+    out = subprocess.run([nm, "-C", str(lib)], capture_output=True, text=True)
+    syms = out.stdout
+    assert all(a in syms for a in _ANCHORS), (
+        f"{lib} has no symbol table with the anchors {_ANCHORS} (stripped?): nothing to check; nm said "
+        f"{out.stderr.strip()!r}")
+    # function symbols: local/global text (t/T) or weak (W: an inline function emitted out of line)
+    return [ln for ln in syms.splitlines()
+            if any(h in ln for h in _HELPERS) and len(ln.split()) >= 3 and ln.split()[1] in "tTwW"]

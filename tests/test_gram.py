@@ -13,7 +13,8 @@ import torch
 
 from pylandscape import _ext, ops
 from pylandscape import _reference as ref
-from pylandscape.gram import NEGATIVE_TOL
+from pylandscape.gram import streamed_gram
+from pylandscape.mds import cosine_distance_from_gram, layer_gram
 
 HAS_OP = _ext.loaded() and hasattr(torch.ops.pylandscape, "segment_gram")
 
@@ -179,7 +180,7 @@ def test_random_walk_accuracy_bar(impl, walks):
     X, off, O = walks
     G = gram(impl, X, off)
     assert_accuracy_bar(G, O, f"{impl}, random walks")
-    D = ops.cosine_distance_from_gram(ops.layer_gram(G))
+    D = cosine_distance_from_gram(layer_gram(G))
     assert (D >= 0).all()
 
 
@@ -308,7 +309,7 @@ def test_x_and_y_different(impl, walks):
     # 1 - cos from the cross Gram, with the rows' squared norms (the symmetric Gram's diagonals)
     dA = torch.diagonal(gram(impl, A, off), dim1=1, dim2=2).sum(0)
     dB = torch.diagonal(gram(impl, B, off), dim1=1, dim2=2).sum(0)
-    D = ops.cosine_distance_from_gram(G.sum(0), dA, dB)
+    D = cosine_distance_from_gram(G.sum(0), dA, dB)
     o = O[-1][::2][:, 1::2][:, :50]
     m = o >= 1e-10
     assert ((D - o).abs() / o)[m].max().item() <= 1e-3
@@ -390,11 +391,16 @@ def test_bad_input(impl):
         gram(impl, X, offsets([4, 5]))
     with pytest.raises(ValueError, match="offsets"):
         gram(impl, X, torch.tensor([0, 6, 4, 10]))
+    if impl == "op":  # the op takes int64 offsets only; the wrapper converts other integer dtypes
+        with pytest.raises(ValueError, match="offsets must be int64"):
+            gram(impl, X, off.int())
+    else:
+        assert torch.equal(gram(impl, X, off.int()), gram(impl, X, off))
     with pytest.raises(ValueError, match="offsets"):
-        gram(impl, X, off.int())
+        gram(impl, X, off.double())
     bad = X.clone()
     bad[3, 7] = float("nan")
-    with pytest.raises(ValueError, match="layer 1"):
+    with pytest.raises(ValueError, match="segment 1"):
         gram(impl, bad, off)
     with pytest.raises(ValueError, match="Y"):
         gram(impl, X, off, torch.randn(3, 9))
@@ -402,23 +408,132 @@ def test_bad_input(impl):
         gram(impl, X, off, torch.randn(3, 10, dtype=torch.float64))
 
 
-def test_cosine_distance_helpers():
-    G = torch.tensor([[4.0, 2.0, 4.0], [2.0, 1.0, 2.0], [4.0, 2.0, 4.0]], dtype=torch.float64)
-    D = ops.cosine_distance_from_gram(G)
-    assert torch.equal(D, torch.zeros(3, 3, dtype=torch.float64))  # parallel rows, exactly 0
-    G2 = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
-    assert torch.allclose(ops.cosine_distance_from_gram(G2), torch.tensor([[0.0, 1.0], [1.0, 0.0]],
-                                                                          dtype=torch.float64))
-    tiny = torch.tensor([[1.0, 1.0 + 2e-16], [1.0 + 2e-16, 1.0]], dtype=torch.float64)
-    assert (ops.cosine_distance_from_gram(tiny) == 0).all()  # round-off below 0 is clipped
-    with pytest.raises(ValueError, match="not an accurate Gram"):
-        ops.cosine_distance_from_gram(torch.tensor([[1.0, 1.1], [1.1, 1.0]], dtype=torch.float64))
-    with pytest.raises(ValueError, match="zero norm"):
-        ops.cosine_distance_from_gram(torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
-    Gl = torch.arange(24, dtype=torch.float64).view(3, 2, 4)
-    assert torch.equal(ops.layer_gram(Gl), Gl.sum(0))
-    assert torch.equal(ops.layer_gram(Gl, [0, 2]), Gl[0] + Gl[2])
-    assert torch.equal(ops.layer_gram(Gl, 1), Gl[1])
-    with pytest.raises(ValueError, match="sq_norms"):
-        ops.cosine_distance_from_gram(Gl[0])
-    assert NEGATIVE_TOL < 1e-12
+# ---------------------------------------------------------------------------------------------------
+# every path of the op runs (PYLANDSCAPE_GRAM_STATS counters), and each one is accurate
+# ---------------------------------------------------------------------------------------------------
+
+def gram_stats(monkeypatch, capfd, X, off, Y=None):
+    """The op's result and its per-segment path counters (PYLANDSCAPE_GRAM_STATS=1 prints them)."""
+    monkeypatch.setenv("PYLANDSCAPE_GRAM_STATS", "1")
+    capfd.readouterr()
+    G = torch.ops.pylandscape.segment_gram(X, off, Y)
+    err = capfd.readouterr().err
+    monkeypatch.delenv("PYLANDSCAPE_GRAM_STATS")
+    stats = {}
+    for line in err.splitlines():
+        if line.startswith("[segment_gram] segment "):
+            f = dict(kv.split("=") for kv in line.split()[3:])
+            stats[int(line.split()[2])] = {k: (v if k in ("path", "blocks") else int(v)) for k, v in f.items()}
+    return G, stats
+
+
+def scaled_family(N, P, eps, seed=0):
+    """Rows (1 + k/100) v + eps * noise: nearly parallel rows of very different norms, so the fp32 pass's
+    error bound fails almost everywhere and the refinement runs down to its fp64 leaves (small eps: the
+    direct fp64 distances)."""
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(P, generator=g, dtype=torch.float64)
+    k = torch.arange(N, dtype=torch.float64)
+    return ((1 + 1e-2 * k)[:, None] * v + eps * torch.randn(N, P, generator=g, dtype=torch.float64)).float()
+
+
+PATH_CASES = {
+    # name: (N, M or None, segment sizes, eps, expected counters of segment 0 (exact or "min:" lower bounds))
+    "fp32_one_block": (256, None, [700], 1e-2, {"path": "fp32", "blocks": "1x1", "pairs": 1, "split": "min:1"}),
+    "fp32_block_boundary": (257, None, [700], 1e-2, {"path": "fp32", "blocks": "2x2", "pairs": 3}),
+    "uneven_blocks": (600, None, [513, 40], 1e-2, {"path": "fp32", "blocks": "3x3", "pairs": 6}),
+    "y_several_blocks": (300, 520, [700], 1e-2, {"path": "fp32", "blocks": "2x3", "pairs": 6, "split": 0}),
+    "subblock_refinement": (300, None, [1000], 1e-4, {"path": "fp32", "subpass": "min:1", "leaf64": "min:1"}),
+    "y_refinement": (200, 90, [1000], 1e-4, {"path": "fp32", "subpass": "min:1", "leaf64": "min:1"}),
+    "direct_distances": (300, None, [1000], 1e-6, {"path": "fp32", "direct": "min:1000"}),
+    "small_segment_fp64": (300, None, [512, 0, 1], 1e-4, {"path": "fp64", "blocks": "1x1", "subpass": 0}),
+}
+
+
+@pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
+@pytest.mark.parametrize("case", list(PATH_CASES))
+def test_each_path_runs_and_is_accurate(case, monkeypatch, capfd):
+    N, M, sizes, eps, want = PATH_CASES[case]
+    rows = scaled_family(N + (M or 0), sum(sizes), eps, seed=len(case))
+    off = offsets(sizes)
+    X, Y = (rows, None) if M is None else (rows[:N], rows[N:])
+    G, stats = gram_stats(monkeypatch, capfd, X, off, Y)
+    for key, val in want.items():
+        got = stats[0][key]
+        if isinstance(val, str) and val.startswith("min:"):
+            assert got >= int(val[4:]), (case, key, stats[0])
+        else:
+            assert got == val, (case, key, stats[0])
+    # accurate on every path: against fp64 products, and 1 - cos against the Gram-free oracle
+    Yr = X if Y is None else Y
+    R = fp64_products(X, off, Y)
+    na2 = torch.diagonal(fp64_products(X, off), dim1=1, dim2=2)
+    nb2 = torch.diagonal(fp64_products(Yr, off), dim1=1, dim2=2)
+    assert scaled_err(G, R, na2, nb2) <= 2e-6
+    if Y is None:
+        worst, neg = worst_rel_error(G, exact_one_minus_cos(X, off))
+        assert worst <= 1e-3 and neg >= -1e-15, (worst, neg)
+    else:
+        O = exact_one_minus_cos(torch.cat([X, Y]), off)[:, :N, N:]
+        for l in range(G.shape[0]):
+            if (na2[l] == 0).any() or (nb2[l] == 0).any():
+                continue
+            D = 1.0 - G[l] / torch.sqrt(na2[l][:, None] * nb2[l][None, :])
+            m = O[l] >= 1e-10
+            if m.any():
+                assert ((D - O[l]).abs() / O[l])[m].max().item() <= 1e-3
+
+
+# ---------------------------------------------------------------------------------------------------
+# the progress display and the panels
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("budget", [None, 4 * 4 * 1000 * 64])
+def test_progress_does_not_change_the_result(budget):
+    X = scaled_family(150, 1000, 1e-4)
+    off = offsets([600, 400])
+    quiet = ops.segment_gram(X, off, memory_budget=budget)
+    shown = ops.segment_gram(X, off, memory_budget=budget, progress=True)
+    assert torch.equal(quiet, shown)
+
+
+def test_streaming_never_touches_skipped_panels():
+    """Symmetric streaming starts each inner sweep at the outer panel: panels before it are not read
+    (joined, moved or sliced), and rows are counted without a pass over X."""
+    X = scaled_family(40, 30, 1e-2)
+    off = offsets([30])
+    touched = []
+
+    class Blocks:  # a re-iterable that records which blocks the driver takes rows from
+        def __iter__(self):
+            for i in range(0, 40, 10):
+                touched.append(i)
+                yield X[i:i + 10]
+
+    calls = []
+
+    def pair(A, o, B):
+        calls.append((A.shape[0], None if B is None else B.shape[0]))
+        return ops.segment_gram(A, o, Y=B)
+
+    G = streamed_gram(pair, Blocks(), off, rows=10)
+    assert torch.equal(G, streamed_gram(pair, X, off, rows=10))
+    # 4 panels: 4 + 3 + 2 + 1 panel pairs, each computed once
+    assert len(calls) == 2 * 10
+    # a forward-only re-iterable is traversed once per row panel (plus one look at its first block for
+    # P and dtype), never once more to count rows
+    assert len(touched) == 1 + 4 * 4
+
+
+def test_streamed_sizes_of_a_reiterable_x_with_y():
+    X = scaled_family(37, 20, 1e-2)
+    off = offsets([20])
+
+    class Blocks:
+        def __iter__(self):
+            yield X[:13]
+            yield X[13:]
+
+    G = ops.segment_gram(Blocks(), off, Y=X[:5], memory_budget=4 * 4 * 20 * 8)
+    assert G.shape == (1, 37, 5)
+    assert torch.equal(G, ops.segment_gram(X, off, Y=X[:5], memory_budget=4 * 4 * 20 * 8))

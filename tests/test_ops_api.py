@@ -7,6 +7,7 @@ import textwrap
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import pylandscape
 from conftest import PAPER_SIZES, needs_cuda, needs_ext, offsets_of
@@ -47,25 +48,97 @@ def test_bad_input_names_the_argument(call, match):
 
 # ---- opcheck and torch.compile -------------------------------------------------------------------
 
-def _samples():
-    flat = torch.randn(100)
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+
+
+def _samples(device, grad):
+    """(op, args) for every tensor op; float inputs require grad when `grad` (the ops are declared
+    non-differentiable, so opcheck's autograd-registration test must pass with them)."""
+    def f(*shape, dtype=torch.float32):
+        return torch.randn(*shape, dtype=dtype, device=device).requires_grad_(grad)
+
+    flat = f(100)
     offs = torch.tensor([0, 30, 30, 100])
     sc = torch.full((2, 3), 0.1, dtype=torch.float64)
     return [
-        (torch.ops.pylandscape.layer_stats.default, (flat, offs)),
+        # no empty segment here: its NaN statistics would not compare equal in opcheck's eager-vs-traced test
+        (torch.ops.pylandscape.layer_stats.default, (flat, torch.tensor([0, 30, 100]))),
         (torch.ops.pylandscape.perturb.default, (flat, offs, sc, torch.tensor([1, 2]), 0, 0)),
-        (torch.ops.pylandscape.perturb_.default, (flat.clone(), offs, sc[0].clone(), 3, 0, 1)),
+        (torch.ops.pylandscape.perturb_.default, (f(100).detach(), offs, sc[0].clone(), 3, 0, 1)),
         (torch.ops.pylandscape.perturb_out.default, (flat, offs, sc, torch.tensor([1, 2]), 0, 0,
-                                                     torch.empty(2, 100))),
-        (torch.ops.pylandscape.interpolate.default, (flat, flat * 2, torch.tensor([0.0, 0.5], dtype=torch.float64))),
-        (torch.ops.pylandscape.combine.default, (torch.randn(3, 100), torch.randn(2, 3, dtype=torch.float64))),
+                                                     torch.empty(2, 100, device=device))),
+        (torch.ops.pylandscape.interpolate.default, (flat, f(100), torch.tensor([0.0, 0.5], dtype=torch.float64))),
+        (torch.ops.pylandscape.combine.default, (f(3, 100), torch.randn(2, 3, dtype=torch.float64))),
+        (torch.ops.pylandscape.segment_gram.default, (f(9, 100), offs, None)),
+        (torch.ops.pylandscape.segment_gram.default, (f(9, 100), offs, f(4, 100))),
     ]
 
 
 @needs_ext
-def test_opcheck_every_op():
-    for op, args in _samples():
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("grad", [False, True])
+def test_opcheck_every_op(device, grad):
+    for op, args in _samples(device, grad):
+        torch.library.opcheck(op, args)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_ops_are_declared_non_differentiable(device):
+    """Inputs that require grad give outputs that do not (the Autograd registration in csrc/pylandscape.cpp),
+    through the raw ops and the wrappers alike; a written tensor's version counter moves."""
+    for op, args in _samples(device, True):
+        if op is torch.ops.pylandscape.perturb_.default:
+            continue
+        out = op(*args)
+        if out is not None:
+            assert not out.requires_grad and out.grad_fn is None, op
+    flat = torch.randn(100, device=device, requires_grad=True)
+    offs = [0, 40, 100]
+    for out in (ops.layer_stats(flat, offs), ops.perturb_layerwise(flat, offs, 0.1, seed=1),
+                ops.perturb_batched(flat, offs, [0.1, 0.2], seeds=[1, 2]), ops.interpolate(flat, flat, [0.5]),
+                ops.combine(torch.stack([flat, flat]), [0.5, 0.5]), ops.segment_gram(flat.view(4, 25), [0, 25])):
+        assert not out.requires_grad
+        with pytest.raises(RuntimeError, match="does not require grad"):
+            torch.autograd.grad(out.sum(), flat)
+    buf = torch.randn(100, device=device)
+    v0 = buf._version
+    torch.ops.pylandscape.perturb_(buf, torch.tensor(offs), torch.full((2,), 0.1, dtype=torch.float64), 1, 0, 0)
+    assert buf._version > v0
+    into = torch.empty(1, 100, device=device)
+    v0 = into._version
+    ops.perturb_batched(buf, offs, [0.1], seeds=[1], out=into)
+    assert into._version > v0
+
+
+@needs_ext
+def test_fake_kernels_check_their_arguments():
+    """Under torch.compile the fake kernels are the only checks before the graph runs: bad shapes fail there."""
+    bad = [
+        (torch.ops.pylandscape.layer_stats.default, lambda: (torch.empty(3, 4), torch.tensor([0, 12]))),
+        (torch.ops.pylandscape.perturb.default,
+         lambda: (torch.empty(10), torch.tensor([0, 10]), torch.empty(2, 3, dtype=torch.float64),
+                  torch.tensor([1, 2]), 0, 0)),
+        (torch.ops.pylandscape.perturb.default,
+         lambda: (torch.empty(10), torch.tensor([0, 10]), torch.empty(2, 1, dtype=torch.float64),
+                  torch.tensor([1, 2, 3]), 0, 0)),
+        (torch.ops.pylandscape.interpolate.default,
+         lambda: (torch.empty(10), torch.empty(11), torch.empty(2, dtype=torch.float64))),
+        (torch.ops.pylandscape.combine.default, lambda: (torch.empty(3, 10), torch.empty(2, 4, dtype=torch.float64))),
+        (torch.ops.pylandscape.segment_gram.default, lambda: (torch.empty(3, 4, 5), torch.tensor([0, 5]), None)),
+        (torch.ops.pylandscape.segment_gram.default,
+         lambda: (torch.empty(3, 5), torch.tensor([0, 5]), torch.empty(2, 6))),
+        (torch.ops.pylandscape.segment_gram.default,
+         lambda: (torch.empty(3, 5, dtype=torch.int32), torch.tensor([0, 5]), None)),
+    ]
+    for op, make in bad:
+        with FakeTensorMode():
+            args = make()
+            with pytest.raises(RuntimeError):
+                op(*args)
+    with FakeTensorMode():  # good arguments pass
+        out = torch.ops.pylandscape.segment_gram(torch.empty(3, 5), torch.tensor([0, 2, 5]), torch.empty(4, 5))
+        assert out.shape == (2, 3, 4) and out.dtype == torch.float64
 
 
 @needs_ext
@@ -114,6 +187,47 @@ def test_fallback_gives_same_results(monkeypatch):
     torch.testing.assert_close(fallback[1], with_ext[1], rtol=1e-6, atol=1e-7)
     for a, b in zip(fallback[2:], with_ext[2:]):
         assert torch.equal(a, b)
+
+
+@needs_ext
+def test_device_without_compiled_kernels_runs_the_references(monkeypatch):
+    """A CPU-only build on a CUDA torch has no CUDA kernels: such a device runs the references, with ONE
+    warning that says how to build the kernels. Simulated on the CPU by making the lookup say "no kernel"."""
+    flat = torch.randn(sum(PAPER_SIZES), generator=torch.Generator().manual_seed(0))
+    offs = offsets_of(PAPER_SIZES)
+    X = flat[:3000].view(3, 1000)
+
+    def run():
+        return (ops.layer_stats(flat, offs), ops.perturb_layerwise(flat, offs, 0.1, seed=3),
+                ops.perturb_batched(flat, offs, [0.1, 0.2], seeds=[1, 2]),
+                ops.interpolate(flat, flat * 2, [0.0, 0.3]), ops.combine(torch.stack([flat, -flat]), [0.2, 0.7]),
+                ops.segment_gram(X, [0, 400, 1000]))
+
+    kernels = run()
+    monkeypatch.delenv("PYLANDSCAPE_REQUIRE_EXT", raising=False)
+    monkeypatch.setitem(_ext._state, "warned_devices", set())
+    asked = []
+    monkeypatch.setattr(_ext, "has_kernel", lambda op, key: asked.append((op, key)) and False)
+    with pytest.warns(RuntimeWarning) as rec:
+        refs = run()
+        run()
+    msgs = [str(w.message) for w in rec if "no CPU kernels" in str(w.message)]
+    assert len(msgs) == 1 and "pure-PyTorch references on cpu" in msgs[0]
+    assert {op for op, _ in asked} >= {"layer_stats", "perturb", "interpolate", "combine", "segment_gram"}
+    torch.testing.assert_close(refs[0], kernels[0], rtol=1e-12, atol=1e-15, equal_nan=True)
+    for a, b in zip(refs[1:3], kernels[1:3]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(refs[3:5], kernels[3:5]):
+        assert torch.equal(a, b)
+    # generic rows: both are within ~1e-6 n_i n_j of the exact products (the op's certificate)
+    d = torch.diagonal(refs[5], dim1=1, dim2=2)
+    assert ((refs[5] - kernels[5]).abs() <= 2e-6 * torch.sqrt(d[:, :, None] * d[:, None, :])).all()
+    # the CUDA wording tells how to build the CUDA kernels (no GPU needed to decide)
+    with pytest.warns(RuntimeWarning, match=r"no CUDA kernels.*PYLANDSCAPE_CUDA=1"):
+        assert _ext.use_kernel("perturb", "cuda") is False
+    monkeypatch.setenv("PYLANDSCAPE_REQUIRE_EXT", "1")
+    with pytest.raises(RuntimeError, match="no CUDA kernels"):
+        _ext.use_kernel("perturb", "cuda:0")
 
 
 def test_disable_ext_in_subprocess():

@@ -161,7 +161,7 @@ def test_zero_scale_leaves_layer_bitwise_and_noncontiguous():
 def test_zero_variance_layer_errors_in_std_mode_only():
     flat = torch.cat([torch.randn(10), torch.full((5,), 2.0)])
     offs = [0, 10, 15]
-    with pytest.raises(ValueError, match=r"layer 1 \(flat\[10:15\]\) has zero std"):
+    with pytest.raises(ValueError, match=r"segment 1 \(flat\[10:15\]\) has zero std"):
         ops.perturb_layerwise(flat, offs, 0.1, seed=0)
     ok = ops.perturb_layerwise(flat, offs, [0.1, 0.0], seed=0)  # scale 0 for it: fine
     assert torch.equal(ok[10:], flat[10:])
@@ -173,9 +173,9 @@ def test_zero_variance_layer_errors_in_std_mode_only():
 def test_nan_inf_weights_error_naming_layer(bad):
     flat = torch.randn(30)
     flat[17] = bad
-    with pytest.raises(ValueError, match=r"layer 1 \(flat\[10:30\]\) contains NaN or Inf"):
+    with pytest.raises(ValueError, match=r"segment 1 \(flat\[10:30\]\) contains NaN or Inf"):
         ops.perturb_layerwise(flat, [0, 10, 30], 0.1, seed=0)
-    with pytest.raises(ValueError, match="layer 1"):
+    with pytest.raises(ValueError, match="segment 1"):
         ops.perturb_batched(flat, [0, 10, 30], [0.1, 0.1], seeds=[1, 2])
 
 

@@ -72,12 +72,16 @@ def test_non_contiguous_input():
 
 
 def test_stats_independent_of_threads():
-    flat = torch.randn(200_003)
-    offs = [0, 100_000, 200_003]
+    # 4 * 16,384-element chunks above the parallel grain (32 chunks): with 2+ threads the chunks are
+    # split between threads (a mutation that merged each thread's chunks on its own made this fail)
+    flat = torch.randn(4_200_003, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    offs = [0, 1_000_000, 4_200_003]
     n = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
         a = ops.layer_stats(flat, offs)
+        torch.set_num_threads(max(n, 2))
+        b = ops.layer_stats(flat, offs)
     finally:
         torch.set_num_threads(n)
-    assert torch.equal(a, ops.layer_stats(flat, offs))
+    assert torch.equal(a, b)

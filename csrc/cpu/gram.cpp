@@ -1,5 +1,5 @@
-// segment_gram on CPU: the device-generic driver of pylandscape/gram.h (BLAS through at::bmm) plus the
-// fp64 passes around it, as plain loops (one row or pair per task, so results do not depend on the thread
+// segment_gram on CPU: the kernels that the host driver (csrc/host/gram_driver.cpp, BLAS through at::bmm)
+// calls: the fp64 passes around the GEMMs, as plain loops (one row or pair per task, so results do not depend on the thread
 // count), multiversioned for AVX-512/AVX2 with the same results on every ISA.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -10,7 +10,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "pylandscape/gram.h"
+#include "pylandscape/gram_driver.h"
 #include "pylandscape/macros.h"
 
 namespace pylandscape {
@@ -251,7 +251,7 @@ PLK_MULTIVERSION int64_t combine_rows(const double* S, const double* tA, int64_t
                                       const gram::CombineArgs& a, const double* dnA, const double* dnB,
                                       const double* gdA, const double* gdB, double* G, int64_t ldg, bool* flag,
                                       int64_t nb, int64_t b, int64_t e) {
-  const double uc = a.u * a.C, uc64 = gram::kU64 * a.C64, c0 = a.c0, np = a.np, tau = gram::kTau;
+  const double uc = a.u * a.C, uc64 = gram::kU64 * a.C64, c0 = a.c0, np = a.np;
   int64_t count = 0;
   for (int64_t i = b; i < e; ++i) {
     const double ta = tA[i * stA], da = dnA[i], ga = gdA[i], wa = a.w + a.nq * da;
@@ -260,17 +260,15 @@ PLK_MULTIVERSION int64_t combine_rows(const double* S, const double* tA, int64_t
     bool* fi = flag + i * nb;
     const int64_t j0 = a.upper ? std::min(i + 1, nb) : 0;  // diagonal blocks: only j > i may be flagged
     for (int64_t j = 0; j < j0; ++j) {
-      Gi[j] = ((Si[j] + ta) + tB[j]) + c0;
+      Gi[j] = gram::combine_entry(Si[j], ta, tB[j], c0);
       fi[j] = false;
     }
     int64_t cnt = 0;
 #pragma omp simd reduction(+ : cnt)
     for (int64_t j = j0; j < nb; ++j) {
-      const double g = ((Si[j] + ta) + tB[j]) + c0;
+      const double g = gram::combine_entry(Si[j], ta, tB[j], c0);
       Gi[j] = g;
-      const double bound = (da * dnB[j]) * uc + (wa + np * dnB[j]) * uc64;
-      const double est = std::sqrt(ga * gdB[j]) - g;
-      const bool f = bound > est * tau;
+      const bool f = gram::combine_flag(g, da, dnB[j], wa, ga, gdB[j], uc, np, uc64);
       fi[j] = f;
       cnt += f ? 1 : 0;
     }
@@ -323,38 +321,10 @@ void mirror_cpu(at::Tensor& G, const at::Tensor& gd) {
 
 }  // namespace
 
-// Argument checks shared by the CPU and CUDA registrations (ValueError on bad input).
-std::vector<int64_t> gram_check_args(const at::Tensor& X, const at::Tensor& offsets,
-                                     const std::optional<at::Tensor>& Y) {
-  TORCH_CHECK_VALUE(X.dim() == 2, "segment_gram: X must be [N, P], got ", X.dim(), " dims");
-  TORCH_CHECK_VALUE(X.scalar_type() == at::kFloat || X.scalar_type() == at::kDouble,
-                    "segment_gram: X must be float32 or float64, got ", X.scalar_type());
-  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.scalar_type() == at::kLong && offsets.numel() >= 2,
-                    "segment_gram: offsets must be a 1-D int64 tensor [L+1] with L >= 1");
-  if (Y.has_value()) {
-    const at::Tensor& y = *Y;
-    TORCH_CHECK_VALUE(y.dim() == 2, "segment_gram: Y must be [M, P], got ", y.dim(), " dims");
-    TORCH_CHECK_VALUE(y.scalar_type() == X.scalar_type(), "segment_gram: Y must have X's dtype ",
-                      X.scalar_type(), ", got ", y.scalar_type());
-    TORCH_CHECK_VALUE(y.size(1) == X.size(1), "segment_gram: Y must have X's row length P = ", X.size(1),
-                      ", got ", y.size(1));
-    TORCH_CHECK_VALUE(y.device() == X.device(), "segment_gram: X and Y must be on the same device");
-  }
-  at::Tensor oc = offsets.to(at::kCPU).contiguous();
-  std::vector<int64_t> off(oc.const_data_ptr<int64_t>(), oc.const_data_ptr<int64_t>() + oc.numel());
-  TORCH_CHECK_VALUE(off.front() == 0 && off.back() == X.size(1),
-                    "segment_gram: offsets must start at 0 and end at P = ", X.size(1), ", got ", off.front(),
-                    " ... ", off.back());
-  for (size_t l = 0; l + 1 < off.size(); ++l)
-    TORCH_CHECK_VALUE(off[l + 1] >= off[l], "segment_gram: offsets must be non-decreasing (layer ", l, ")");
-  return off;
-}
-
 at::Tensor segment_gram_cpu(const at::Tensor& X, const at::Tensor& offsets, const std::optional<at::Tensor>& Y) {
-  std::vector<int64_t> off = gram_check_args(X, offsets, Y);
   static const gram::GramKernels kern{sumsq_cpu, dist2_cpu, prep_cpu, acc_cpu, max_chunk_cpu(), combine_cpu,
                                       mirror_cpu};
-  return gram::segment_gram_impl(X, off, Y.has_value() ? *Y : at::Tensor(), kern);
+  return gram::segment_gram(X, offsets, Y, kern);
 }
 
 TORCH_LIBRARY_IMPL(pylandscape, CPU, m) {

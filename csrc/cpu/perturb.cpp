@@ -193,7 +193,7 @@ void noise_range_f64(const double* w, double* out, int64_t begin, int64_t end, u
   noise_range_f64_mv(w, out, begin, end, seed, offset, sigma);
 }
 
-// One (chunk, copy) task: noise, or a plain copy when sigma is 0 (the layer stays bit-for-bit).
+// One (chunk, copy) task: noise, or a plain copy when sigma is 0 (the segment stays bit-for-bit).
 void noise_task(const at::Tensor& flat, void* out_base, const Chunk& c, uint64_t seed, uint64_t offset,
                 double sigma) {
   const bool f32 = flat.scalar_type() == at::kFloat;
@@ -233,7 +233,7 @@ void perturb_into(const at::Tensor& flat, const at::Tensor& offs, const at::Tens
       const int64_t k = t / nch;
       const Chunk& c = chunks[t % nch];
       char* row = static_cast<char*>(out_base) + static_cast<size_t>(k * P) * es;
-      noise_task(flat, row, c, static_cast<uint64_t>(seeds[k]), static_cast<uint64_t>(offset), sig[k * L + c.layer]);
+      noise_task(flat, row, c, static_cast<uint64_t>(seeds[k]), static_cast<uint64_t>(offset), sig[k * L + c.segment]);
     }
   });
 }

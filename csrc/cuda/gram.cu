@@ -1,4 +1,4 @@
-// segment_gram on CUDA: the device-generic driver of pylandscape/gram.h (cuBLAS through at::bmm/at::mm on
+// segment_gram on CUDA: the kernels that the host driver (csrc/host/gram_driver.cpp: cuBLAS through at::bmm on
 // the current stream) plus the compensated fp64 reductions, as kernels with fixed reduction trees
 // (deterministic). int64 indexing throughout.
 #include <ATen/ATen.h>
@@ -10,12 +10,9 @@
 
 #include <vector>
 
-#include "pylandscape/gram.h"
+#include "pylandscape/gram_driver.h"
 
 namespace pylandscape {
-
-std::vector<int64_t> gram_check_args(const at::Tensor& X, const at::Tensor& offsets,
-                                     const std::optional<at::Tensor>& Y);
 
 namespace {
 
@@ -179,10 +176,9 @@ void prep_cuda(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at:
 void acc_cuda(at::Tensor& S, const at::Tensor& T) { S.add_(T.sum(0, /*keepdim=*/false, at::kDouble)); }
 
 at::Tensor segment_gram_cuda(const at::Tensor& X, const at::Tensor& offsets, const std::optional<at::Tensor>& Y) {
-  std::vector<int64_t> off = gram_check_args(X, offsets, Y);
   c10::cuda::CUDAGuard guard(X.device());
   static const gram::GramKernels kern{sumsq_cuda, dist2_cuda, prep_cuda, acc_cuda};
-  return gram::segment_gram_impl(X, off, Y.has_value() ? *Y : at::Tensor(), kern);
+  return gram::segment_gram(X, offsets, Y, kern);
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
 // Layerwise Gaussian perturbation on CUDA: statistics (stats.cu), a host-side check of the [L, 3]
-// statistics (the errors must name the layer before anything is written), then one launch for the
+// statistics (the errors must name the segment before anything is written), then one launch for the
 // noise of all K copies. Each thread computes one Philox counter (4 normals) with exactly the
 // operations of the CPU kernel (normal.h), so the noise is bit-identical to the CPU.
 #include <ATen/ATen.h>
@@ -33,8 +33,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t ntasks = K * nch;
   for (int64_t t = blockIdx.x; t < ntasks; t += gridDim.x) {
     const int64_t k = t / nch, c = t % nch;
-    const int64_t layer = table[3 * c], begin = table[3 * c + 1], end = table[3 * c + 2];
-    const double s = sig[k * L + layer];
+    const int64_t segment = table[3 * c], begin = table[3 * c + 1], end = table[3 * c + 2];
+    const double s = sig[k * L + segment];
     T* o = out + k * P;
     if (s == 0.0) {
       if (o != w)
@@ -90,7 +90,7 @@ void perturb_out_cuda(const at::Tensor& flat_in, const at::Tensor& offsets, cons
   TORCH_CHECK_VALUE(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "pylandscape: seeds must be int64 [K]");
   c10::cuda::CUDAGuard guard(flat_in.device());
   const at::Tensor flat = flat_in.contiguous();
-  const at::Tensor offs = check_offsets(offsets.to(at::kCPU), flat.numel());
+  const at::Tensor offs = check_offsets(offsets, flat.numel());
   const at::Tensor sd = seeds.to(at::kCPU).contiguous();
   check_perturb_out(out, flat_in, sd.numel());
   perturb_into(flat, offs, scales, sd, offset, mode, out);
@@ -110,7 +110,7 @@ void perturb_inplace_cuda(at::Tensor& flat, const at::Tensor& offsets, const at:
   TORCH_CHECK_VALUE(flat.is_cuda(), "pylandscape: flat must be a CUDA tensor here, got ", flat.device());
   TORCH_CHECK_VALUE(flat.is_contiguous(), "pylandscape: perturb_ needs a contiguous flat");
   c10::cuda::CUDAGuard guard(flat.device());
-  const at::Tensor offs = check_offsets(offsets.to(at::kCPU), flat.numel());
+  const at::Tensor offs = check_offsets(offsets, flat.numel());
   const at::Tensor sd = at::tensor({seed}, at::TensorOptions().dtype(at::kLong));
   perturb_into(flat, offs, scales.reshape({1, -1}), sd, offset, mode, flat);
 }

@@ -1,5 +1,5 @@
 // layer_stats on CUDA: each block reduces whole chunks (the same chunk layout as the CPU kernel, so the
-// per-layer merge order is identical), then one thread per layer merges its chunks in order.
+// per-segment merge order is identical), then one thread per segment merges its chunks in order.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -70,7 +70,7 @@ int64_t upload_chunks(const int64_t* offs, int64_t L, const at::Device& device, 
   at::Tensor host = at::empty({3 * nch + L + 1}, at::TensorOptions().dtype(at::kLong));
   int64_t* h = host.data_ptr<int64_t>();
   for (int64_t i = 0; i < nch; ++i) {
-    h[3 * i] = chunks[i].layer;
+    h[3 * i] = chunks[i].segment;
     h[3 * i + 1] = chunks[i].begin;
     h[3 * i + 2] = chunks[i].end;
   }
@@ -110,7 +110,7 @@ at::Tensor layer_stats_cuda(const at::Tensor& flat_in, const at::Tensor& offsets
   TORCH_CHECK_VALUE(flat_in.is_cuda(), "pylandscape: flat must be a CUDA tensor here, got ", flat_in.device());
   c10::cuda::CUDAGuard guard(flat_in.device());
   const at::Tensor flat = flat_in.contiguous();
-  const at::Tensor offs = check_offsets(offsets.to(at::kCPU), flat.numel());
+  const at::Tensor offs = check_offsets(offsets, flat.numel());
   at::Tensor table;
   const int64_t nch = upload_chunks(offs.data_ptr<int64_t>(), offs.numel() - 1, flat.device(), table);
   return layer_stats_device(flat, offs, table, nch);

@@ -9,7 +9,7 @@
 namespace pylandscape {
 namespace cpu {
 
-// Per-layer moments of flat (contiguous float32/float64 [P]), chunked and merged in a fixed order.
+// Per-segment moments of flat (contiguous float32/float64 [P]), chunked and merged in a fixed order.
 std::vector<Moments> layer_moments(const at::Tensor& flat, const int64_t* offs, int64_t L);
 
 // [L, 3] float64 (mean, std, mean |w|) from moments.

@@ -1,14 +1,14 @@
-// Per-layer statistics (mean, population std, mean |w|) accumulated in float64, and the chunk layout
+// Per-segment statistics (mean, population std, mean |w|) accumulated in float64, and the chunk layout
 // shared by the statistics and the noise kernels on CPU and CUDA.
 //
-// A layer is cut into chunks of at most kChunk elements whose boundaries are layer boundaries or
+// A segment is cut into chunks of at most kChunk elements whose boundaries are segment boundaries or
 // multiples of kChunk (so every chunk starts on a 4-element Philox counter boundary unless it starts
-// a layer). Each chunk sums (x - K), (x - K)^2 and |x| with K = its first element (shifted sums:
-// accurate for layers with a large mean), then chunks merge in order with Chan et al.'s formula.
+// a segment). Each chunk sums (x - K), (x - K)^2 and |x| with K = its first element (shifted sums:
+// accurate for segments with a large mean), then chunks merge in order with Chan et al.'s formula.
 // The merge order is fixed, so the statistics do not depend on the number of threads.
 //
-// Empty layer: mean, std and mean |w| are NaN (0/0); the perturbation never touches it.
-// NaN/Inf in a layer makes its mean |w| non-finite; the perturbation rejects such layers.
+// Empty segment: mean, std and mean |w| are NaN (0/0); the perturbation never touches it.
+// NaN/Inf in a segment makes its mean |w| non-finite; the perturbation rejects such segments.
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -21,10 +21,10 @@ namespace pylandscape {
 constexpr int64_t kChunk = 16384;  // elements; a multiple of 64 (the CPU noise block)
 
 struct Chunk {
-  int64_t layer, begin, end;
+  int64_t segment, begin, end;
 };
 
-// Chunks in layer order; first[l] .. first[l+1]-1 are the chunks of layer l.
+// Chunks in segment order; first[l] .. first[l+1]-1 are the chunks of segment l.
 inline std::vector<Chunk> make_chunks(const int64_t* offsets, int64_t L, std::vector<int64_t>* first = nullptr) {
   std::vector<Chunk> chunks;
   if (first) first->assign(L + 1, 0);
@@ -80,7 +80,7 @@ PLK_HD void moments_merge(Moments& a, const Moments& b) {
   a.n = n;
 }
 
-// Writes (mean, population std, mean |w|); NaN for an empty layer.
+// Writes (mean, population std, mean |w|); NaN for an empty segment.
 PLK_HD void moments_finish(const Moments& m, double* out3) {
   if (m.n == 0) {
     const double nan = NAN;
