@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from ..evaluate import reestimate_bn_
 from ..flat import ParamSpec, flatten_module
-from ..theory import lanczos
+from ..linalg import lanczos
 from .batched import bn_layers
 
 HESSIAN_BN = ("reestimate", "keep")
