@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ..store import atomic_write_bytes, atomic_write_json
-from .hessian import CurvatureReport
+from .hessian import CurvatureReport, SpectralDensity
 
 
 def _csv(path: Path, header: Sequence[str], rows: Sequence[Sequence]) -> Path:
@@ -42,9 +42,8 @@ def report_dict(rep: CurvatureReport) -> dict:
     return d
 
 
-def density_figure(rep: CurvatureReport, path: Path) -> Path:
+def density_figure(dens: SpectralDensity, path: Path) -> Path:
     """Smoothed eigenvalue density on a log scale, as PyHessian draws it."""
-    dens = rep.density
     lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
     pad = 0.05 * (hi - lo) + 3 * dens.sigma
     grid = np.linspace(lo - pad, hi + pad, 2000)
@@ -79,7 +78,7 @@ def write_report(rep: CurvatureReport, out: Path) -> list[Path]:
         lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
         grid = np.linspace(lo - 3 * dens.sigma, hi + 3 * dens.sigma, 1000)
         paths.append(_csv(out / "density.csv", ["eigenvalue", "density"], list(zip(grid, dens.density(grid)))))
-        paths.append(density_figure(rep, out / "density.png"))
+        paths.append(density_figure(rep.density, out / "density.png"))
     return paths
 
 
@@ -139,5 +138,23 @@ def write_trajectory(reports: Sequence[CurvatureReport], metas: Sequence[dict], 
     return paths
 
 
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text())
+def redraw(out: Path) -> list[Path]:
+    """density.png and trajectory.png again from hessian.json / trajectory.csv."""
+    out = Path(out)
+    paths = []
+    d = json.loads((out / "hessian.json").read_text()).get("density")
+    if d:
+        dens = SpectralDensity(np.array(d["nodes"]), np.array(d["weights"]), float(d["sigma"]))
+        paths.append(density_figure(dens, out / "density.png"))
+    if (out / "trajectory.csv").exists():
+        with open(out / "trajectory.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        header = rows[0]
+
+        def num(v):
+            try:
+                return float(v)
+            except ValueError:
+                return v if v != "" else None
+        paths.append(trajectory_figure(header, [[num(v) for v in r] for r in rows[1:]], out / "trajectory.png"))
+    return paths

@@ -11,7 +11,7 @@ import torch
 
 from ..devices import resolve_device
 from ..mds import parse_memory
-from . import figures, html_view, outputs
+from . import outputs, runs
 from . import surface as surf
 from .batched import BN_CHOICES, ROUTES
 from .directions import BIAS_MODES
@@ -205,11 +205,10 @@ def run(args: argparse.Namespace) -> surf.Surface:
     return s
 
 
-def write_all(s: surf.Surface, out: Path, *, figures_too: bool = True, title: str = "Loss surface") -> list[Path]:
+def write_all(s: surf.Surface, out: Path, *, figures_too: bool = True) -> list[Path]:
     paths = outputs.write_data(s, out)
     if figures_too:
-        paths += figures.draw_all(s, out)
-        paths.append(html_view.write_html(s, out / "surface.html", title=title))
+        paths += runs.draw(s, out)
     return paths
 
 
