@@ -145,11 +145,11 @@ def test_hessian_cli_top_eigenvalue_is_the_exact_one(tmp_path):
 
 
 def test_inputs_npz_and_image_folder(tmp_path):
-    from PIL import Image  # noqa: PLC0415 - pillow comes with matplotlib; only this test writes images
+    from PIL import Image  # pillow comes with matplotlib; only this test writes images
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", x=rng.integers(0, 255, (12, 8, 8, 3), dtype=np.uint8), y=np.arange(12) % 3)
     data = load_data(str(tmp_path / "d.npz"))
-    x, y = data.sets["train"]
+    x, _ = data.sets["train"]
     assert x.shape == (12, 3, 8, 8) and x.max() <= 1.0 and data.num_classes == 3
     for split in ("train", "test"):
         for c in ("cat", "dog"):
