@@ -93,8 +93,8 @@ def write_report(out: Path, seconds: float | None) -> Path:
         figs.append((f"MDS of the branch from epoch {e}, the main trajectory and their average",
                      f"figures/mds_branch{b}.png"))
     figs.append(("Training/test error and loss of the main trajectory and the branches", "figures/curves.png"))
-    figs.append(("Training loss and error around the final model, in the plane of the main trajectory's top-2 PCA "
-                 "directions, with the trajectory projected onto it (landscape/surface.html: interactive)",
+    figs.append((("Training loss and error around the final model, in the plane of the main trajectory's top-2 "
+                  "PCA directions, with the trajectory projected onto it (landscape/surface.html: interactive)"),
                  "landscape/contour.png"))
     for b, e in enumerate(config.branch_epochs):
         figs.append((f"Averaging main and the branch from epoch {e}: the average vs its two endpoints",
