@@ -59,6 +59,7 @@ function drawHeat() {
   [0, ny - 1].forEach(j => hc.fillText(fmt(D.ys[j]), 18, P + H - j * ch));
 }
 heat.onmousemove = e => {
+  if (!D.ys) return;
   const r = heat.getBoundingClientRect(), nx = D.xs.length, ny = D.ys.length;
   const i = Math.floor((e.clientX - r.left - P) / (W / nx)), j = Math.floor((P + H - (e.clientY - r.top)) / (H / ny));
   if (i < 0 || j < 0 || i >= nx || j >= ny) { tip.style.display = 'none'; return; }
