@@ -98,6 +98,7 @@ function drawCurve() {
   cc.stroke(); cc.fillStyle = 'black'; cc.font = '12px sans-serif'; cc.fillText(D.xlabel, P, curve.height - 12);
 }
 curve.onmousemove = e => {
+  if (D.ys) return;
   const r = curve.getBoundingClientRect(), n = D.xs.length;
   const i = Math.round((e.clientX - r.left - P) / (curve.width - 2 * P) * (n - 1));
   if (i < 0 || i >= n) { tip.style.display = 'none'; return; }
