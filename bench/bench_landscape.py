@@ -55,7 +55,7 @@ def setup(train_size: int = 1500, points: int = 49, width: float = 1.0):
     m.eval()
     theta, spec = flatten_module(m)
     D = random_directions(theta, spec, 2, seed=0)
-    steps = int(round(math.sqrt(points)))
+    steps = round(math.sqrt(points))
     a = np.linspace(-1, 1, steps)
     coeffs = torch.tensor([[1.0, u, v] for v in a for u in a], dtype=torch.float64)
     return m, d.x_train, d.y_train, theta, D, coeffs
@@ -89,7 +89,7 @@ def ours(m, x, y, theta, D, coeffs, bn="keep", route="auto", batch=256):
 
 
 def competitors(m, x, y, theta, D, coeffs, batch: int):
-    steps = int(round(math.sqrt(coeffs.shape[0])))
+    steps = round(math.sqrt(coeffs.shape[0]))
     c = {}
     if loss_landscapes is not None:
         c["loss-landscapes random_plane"] = lambda: loss_landscapes_plane(m, x, y, steps)

@@ -11,13 +11,15 @@ COMMANDS = {
     "run": ("pylandscape.experiments.cli", "run one of the paper's experiments (`run --list` lists them)"),
     "train": ("pylandscape.train.cli", "train the paper's network and record snapshots into a store"),
     "mds": ("pylandscape.mds", "classical MDS of a folder of checkpoints (same as python -m pylandscape.mds)"),
-    "plot": ("pylandscape.plot", "redraw every figure of an experiment's output folder"),
+    "surface": ("pylandscape.landscape.surface_cli", "loss surface around a model or through 2-3 models (Li et al. 2018)"),
+    "hessian": ("pylandscape.landscape.hessian_cli", "Hessian top eigenvalues, trace and spectral density, per layer"),
+    "plot": ("pylandscape.plot", "redraw every figure of an experiment's (or surface/hessian) output folder"),
 }
 
 
 def _usage() -> str:
     lines = ["usage: python -m pylandscape COMMAND [options]   (COMMAND --help for details)", "", "commands:"]
-    lines += [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "start here:  python -m pylandscape demo"]
     return "\n".join(lines)
 

@@ -16,8 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-from .experiments import bgd_branches, outdir
+from .experiments import bgd_branches, outdir, training
 from .experiments.config import config_to_dict
+from .landscape.runs import surface_around_store
 from .store import atomic_write_bytes
 
 # Plain full-batch GD (no momentum, as the paper's BGD), at a learning rate at which it reaches zero
@@ -94,6 +95,9 @@ def write_report(out: Path, seconds: float | None) -> Path:
         figs.append((f"MDS of the branch from epoch {e}, the main trajectory and their average",
                      f"figures/mds_branch{b}.png"))
     figs.append(("Training/test error and loss of the main trajectory and the branches", "figures/curves.png"))
+    figs.append((("Training loss and error around the final model, in the plane of the main trajectory's top-2 "
+                  "PCA directions, with the trajectory projected onto it (landscape/surface.html: interactive)"),
+                 "landscape/contour.png"))
     for b, e in enumerate(config.branch_epochs):
         figs.append((f"Averaging main and the branch from epoch {e}: the average vs its two endpoints",
                      f"figures/average_branch{b}.png"))
@@ -150,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     bgd_branches.run(config, out)
+    data = training.load_data(config)  # the loss surface around the final model, main trajectory on it
+    surface_around_store(outdir.store_dir(out, "main"), training.model_fn(config, data)(),
+                         {"train": (data.x_train, data.y_train)}, out / "landscape", grid=9 if args.quick else 25)
     seconds = time.perf_counter() - t0
     path = write_report(out, seconds)
     for k, v in headline(out, config):

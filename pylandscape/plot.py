@@ -12,17 +12,23 @@ from pathlib import Path
 from . import demo
 from .experiments import load_all
 from .experiments.outdir import read_run_info
+from .landscape import runs as landscape_runs
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m pylandscape plot",
         description="Redraw every figure of an experiment's output folder (the --out of "
-                    "`python -m pylandscape run NAME` or of `demo`) from its saved results; nothing is "
-                    "retrained. Figures go to RUN_DIR/figures/.")
+                    "`python -m pylandscape run NAME` or of `demo`, or the --out of `python -m pylandscape.surface` "
+                    "/ `.hessian`) from its saved results; nothing is retrained. Figures go to RUN_DIR/figures/ "
+                    "(surface and hessian folders: next to their data).")
     ap.add_argument("run_dir", metavar="RUN_DIR", help="output folder of a finished run")
     args = ap.parse_args(argv)
     run_dir = Path(args.run_dir)
+    if landscape_runs.is_landscape_dir(run_dir):  # a surface / hessian folder: redraw its figures
+        for p in landscape_runs.redraw(run_dir):
+            print(p)
+        return 0
     try:
         info = read_run_info(run_dir)
         mods = load_all()
@@ -31,6 +37,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"{run_dir / 'config.json'} names experiment {name!r}, which this version does "
                              f"not know (known: {', '.join(mods)})")
         paths = mods[name].plot(run_dir)
+        if landscape_runs.is_landscape_dir(run_dir / "landscape"):  # e.g. the demo's loss surface
+            paths += landscape_runs.redraw(run_dir / "landscape")
         if demo.is_demo_run(info):
             paths.append(demo.write_report(run_dir, None))
     except (FileNotFoundError, ValueError) as e:

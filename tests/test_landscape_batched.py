@@ -8,8 +8,13 @@ from torch import nn
 from pylandscape import ops
 from pylandscape.evaluate import evaluate
 from pylandscape.flat import flatten_module, load_flat_
-from pylandscape.landscape import (CombinationPoints, InterpolationPoints, PerturbedPoints, StackedPoints,
-                                   evaluate_points)
+from pylandscape.landscape import (
+    CombinationPoints,
+    InterpolationPoints,
+    PerturbedPoints,
+    StackedPoints,
+    evaluate_points,
+)
 from pylandscape.models import dcnn, fc2
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -122,3 +127,15 @@ def test_bad_inputs_name_the_argument():
     with pytest.raises(ValueError, match="route 'grouped'"):
         evaluate_points(nn.Sequential(nn.Flatten(), nn.Linear(4, 2), nn.Dropout()), torch.zeros(1, 10), (x, y),
                         route="grouped")
+
+
+@pytest.mark.parametrize("bn", ["keep", "reestimate"])
+def test_workers_split_the_points_and_give_the_same_numbers(bn_setup, bn):
+    m, x, y, flats = bn_setup
+    more = torch.cat([flats, flats.flip(0) * 0.9])
+    one = evaluate_points(m, more, (x, y), bn=bn, route="loop", batch_size=32, workers=1, chunk=4)
+    three = evaluate_points(m, more, (x, y), bn=bn, route="loop", batch_size=32, workers=3, chunk=4)
+    assert three.info["workers"] == 3
+    assert torch.equal(one.losses["train"], three.losses["train"])
+    assert torch.equal(one.errors["train"], three.errors["train"])
+    assert torch.get_num_threads() == 1  # restored (the one_thread fixture set 1)

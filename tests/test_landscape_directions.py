@@ -5,7 +5,12 @@ import torch
 
 from pylandscape import ops
 from pylandscape.flat import ParamSpec, flatten_module, unflatten
-from pylandscape.landscape import normalize_filters, pca_directions, project, random_direction
+from pylandscape.landscape import (
+    normalize_filters,
+    pca_directions,
+    project,
+    random_direction,
+)
 from pylandscape.models import dcnn
 
 pytestmark = pytest.mark.usefixtures("one_thread")

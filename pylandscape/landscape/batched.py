@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,12 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..evaluate import grouped_metrics, model_metrics, reestimate_bn_, reestimate_grouped_bn_
+from ..evaluate import (
+    grouped_metrics,
+    model_metrics,
+    reestimate_bn_,
+    reestimate_grouped_bn_,
+)
 from ..flat import ParamSpec, load_flat_
 from ..models import GroupedNet
 from . import bn_sweep
@@ -71,7 +77,7 @@ class BatchedResult:
 
     def describe(self) -> str:
         return (f"{BN_DESCRIPTIONS[self.bn]}; route {self.route}, {self.models_per_pass} models per pass, "
-                f"batches of {self.batch_size} images")
+                f"{self.info.get('workers', 1)} worker(s), batches of {self.batch_size} images")
 
 
 def bn_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -172,8 +178,9 @@ class _LoopRoute:
         self.bn, self.bn_x, self.batch_size = bn, bn_x, batch_size
         self.sweep = None
         if (bn == "reestimate" and bn_sweep.sweepable(self.m)
-                and bn_sweep.fits(act_bytes, bn_x.shape[0], max_memory)):
+                and bn_sweep.bytes_needed(self.m, bn_x) <= max_memory):
             self.sweep = bn_sweep.Sweeper(self.m, bn_x, batch_size)
+            self.bn_method = "one pass, layer by layer (bn_sweep)"
 
     def run(self, rows, sets):
         k = rows.shape[0]
@@ -280,7 +287,7 @@ def models_per_pass(route: str, num_params: int, itemsize: int, act_bytes: int, 
 
 def evaluate_points(model: nn.Module, points, sets, *, bn: str = "reestimate", bn_x: torch.Tensor | None = None,
                     route: str = "auto", batch_size: int | None = None, max_memory: int | None = None,
-                    chunk: int | None = None, progress: bool = False) -> BatchedResult:
+                    chunk: int | None = None, workers: int | None = None, progress: bool = False) -> BatchedResult:
     """Error and mean cross-entropy of K weight vectors on each data set (see the module docstring).
 
     model: the architecture (its weights are ignored; its BatchNorm buffers are used by bn="keep").
@@ -289,6 +296,10 @@ def evaluate_points(model: nn.Module, points, sets, *, bn: str = "reestimate", b
     bn_x: images for bn="reestimate" (default: the "train" set's, else the first set's).
     batch_size: images per forward (default 256 on CPU, 1024 on CUDA); chunk: vectors per pass
     (default: from max_memory, 512 MiB unless given).
+    workers: route "loop" on CPU only: this many models evaluated concurrently, one per thread, each
+    single-threaded (default torch.get_num_threads()); independent models need no synchronisation,
+    whereas one model's convolutions split over threads wait at every layer (and stall when other
+    processes share the cores). The intra-op thread count is set to 1 meanwhile and restored.
     """
     if bn not in BN_CHOICES:
         raise ValueError(f"bn must be one of {BN_CHOICES}, got {bn!r}")
@@ -313,25 +324,49 @@ def evaluate_points(model: nn.Module, points, sets, *, bn: str = "reestimate", b
     if chunk is None:
         chunk = models_per_pass(rname, P, first_x.element_size(), act, batch_size, max_memory)
     chunk = max(1, min(int(chunk), max(len(pts), 1)))
-    runner = _ROUTE_CLASSES[rname](model, bn_eff, bn_x, batch_size, act, max_memory)
+    if workers is None:
+        workers = torch.get_num_threads() if (rname == "loop" and device.type == "cpu") else 1
+    workers = max(1, min(int(workers), max(len(pts), 1))) if rname == "loop" and device.type == "cpu" else 1
+    runners = [_ROUTE_CLASSES[rname](model, bn_eff, bn_x, batch_size, act, max_memory / workers)
+               for _ in range(workers)]
     K = len(pts)
     errors = {n: torch.empty(K, dtype=torch.float64) for n in sets}
     losses = {n: torch.empty(K, dtype=torch.float64) for n in sets}
     t0 = time.perf_counter()
     bar = None
     if progress:
-        from tqdm.auto import tqdm  # optional progress bar: tqdm's import costs ~0.1 s, only when asked
+        from tqdm.auto import (
+            tqdm,  # optional progress bar: tqdm's import costs ~0.1 s, only when asked
+        )
         bar = tqdm(total=K, desc=f"evaluating ({rname})", unit="model", leave=False)
-    for s in range(0, K, chunk):
-        rows = pts.rows(s, min(K, s + chunk)).to(device)
-        out = runner.run(rows, sets)
-        for n, (e, l) in out.items():
-            errors[n][s:s + rows.shape[0]] = e
-            losses[n][s:s + rows.shape[0]] = l
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        if pool is not None:
+            torch.set_num_threads(1)
+        for s in range(0, K, chunk):
+            rows = pts.rows(s, min(K, s + chunk)).to(device)
+            if pool is None:
+                parts = [(0, runners[0].run(rows, sets))]
+            else:
+                bounds = [round(i * rows.shape[0] / workers) for i in range(workers + 1)]
+                futs = [(a, pool.submit(r.run, rows[a:b], sets))
+                        for r, a, b in zip(runners, bounds[:-1], bounds[1:]) if b > a]
+                parts = [(a, f.result()) for a, f in futs]
+            for a, out in parts:
+                for n, (e, l) in out.items():
+                    errors[n][s + a:s + a + e.shape[0]] = e
+                    losses[n][s + a:s + a + e.shape[0]] = l
+            if bar is not None:
+                bar.update(rows.shape[0])
+    finally:
+        if pool is not None:
+            pool.shutdown()
+            torch.set_num_threads(threads)
         if bar is not None:
-            bar.update(rows.shape[0])
-    if bar is not None:
-        bar.close()
-    return BatchedResult(errors, losses, bn_used, rname, chunk, batch_size, time.perf_counter() - t0,
-                         {"num_vectors": K, "num_params": P,
-                          "set_sizes": {n: int(x.shape[0]) for n, (x, _) in sets.items()}})
+            bar.close()
+    info = {"num_vectors": K, "num_params": P, "workers": workers,
+            "set_sizes": {n: int(x.shape[0]) for n, (x, _) in sets.items()}}
+    if bn_eff == "reestimate":
+        info["bn_method"] = getattr(runners[0], "bn_method", "per-layer passes (evaluate.reestimate_bn_)")
+    return BatchedResult(errors, losses, bn_used, rname, chunk, batch_size, time.perf_counter() - t0, info)

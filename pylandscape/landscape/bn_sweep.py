@@ -9,8 +9,8 @@ mode. The result is the definition in `pylandscape.evaluate` (statistics of each
 the layers below already re-estimated), and the last layer's outputs are the eval-mode logits on
 x, so evaluating on the same images costs nothing more.
 
-Memory: all batches' activations at one layer at a time (N x the widest layer); callers check
-`fits(...)` and fall back to `reestimate_bn_` otherwise.
+Memory: every BatchNorm's input over all the images (`bytes_needed`); callers fall back to
+`reestimate_bn_` when that exceeds their budget.
 """
 from __future__ import annotations
 
@@ -29,9 +29,25 @@ def sweepable(model: nn.Module) -> bool:
     return True
 
 
-def fits(activation_bytes_per_sample: int, n: int, max_bytes: int) -> bool:
-    """Twice the widest layer's activations for n samples (input and output of a layer) under max_bytes."""
-    return 2 * activation_bytes_per_sample * n <= max_bytes
+@torch.no_grad()
+def bytes_needed(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes a Sweeper keeps for x: the inputs of every BatchNorm over all of x (from one sample's pass)."""
+    total = [0]
+
+    def hook(mod, inp):
+        total[0] += inp[0].numel() * inp[0].element_size()
+
+    handles = [b.register_forward_pre_hook(hook) for b in model.modules()
+               if isinstance(b, _BatchNorm) and b.track_running_stats]
+    was = model.training
+    model.eval()
+    try:
+        model(x[:1])
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return total[0] * x.shape[0]
 
 
 class _Moments:

@@ -56,7 +56,7 @@ def curves(s: Surface, path: str | Path) -> Path:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("cross-entropy loss (solid)")
         ax2.set_ylabel("error % (dashed)")
-        for name, pt in s.anchors.items():
+        for pt in s.anchors.values():
             ax.axvline(pt[p] if len(pt) > p else pt[0], color="0.6", lw=0.8, ls=":")
         if p == 0:
             h1, l1 = ax.get_legend_handles_labels()

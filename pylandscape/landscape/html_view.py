@@ -59,6 +59,7 @@ function drawHeat() {
   [0, ny - 1].forEach(j => hc.fillText(fmt(D.ys[j]), 18, P + H - j * ch));
 }
 heat.onmousemove = e => {
+  if (!D.ys) return;
   const r = heat.getBoundingClientRect(), nx = D.xs.length, ny = D.ys.length;
   const i = Math.floor((e.clientX - r.left - P) / (W / nx)), j = Math.floor((P + H - (e.clientY - r.top)) / (H / ny));
   if (i < 0 || j < 0 || i >= nx || j >= ny) { tip.style.display = 'none'; return; }
@@ -97,6 +98,7 @@ function drawCurve() {
   cc.stroke(); cc.fillStyle = 'black'; cc.font = '12px sans-serif'; cc.fillText(D.xlabel, P, curve.height - 12);
 }
 curve.onmousemove = e => {
+  if (D.ys) return;
   const r = curve.getBoundingClientRect(), n = D.xs.length;
   const i = Math.round((e.clientX - r.left - P) / (curve.width - 2 * P) * (n - 1));
   if (i < 0 || i >= n) { tip.style.display = 'none'; return; }

@@ -9,9 +9,9 @@ needed for --bn keep) are read the same safe ways.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -142,7 +142,7 @@ def single_row(sset: snapshots.SnapshotSet, source: str, select: str | None) -> 
     trajs = {str(sset.meta[r].get("trajectory")) for r in rows}
     if len(rows) > 1 and len(trajs) > 1:
         raise InputError(f"{source} holds {len(rows)} snapshots of {len(trajs)} trajectories; pick one with "
-                         f"--select (e.g. --select 'trajectory == \"{sorted(trajs)[0]}\"')")
+                         f"--select (e.g. --select 'trajectory == \"{min(trajs)}\"')")
     return rows[-1]
 
 
@@ -150,7 +150,9 @@ def read_buffers(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
     """BatchNorm running statistics from one file, read safely (weights_only / no pickle / safetensors)."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file  # only for --bn keep with a safetensors file
+        from safetensors.torch import (
+            load_file,  # only for --bn keep with a safetensors file
+        )
         sd = load_file(str(path))
     elif path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as z:
@@ -171,6 +173,19 @@ def read_buffers(path: Path, names: Sequence[str]) -> dict[str, torch.Tensor]:
         raise InputError(f"{path}: --bn keep needs the BatchNorm statistics, but {', '.join(missing[:4])} "
                          f"{'is' if len(missing) == 1 else 'are'} missing; use --bn reestimate")
     return {n: sd[n] for n in names}
+
+
+def load_buffers_(model: nn.Module, path) -> None:
+    """Copy the BatchNorm running statistics stored in `path` into model (for --bn keep)."""
+    names = buffer_names(model)
+    if not names:
+        return
+    bufs = read_buffers(Path(path), names)
+    sd = model.state_dict()
+    for n, t in bufs.items():
+        if tuple(t.shape) != tuple(sd[n].shape):
+            raise InputError(f"{path}: buffer {n!r} has shape {list(t.shape)}, the model expects {list(sd[n].shape)}")
+        sd[n].copy_(t)
 
 
 def buffer_names(model: nn.Module) -> list[str]:

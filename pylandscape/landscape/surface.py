@@ -9,8 +9,8 @@ Values are stored as [ny, nx] arrays (row = y) for 2-D grids and [nx] for 1-D on
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -53,6 +53,13 @@ def grid_axis(n: int, lo: float, hi: float) -> np.ndarray:
     return np.linspace(lo, hi, n) if n > 1 else np.array([(lo + hi) / 2])
 
 
+def auto_range(c: np.ndarray, pad: float = 0.25) -> tuple[float, float]:
+    """[min, max] of coordinates c and 0, widened by `pad` of the span on each side."""
+    lo, hi = min(float(np.min(c)), 0.0), max(float(np.max(c)), 0.0)
+    span = hi - lo if hi > lo else 1.0
+    return lo - pad * span, hi + pad * span
+
+
 def _coords(xs: np.ndarray, ys: np.ndarray | None) -> np.ndarray:
     if ys is None:
         return xs[:, None]
@@ -78,7 +85,7 @@ def evaluate_grid(model: nn.Module, W: torch.Tensor, coeff_of, xs: np.ndarray, y
 
 
 def around(model: nn.Module, sets, *, theta: torch.Tensor | None = None, directions: str | torch.Tensor = "filter",
-           grid: Sequence[int] = (21, 21), ranges: Sequence[Sequence[float]] = ((-1.0, 1.0), (-1.0, 1.0)),
+           grid: Sequence[int] = (21, 21), ranges: Sequence[Sequence[float]] | None = ((-1.0, 1.0), (-1.0, 1.0)),
            seed: int = 0, bias: str = "zero", trajectory: torch.Tensor | None = None,
            trajectory_meta: list[dict] | None = None, **eval_kw) -> Surface:
     """Surface around theta (default: the model's weights) along 1 or 2 directions (len(grid)).
@@ -86,10 +93,13 @@ def around(model: nn.Module, sets, *, theta: torch.Tensor | None = None, directi
     directions: "filter" (Li et al.'s filter normalisation), "layer" (sigma = x * S per layer),
     "none" (raw Gaussian), "pca" (top PCA axes of `trajectory` [N, P] around theta), or a [k, P]
     tensor. trajectory: snapshots projected onto the plane (least squares) for the contour plot.
+    ranges None: the projected trajectory's extent (with the origin) plus 25% on each side.
     eval_kw: bn, bn_x, route, batch_size, max_memory, chunk, progress (see evaluate_points).
     """
     dims = len(grid)
-    if dims not in (1, 2) or len(ranges) < dims:
+    if ranges is None and trajectory is None:
+        raise ValueError("ranges=None (fit the grid to the trajectory) needs a trajectory")
+    if dims not in (1, 2) or (ranges is not None and len(ranges) < dims):
         raise ValueError(f"grid must give 1 or 2 sizes with a range each, got grid={grid}, ranges={ranges}")
     th_model, spec = flatten_module(model)
     theta = th_model if theta is None else theta.detach().to(th_model.dtype)
@@ -109,6 +119,9 @@ def around(model: nn.Module, sets, *, theta: torch.Tensor | None = None, directi
         raise ValueError(f"directions must be one of {DIRECTION_KINDS} or a [k, P] tensor, got {directions!r}")
     if D.shape != (dims, theta.numel()):
         raise ValueError(f"directions must be [{dims}, {theta.numel()}], got {tuple(D.shape)}")
+    traj = project(trajectory.to(theta.dtype), theta, D) if trajectory is not None else None
+    if ranges is None:
+        ranges = [auto_range(traj[:, j]) for j in range(dims)]
     xs = grid_axis(grid[0], *ranges[0])
     ys = grid_axis(grid[1], *ranges[1]) if dims == 2 else None
     W = torch.cat([theta[None], D]).contiguous()
@@ -116,7 +129,6 @@ def around(model: nn.Module, sets, *, theta: torch.Tensor | None = None, directi
     info.update(einfo)
     info["direction_norms"] = [float(d.double().norm()) for d in D]
     info["theta_norm"] = float(theta.double().norm())
-    traj = project(trajectory.to(theta.dtype), theta, D) if trajectory is not None else None
     return Surface(xs, ys, values, "around", info, traj, trajectory_meta, {"origin": [0.0] * dims})
 
 

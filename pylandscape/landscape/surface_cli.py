@@ -11,12 +11,21 @@ import torch
 
 from ..devices import resolve_device
 from ..mds import parse_memory
-from . import figures, html_view, outputs
+from . import outputs, runs
 from . import surface as surf
 from .batched import BN_CHOICES, ROUTES
 from .directions import BIAS_MODES
-from .inputs import (InputError, build_model, buffer_names, load_data, open_weights, parse_grid, parse_range,
-                     read_buffers, read_weights, single_row)
+from .inputs import (
+    InputError,
+    build_model,
+    load_buffers_,
+    load_data,
+    open_weights,
+    parse_grid,
+    parse_range,
+    read_weights,
+    single_row,
+)
 
 EXAMPLES = """examples:
   # 2-D surface (51 x 51) around a trained model, filter-normalised random directions (Li et al. 2018)
@@ -144,8 +153,8 @@ def run(args: argparse.Namespace) -> surf.Surface:
         traj, traj_meta = tw.flats.to(device=device, dtype=dtype), tw.meta
 
     model = model.to(device=device, dtype=dtype)
-    eval_kw = dict(bn=args.bn, route=args.route, batch_size=args.batch_size,
-                   max_memory=parse_memory(args.max_memory), progress=not args.quiet)
+    eval_kw = {"bn": args.bn, "route": args.route, "batch_size": args.batch_size,
+               "max_memory": parse_memory(args.max_memory), "progress": not args.quiet}
     sets = {k: (x.to(device=device, dtype=dtype), y.to(device)) for k, (x, y) in sets.items()}
     bn_x = data.sets["train"][0].to(device=device, dtype=dtype) if "train" in data.sets else None
     eval_kw["bn_x"] = bn_x
@@ -164,7 +173,7 @@ def run(args: argparse.Namespace) -> surf.Surface:
         g = tuple(grid) if len(grid) == dims else (grid[0],) * dims
         bn_file = Path(args.through[0])
         if args.bn == "keep":
-            _load_buffers(model, bn_file)
+            load_buffers_(model, bn_file)
         s = surf.through(model, torch.stack(flats).to(device=device, dtype=dtype), sets, grid=g, ranges=ranges,
                          names=names, trajectory=traj, trajectory_meta=traj_meta, **eval_kw)
         s.info["checkpoints"] = list(args.through)
@@ -182,7 +191,7 @@ def run(args: argparse.Namespace) -> surf.Surface:
         if args.bn == "keep":
             if bn_file is None:
                 raise InputError("--bn keep needs BatchNorm statistics from a file; use --bn reestimate")
-            _load_buffers(model, bn_file)
+            load_buffers_(model, bn_file)
         dims = args.dims or (len(grid) if len(grid) > 1 else 2)
         g = tuple(grid) if len(grid) == dims else (grid[0],) * dims
         r = parse_range(args.range or "-1:1")
@@ -196,23 +205,10 @@ def run(args: argparse.Namespace) -> surf.Surface:
     return s
 
 
-def _load_buffers(model: torch.nn.Module, path) -> None:
-    names = buffer_names(model)
-    if not names:
-        return
-    bufs = read_buffers(Path(path), names)
-    sd = model.state_dict()
-    for n, t in bufs.items():
-        if tuple(t.shape) != tuple(sd[n].shape):
-            raise InputError(f"{path}: buffer {n!r} has shape {list(t.shape)}, the model expects {list(sd[n].shape)}")
-        sd[n].copy_(t)
-
-
-def write_all(s: surf.Surface, out: Path, *, figures_too: bool = True, title: str = "Loss surface") -> list[Path]:
+def write_all(s: surf.Surface, out: Path, *, figures_too: bool = True) -> list[Path]:
     paths = outputs.write_data(s, out)
     if figures_too:
-        paths += figures.draw_all(s, out)
-        paths.append(html_view.write_html(s, out / "surface.html", title=title))
+        paths += runs.draw(s, out)
     return paths
 
 
