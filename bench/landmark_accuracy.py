@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -59,14 +60,21 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[200, 500, 1000])
     ap.add_argument("--dims", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--selection", nargs="+", default=["maxmin", "random"])
+    ap.add_argument("--cache", default=None, help="save/load the trajectories here (a .pt of one tensor)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t = time.perf_counter()
-    W = trajectories(max(args.n))
+    if args.cache and Path(args.cache).exists():
+        W = torch.load(args.cache, weights_only=True)["W"]
+    else:
+        W = trajectories(max(args.n))
+        if args.cache:
+            torch.save({"W": W}, args.cache)
     print(f"# {W.shape[0]} snapshots x {W.shape[1]} params from 8 SGD trajectories in "
           f"{time.perf_counter() - t:.0f} s")
-    print("| N | m | residual (rotation) | scipy disparity | landmark s | full s | full λ1..λ3 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| N | m | landmarks | residual (rotation) | scipy disparity | landmark s | full s | full λ1..λ3 |")
+    print("|---|---|---|---|---|---|---|---|")
     for n in args.n:
         # n // 8 steps of each trajectory (the first ones)
         per = W.shape[0] // 8
@@ -76,14 +84,14 @@ def main() -> None:
         full = est.embedding_
         lam = ", ".join(f"{v:.3g}" for v in est.eigenvalues_[:3])
         t_full = time.perf_counter() - t
-        for m in args.m:
+        for m, sel in [(m, sel) for m in args.m for sel in args.selection]:
             if m > X.shape[0]:
                 continue
             t = time.perf_counter()
-            lm = LandmarkMDS(args.dims, n_landmarks=m).fit(X).embedding_
+            lm = LandmarkMDS(args.dims, n_landmarks=m, selection=sel).fit(X).embedding_
             t_lm = time.perf_counter() - t
             _, _, disp = procrustes(full, lm)
-            print(f"| {X.shape[0]} | {m} | {residual(full, lm):.2e} | {disp:.2e} | {t_lm:.1f} | {t_full:.1f} | {lam} |",
+            print(f"| {X.shape[0]} | {m} | {sel} | {residual(full, lm):.2e} | {disp:.2e} | {t_lm:.1f} | {t_full:.1f} | {lam} |",
                   flush=True)
 
 

@@ -38,6 +38,7 @@ DEFAULT_LANDMARKS = 1000
 AUTO_LANDMARKS_N = 20_000
 #: Gaussian directions of the sketch that picks the landmarks
 SKETCH_DIMS = 128
+SELECTIONS = ("maxmin", "random")
 
 ChunkReader = Callable[[], Iterator[torch.Tensor]]   # yields float32 [N, c] column chunks, restartable
 
@@ -94,8 +95,13 @@ def triangulate(D2_landmarks: np.ndarray, D2_points: np.ndarray, n_components: i
 
 def landmark_map(chunks: ChunkReader, n: int, m: int, *, metric: str = "cosine", n_components: int = 2,
                  sketch_dims: int = SKETCH_DIMS, seed: int = 0, device="cpu", solver: str = "auto",
-                 norm_error: Callable[[int], str] | None = None) -> dict:
-    """The three steps on column chunks of N rows (each chunk float32 [N, c]): coords, landmarks, ..."""
+                 norm_error: Callable[[int], str] | None = None, selection: str = "maxmin") -> dict:
+    """The three steps on column chunks of N rows (each chunk float32 [N, c]): coords, landmarks, ...
+
+    selection: "maxmin" (de Silva & Tenenbaum's max-min in the sketch) or "random" (uniform, seeded).
+    """
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     dev = resolve_device(device)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
@@ -113,7 +119,10 @@ def landmark_map(chunks: ChunkReader, n: int, m: int, *, metric: str = "cosine",
             msg = norm_error(int(zero[0])) if norm_error else f"row {int(zero[0])} is all zero"
             raise ValueError(f"{msg}: cosine is undefined (try --metric euclidean or another --layer)")
         F /= norms.sqrt().unsqueeze(1)
-    idx = maxmin_landmarks(F.numpy(), m)
+    if selection == "maxmin":
+        idx = maxmin_landmarks(F.numpy(), m)
+    else:
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
     t2 = time.perf_counter()
     lm = torch.as_tensor(idx)
     G = torch.zeros(n, m, dtype=torch.float64)
@@ -140,8 +149,10 @@ class LandmarkMDS:
     """
 
     def __init__(self, n_components: int = 2, n_landmarks: int = DEFAULT_LANDMARKS, metric: str = "cosine",
-                 sketch_dims: int = SKETCH_DIMS, random_state: int = 0, device="cpu"):
+                 sketch_dims: int = SKETCH_DIMS, random_state: int = 0, device="cpu",
+                 selection: str = "maxmin"):
         self.n_components = n_components
+        self.selection = selection
         self.n_landmarks = n_landmarks
         self.metric = metric
         self.sketch_dims = sketch_dims
@@ -158,7 +169,7 @@ class LandmarkMDS:
         m = min(int(self.n_landmarks), Xt.shape[0])
         res = landmark_map(lambda: iter([Xt]), Xt.shape[0], m, metric=self.metric,
                            n_components=self.n_components, sketch_dims=self.sketch_dims,
-                           seed=self.random_state, device=self.device)
+                           seed=self.random_state, device=self.device, selection=self.selection)
         self._set(res)
         return self
 
