@@ -30,10 +30,11 @@ def _procrustes_residual(X: np.ndarray, Y: np.ndarray) -> float:
     return float(np.linalg.norm(Y @ (u @ vt) - X) / np.linalg.norm(X))
 
 
-def test_all_points_as_landmarks_is_classical_mds_float64():
+@pytest.mark.parametrize("selection", ["random", "maxmin"])
+def test_all_points_as_landmarks_is_classical_mds_float64(selection):
     X = _walk()
     ref, _ = cosine_mds(X.numpy(), k=3)   # independent float64 NumPy classical MDS
-    got = LandmarkMDS(3, n_landmarks=X.shape[0]).fit(X).embedding_
+    got = LandmarkMDS(3, n_landmarks=X.shape[0], selection=selection).fit(X).embedding_
     assert_same_embedding(got, ref, atol=1e-9 * np.abs(ref).max())
 
 

@@ -110,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(gloo on CPU, NCCL on GPU); rank 0 does the MDS and writes the outputs; "
                         "--max-memory holds per rank; no Gram cache")
     p.add_argument("--landmarks", default="auto", metavar="M",
-                   help=f"landmark MDS (de Silva & Tenenbaum 2004): classical MDS of M landmarks chosen by "
-                        f"max-min distance, the other snapshots placed from their distances to them; memory "
+                   help=f"landmark MDS (de Silva & Tenenbaum 2004): classical MDS of M landmarks (drawn at "
+                        f"random, seeded: more accurate than max-min here, see docs/scaling.md), the other "
+                        f"snapshots placed from their distances to them; memory "
                         f"O(N M) instead of O(N^2). auto (default): {DEFAULT_LANDMARKS} landmarks when more than "
                         f"{AUTO_LANDMARKS_N:,} snapshots are selected, else the full classical MDS; 0: never")
     return p

@@ -1,9 +1,12 @@
 """Landmark MDS (de Silva & Tenenbaum 2004) for more snapshots than an N x N Gram allows.
 
-1. A sketch: each snapshot's selected weights projected on `sketch_dims` Gaussian directions (scaled by
-   1/|w| for cosine and chordal), one pass over the files; m landmarks are chosen by max-min distance
-   in that sketch (first: the snapshot farthest from the sketch's centroid). The sketch only picks
-   landmarks: no distance used for the map comes from it.
+1. Landmarks: m snapshots drawn uniformly at random (seeded; the default), or by max-min distance
+   (de Silva & Tenenbaum's choice) in a sketch: each snapshot's selected weights projected on
+   `sketch_dims` Gaussian directions (scaled by 1/|w| for cosine and chordal), first landmark the
+   snapshot farthest from the centroid. The sketch only picks landmarks: no distance of the map comes
+   from it. Random is the default because it was 3-30x more accurate on SGD trajectories (Procrustes
+   residual against the full classical MDS, table in docs/scaling.md): max-min picks the rim of the
+   cloud, whose centre and principal axes differ from the whole set's.
 2. G [N, m] = <w_i, w_landmark> with the accurate `segment_gram` kernel in its X/Y form (one more pass
    over the files, column chunk by column chunk), and the squared norms |w_i|^2 (float64 sums of the
    float32 weights' exact squares).
@@ -95,23 +98,24 @@ def triangulate(D2_landmarks: np.ndarray, D2_points: np.ndarray, n_components: i
 
 def landmark_map(chunks: ChunkReader, n: int, m: int, *, metric: str = "cosine", n_components: int = 2,
                  sketch_dims: int = SKETCH_DIMS, seed: int = 0, device="cpu", solver: str = "auto",
-                 norm_error: Callable[[int], str] | None = None, selection: str = "maxmin") -> dict:
+                 norm_error: Callable[[int], str] | None = None, selection: str = "random") -> dict:
     """The three steps on column chunks of N rows (each chunk float32 [N, c]): coords, landmarks, ...
 
-    selection: "maxmin" (de Silva & Tenenbaum's max-min in the sketch) or "random" (uniform, seeded).
+    selection: "random" (uniform, seeded) or "maxmin" (de Silva & Tenenbaum's max-min in the sketch).
     """
     if selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     dev = resolve_device(device)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
-    F = torch.zeros(n, sketch_dims, dtype=torch.float64)
+    F = torch.zeros(n, sketch_dims if selection == "maxmin" else 0, dtype=torch.float64)
     norms = torch.zeros(n, dtype=torch.float64)
     for buf in chunks():
         b64 = buf.to(torch.float64)
         norms += (b64 * b64).sum(1)  # squares of fp32 values are exact in fp64
-        S = torch.randn(b64.shape[1], sketch_dims, generator=gen, dtype=torch.float64)
-        F += b64 @ S
+        if selection == "maxmin":
+            S = torch.randn(b64.shape[1], sketch_dims, generator=gen, dtype=torch.float64)
+            F += b64 @ S
     t1 = time.perf_counter()
     if metric != "euclidean":
         zero = torch.nonzero(norms <= 0).reshape(-1)
@@ -144,13 +148,14 @@ def landmark_map(chunks: ChunkReader, n: int, m: int, *, metric: str = "cosine",
 class LandmarkMDS:
     """Landmark MDS of the rows of X [N, P] (scikit-learn-like; ClassicalMDS for the full version).
 
+    selection: "random" (default) or "maxmin" (see the module docstring for why).
     Attributes after fit: embedding_ [N, k], landmarks_ (row indices), eigenvalues_ (of the landmarks'
     B), captured_ / negative_mass_ (of the landmarks' spectrum).
     """
 
     def __init__(self, n_components: int = 2, n_landmarks: int = DEFAULT_LANDMARKS, metric: str = "cosine",
                  sketch_dims: int = SKETCH_DIMS, random_state: int = 0, device="cpu",
-                 selection: str = "maxmin"):
+                 selection: str = "random"):
         self.n_components = n_components
         self.selection = selection
         self.n_landmarks = n_landmarks
@@ -218,7 +223,7 @@ def embed_landmarks(source, *, landmarks: int = DEFAULT_LANDMARKS, layer: str | 
                     annotate: str = "label", title: str | None = None, device: str = "auto",
                     trajectory=None, solver: str = "auto", max_memory=None, formats=("png",),
                     group_by: str | None = None, skip_bad: bool = False, seed: int = 0,
-                    **ignored) -> MDSResult:
+                    selection: str = "random", **ignored) -> MDSResult:
     """embed() with landmark MDS: same inputs and outputs (mds.csv/json/png/html), no N x N Gram.
 
     Not used here (accepted so the command line can pass them): the Gram cache and copy merging.
@@ -237,7 +242,7 @@ def embed_landmarks(source, *, landmarks: int = DEFAULT_LANDMARKS, layer: str | 
     cols = max(1, (budget - 16 * len(rows) * m) // (3 * 4 * len(rows)))
     reader = _file_chunks(sset, rows, tensor_idx, cols)
     res = landmark_map(reader, len(rows), m, metric=metric, n_components=dims, seed=seed, device=device,
-                       solver=solver, norm_error=lambda r: f"{sset.meta[rows[r]].get('path')}: the selected "
+                       solver=solver, selection=selection, norm_error=lambda r: f"{sset.meta[rows[r]].get('path')}: the selected "
                                                            f"tensors are all zero")
     est = res["mds"]
     metas = [dict(sset.meta[r]) for r in rows]
