@@ -4,8 +4,8 @@ Plan (a pure function of N, K, the panel rows R and the column chunk C, so every
 the N snapshots are cut into panels of R rows; rank r owns a contiguous group of panels and is the only
 one to read those snapshots (every file read once overall, column chunk by column chunk). Per column
 chunk, the groups travel round a ring: at step t = 1 .. K // 2 rank r holds the group of rank r + t and
-computes the panel pairs between its own group and that one (for even K the last step is done by the
-lower half only), so the upper triangle of panel pairs is covered exactly once, spread evenly. Rank 0
+computes the panel pairs between its own group and that one (for even K the last step's pairs are
+split by parity between the two ranks that hold each other's group), so the upper triangle of panel pairs is covered exactly once, spread evenly. Rank 0
 then receives every rank's blocks (sizes known from the plan: no headers) and assembles the Gram.
 
 Bits: a panel pair (I <= J) is always `segment_gram(X_I, Y=X_J)` with the lower panel first (I == J: the
@@ -50,20 +50,28 @@ class Plan:
             return 0, 0
         return self.panels[g0][0], self.panels[g1 - 1][1]
 
-    def visits(self, rank: int) -> list[int]:
-        """Ring steps t at which `rank` computes pairs with the group of rank (rank + t) % world."""
+    def cross(self, rank: int, t: int) -> list[tuple[int, int]]:
+        """Panel pairs (lo, hi) that `rank` computes at ring step t (holding rank + t's group). For even
+        K, at t = K/2 ranks r and r + K/2 hold each other's group: each takes the pairs of one parity of
+        i + j, so the work stays even."""
         k = self.world
-        steps = [t for t in range(1, k // 2 + 1) if not (2 * t == k and rank >= k // 2)]
-        return steps
+        g0, g1 = self.groups[rank]
+        h0, h1 = self.groups[(rank + t) % k]
+        half = 2 * t == k
+        out = []
+        for i in range(g0, g1):
+            for j in range(h0, h1):
+                if half and (i + j) % 2 != (0 if rank < k // 2 else 1):
+                    continue
+                out.append((min(i, j), max(i, j)))
+        return out
 
     def pairs(self, rank: int) -> list[tuple[int, int]]:
         """Panel pairs (I <= J) computed by `rank`, in the order they are computed and sent."""
-        k = self.world
         g0, g1 = self.groups[rank]
         out = [(i, j) for i in range(g0, g1) for j in range(i, g1)]
-        for t in self.visits(rank):
-            h0, h1 = self.groups[(rank + t) % k]
-            out += [(min(i, j), max(i, j)) for i in range(g0, g1) for j in range(h0, h1)]
+        for t in range(1, self.world // 2 + 1):
+            out += self.cross(rank, t)
         return out
 
 
@@ -195,25 +203,20 @@ def distributed_gram(sset, rows: list[int], *, group=None, device=None, max_memo
                 add((i, j), segment_gram(A, offs, Y=panel(own, r0, j),
                                          memory_budget=max(1, A.numel() * 8)))
         t_gram += time.perf_counter() - t
-        held, held_rank = own, me
+        held = own
         for t_step in range(1, comm.world // 2 + 1):
             nxt = (me + t_step) % comm.world
             a, b = plan.rows_of(nxt)
             t = time.perf_counter()
             sent_bytes += held.numel() * held.element_size()
             held = comm.shift(held, (b - a, width))
-            held_rank = nxt
             t_comm += time.perf_counter() - t
-            if t_step not in plan.visits(me):
-                continue
             t = time.perf_counter()
-            h0, h1 = plan.groups[held_rank]
-            for i in range(g0, g1):
-                for j in range(h0, h1):
-                    lo, hi = (i, j) if i < j else (j, i)
-                    X = panel(own, r0, lo) if lo == i else panel(held, a, lo)
-                    Y = panel(held, a, hi) if lo == i else panel(own, r0, hi)
-                    add((lo, hi), segment_gram(X, offs, Y=Y, memory_budget=max(1, (X.numel() + Y.numel()) * 4)))
+            for lo, hi in plan.cross(me, t_step):
+                # the lower panel first, whichever rank read it (the bits do not depend on K)
+                X = panel(own, r0, lo) if plan.groups[me][0] <= lo < plan.groups[me][1] else panel(held, a, lo)
+                Y = panel(own, r0, hi) if plan.groups[me][0] <= hi < plan.groups[me][1] else panel(held, a, hi)
+                add((lo, hi), segment_gram(X, offs, Y=Y, memory_budget=max(1, (X.numel() + Y.numel()) * 4)))
             t_gram += time.perf_counter() - t
         del own, held
     info = {"world": comm.world, "panel_rows": panel_rows, "cols": cols, "pairs": len(my_pairs),
