@@ -78,7 +78,7 @@ def main() -> None:
     me = [sys.executable, __file__, "--worker", "--dir", args.dir, "--max-memory", str(args.max_memory)]
     configs = [("1 process, 1 thread", 1, me, 1), ("1 process, 2 threads", 2, me, 1),
                ("2 gloo ranks x 1 thread", 1,
-                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *me], 2)]
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *me[1:]], 2)]
     print("| configuration | wall s (best) | read s | kernel s | ring s | gather s | GB read/rank | GB sent/rank |")
     print("|---|---|---|---|---|---|---|---|")
     for name, threads, cmd, _ in configs:
