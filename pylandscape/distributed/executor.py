@@ -73,7 +73,19 @@ class RayExecutor(Executor):
 
     def imap(self, fn: Callable, arg_list: Sequence[tuple]) -> Iterator[tuple[int, Any]]:
         remote = self.ray.remote(fn).options(**self.options)
-        refs = [remote.remote(*args) for args in arg_list]
+        # an argument shared by several tasks (the data set, the model factory) goes into the object
+        # store once, not once per task
+        count: dict[int, int] = {}
+        for args in arg_list:
+            for a in args:
+                if not isinstance(a, (int, float, str, bool, type(None))):
+                    count[id(a)] = count.get(id(a), 0) + 1
+        put = {}
+        for args in arg_list:
+            for a in args:
+                if count.get(id(a), 0) > 1 and id(a) not in put:
+                    put[id(a)] = self.ray.put(a)
+        refs = [remote.remote(*[put.get(id(a), a) for a in args]) for args in arg_list]
         index = {ref: i for i, ref in enumerate(refs)}
         pending = list(refs)
         while pending:

@@ -96,6 +96,15 @@ def triangulate(D2_landmarks: np.ndarray, D2_points: np.ndarray, n_components: i
     return -0.5 * (D2_points - mean) @ pinv_t, est
 
 
+def _check_norms(norms: torch.Tensor, metric: str, norm_error) -> None:
+    if metric == "euclidean":
+        return
+    zero = torch.nonzero(norms <= 0).reshape(-1)
+    if zero.numel():
+        msg = norm_error(int(zero[0])) if norm_error else f"row {int(zero[0])} is all zero"
+        raise ValueError(f"{msg}: cosine is undefined (try --metric euclidean or another --layer)")
+
+
 def landmark_map(chunks: ChunkReader, n: int, m: int, *, metric: str = "cosine", n_components: int = 2,
                  sketch_dims: int = SKETCH_DIMS, seed: int = 0, device="cpu", solver: str = "auto",
                  norm_error: Callable[[int], str] | None = None, selection: str = "random") -> dict:
@@ -108,32 +117,38 @@ def landmark_map(chunks: ChunkReader, n: int, m: int, *, metric: str = "cosine",
     dev = resolve_device(device)
     t0 = time.perf_counter()
     gen = torch.Generator().manual_seed(int(seed))
-    F = torch.zeros(n, sketch_dims if selection == "maxmin" else 0, dtype=torch.float64)
     norms = torch.zeros(n, dtype=torch.float64)
-    for buf in chunks():
-        b64 = buf.to(torch.float64)
-        norms += (b64 * b64).sum(1)  # squares of fp32 values are exact in fp64
-        if selection == "maxmin":
-            S = torch.randn(b64.shape[1], sketch_dims, generator=gen, dtype=torch.float64)
-            F += b64 @ S
-    t1 = time.perf_counter()
-    if metric != "euclidean":
-        zero = torch.nonzero(norms <= 0).reshape(-1)
-        if zero.numel():
-            msg = norm_error(int(zero[0])) if norm_error else f"row {int(zero[0])} is all zero"
-            raise ValueError(f"{msg}: cosine is undefined (try --metric euclidean or another --layer)")
-        F /= norms.sqrt().unsqueeze(1)
-    if selection == "maxmin":
-        idx = maxmin_landmarks(F.numpy(), m)
-    else:
-        idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
-    t2 = time.perf_counter()
-    lm = torch.as_tensor(idx)
     G = torch.zeros(n, m, dtype=torch.float64)
-    for buf in chunks():
+
+    def gram_pass(buf: torch.Tensor, lm: torch.Tensor) -> None:
         offs = torch.tensor([0, buf.shape[1]], dtype=torch.int64)
-        g = segment_gram(buf, offs, Y=buf.index_select(0, lm), device=dev)
-        G += g[0].to("cpu", torch.float64)
+        G.add_(segment_gram(buf, offs, Y=buf.index_select(0, lm), device=dev)[0].to("cpu", torch.float64))
+
+    if selection == "random":
+        # landmarks known before reading: one pass gives the norms and G
+        idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
+        lm = torch.as_tensor(idx)
+        t1 = t2 = time.perf_counter()
+        for buf in chunks():
+            b64 = buf.to(torch.float64)
+            norms += (b64 * b64).sum(1)  # squares of fp32 values are exact in fp64
+            gram_pass(buf, lm)
+        _check_norms(norms, metric, norm_error)
+    else:
+        F = torch.zeros(n, sketch_dims, dtype=torch.float64)
+        for buf in chunks():
+            b64 = buf.to(torch.float64)
+            norms += (b64 * b64).sum(1)
+            F += b64 @ torch.randn(b64.shape[1], sketch_dims, generator=gen, dtype=torch.float64)
+        t1 = time.perf_counter()
+        _check_norms(norms, metric, norm_error)
+        if metric != "euclidean":
+            F /= norms.sqrt().unsqueeze(1)
+        idx = maxmin_landmarks(F.numpy(), m)
+        lm = torch.as_tensor(idx)
+        t2 = time.perf_counter()
+        for buf in chunks():
+            gram_pass(buf, lm)
     t3 = time.perf_counter()
     D2 = squared_from_cross_gram(G, norms, norms[lm], metric)
     del G
@@ -142,7 +157,8 @@ def landmark_map(chunks: ChunkReader, n: int, m: int, *, metric: str = "cosine",
     coords, est = triangulate(D2_L, D2, n_components, solver=solver, device=dev)
     t4 = time.perf_counter()
     return {"coords": coords, "landmarks": idx, "mds": est,
-            "timings": {"sketch": t1 - t0, "maxmin": t2 - t1, "landmark_gram": t3 - t2, "mds": t4 - t3}}
+            "timings": {"sketch": t1 - t0, "maxmin": t2 - t1, "landmark_gram": t3 - t2, "mds": t4 - t3,
+                        "read_passes": 1 if selection == "random" else 2}}
 
 
 class LandmarkMDS:
