@@ -7,6 +7,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from ..distributed.executor import EXECUTORS, make_executor, use_executor
 from . import load_all
 from .config import apply_overrides, describe_fields
 from .outdir import log, prepare_out
@@ -78,6 +79,17 @@ def _parser(name: str, mod) -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true",
                     help="continue an interrupted run in --out; finished parts are skipped")
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (same as --set device=...)")
+    # issue 15: independent units (trajectories trained together) as Ray tasks, pylandscape/distributed
+    ap.add_argument("--executor", choices=EXECUTORS, default="inprocess",
+                    help="inprocess (default) or ray: each trajectory of a multi-trajectory unit is a Ray task "
+                         "(pip install .[ray]); the driver writes the output folder; results are bit-identical "
+                         "on CPU with the same thread count")
+    ap.add_argument("--address", default=None,
+                    help="ray: auto (a running cluster), ray://host:port (Ray Client); default: a local Ray")
+    ap.add_argument("--gpus-per-task", type=float, default=0.0,
+                    help="ray: GPUs per task, fractional allowed (0.25 = four tasks share a GPU) [0]")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="ray without --address: CPUs of the local Ray (= concurrent 1-CPU tasks) [all]")
     return ap
 
 
@@ -113,7 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare_out(out, name, config, preset=args.preset, resume=args.resume,
                     protocol=getattr(mod, "PROTOCOLS", {}).get(args.preset), overrides=sets)
-        results = mod.run(config, out)
+        executor = make_executor(args.executor, address=args.address, gpus_per_task=args.gpus_per_task,
+                                 num_cpus=args.workers)
+        try:
+            with use_executor(executor):
+                results = mod.run(config, out)
+        finally:
+            executor.close()
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

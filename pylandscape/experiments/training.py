@@ -9,6 +9,7 @@ import torch
 
 from ..data import load_dataset
 from ..devices import resolve_device
+from ..distributed.executor import current_executor, train_units
 from ..evaluate import evaluate_many
 from ..flat import ParamSpec, flatten_module, load_flat_
 from ..models import biases_before_batchnorm, dcnn
@@ -122,6 +123,9 @@ def run_train_many(make, starts: torch.Tensor, data, tconfig, store_path: Path, 
     else:
         store = fresh_store(store_path, spec, info)
         resume = False
+    executor = current_executor()  # hook (issue 15): `run NAME --executor ray`, pylandscape/distributed
+    if executor is not None and executor.name != "inprocess":
+        return train_units(executor, make, starts, data, tconfig, store, seeds=seeds, metas=metas)
     return train_many(make, starts, data, tconfig, seeds=seeds, store=store, metas=metas, resume=resume,
                       progress=False)
 

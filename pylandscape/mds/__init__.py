@@ -17,11 +17,12 @@ from .dissimilarity import (
                             squared_dissimilarity,
 )
 from .estimator import SOLVERS, ClassicalMDS
+from .landmark import LandmarkMDS, embed_landmarks
 from .outputs import coord_names, write_csv, write_json, write_outputs
 from .pipeline import MDSResult, compute_grams, embed, parse_memory
 from .solvers import DENSE_MAX_N
 
-__all__ = ["ClassicalMDS", "DENSE_MAX_N", "METRICS", "MDSResult", "NEGATIVE_TOL", "SOLVERS",
+__all__ = ["ClassicalMDS", "LandmarkMDS", "embed_landmarks", "DENSE_MAX_N", "METRICS", "MDSResult", "NEGATIVE_TOL", "SOLVERS",
            "build_parser", "compute_grams", "coord_names", "cosine_distance", "cosine_distance_from_gram",
            "double_center", "embed", "layer_gram", "main", "parse_memory", "squared_dissimilarity",
            "write_csv", "write_json", "write_outputs"]

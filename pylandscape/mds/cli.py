@@ -8,8 +8,10 @@ from pathlib import Path
 
 from ..snapshots import open_source, select_tensors
 from . import gram_cache
+from .distributed_run import DistributedMDS
 from .dissimilarity import METRICS
 from .estimator import SOLVERS
+from .landmark import AUTO_LANDMARKS_N, DEFAULT_LANDMARKS, embed_landmarks
 from .pipeline import embed
 from .solvers import DENSE_MAX_N
 
@@ -102,6 +104,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip unreadable, mismatched or non-finite checkpoints with a warning")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    # scale (issue 15): mds/distributed_run.py (+ pylandscape/distributed/gram.py), mds/landmark.py
+    p.add_argument("--distributed", action="store_true",
+                   help="under torchrun (torchrun --nproc-per-node K -m pylandscape.mds ... --distributed): "
+                        "each rank reads its share of the snapshots and computes its share of the Gram "
+                        "(gloo on CPU, NCCL on GPU); rank 0 does the MDS and writes the outputs; "
+                        "--max-memory holds per rank; no Gram cache")
+    p.add_argument("--landmarks", default="auto", metavar="M",
+                   help=f"landmark MDS (de Silva & Tenenbaum 2004): classical MDS of M landmarks (drawn at "
+                        f"random, seeded: more accurate than max-min here, see docs/scaling.md), the other "
+                        f"snapshots placed from their distances to them; memory "
+                        f"O(N M) instead of O(N^2). auto (default): {DEFAULT_LANDMARKS} landmarks when more than "
+                        f"{AUTO_LANDMARKS_N:,} snapshots are selected, else the full classical MDS; 0: never")
     return p
 
 
@@ -130,16 +144,35 @@ def cache_main(argv: list[str]) -> int:
     return 0
 
 
+def _landmarks(value: str, n: int) -> int:
+    """--landmarks: 0 = full classical MDS, else the number of landmarks (auto from the size)."""
+    v = str(value).strip().lower()
+    if v == "auto":
+        return DEFAULT_LANDMARKS if n > AUTO_LANDMARKS_N else 0
+    try:
+        m = int(v)
+    except ValueError:
+        raise ValueError(f"--landmarks {value!r}: give a number of landmarks, 0 or auto") from None
+    if m < 0:
+        raise ValueError(f"--landmarks must be >= 0, got {m}")
+    return min(m, n) if m else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["cache"]:
         return cache_main(argv[1:])
     args = build_parser().parse_args(argv)
 
+    dist_run = None
+
     def say(msg: str) -> None:
-        print(msg, file=sys.stderr)
+        if dist_run is None or dist_run.is_main:
+            print(msg, file=sys.stderr)
 
     try:
+        if args.distributed:
+            dist_run = DistributedMDS(args.device)
         if args.dims < 1:
             raise ValueError(f"--dims must be >= 1, got {args.dims}")
         with warnings.catch_warnings():
@@ -160,14 +193,23 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"warning: --annotate {args.annotate}: no such metadata column (have "
                     f"{', '.join(sorted(cols))}); points are not labelled")
                 args.annotate = "none"
-            res = embed(sset, layer=args.layer, metric=args.metric, dims=args.dims, select=args.select,
+            n_sel = len(sset.filter_rows(select=args.select, trajectory=args.trajectory))
+            m = _landmarks(args.landmarks, n_sel)
+            if m and dist_run is not None:
+                raise ValueError("--landmarks with --distributed is not supported yet: use one or the other")
+            if dist_run is not None and not dist_run.is_main:  # compute this rank's share, then stop
+                return dist_run.serve(sset, select=args.select, trajectory=args.trajectory,
+                                      max_memory=args.max_memory, skip_bad=args.skip_bad)
+            run = embed if not m else lambda *a, **k: embed_landmarks(*a, landmarks=m, **k)
+            res = run(sset, layer=args.layer, metric=args.metric, dims=args.dims, select=args.select,
                         trajectory=args.trajectory, out_dir=args.out, annotate=args.annotate,
                         title=args.title, device=args.device, solver=args.solver,
                         cache=not args.no_cache, cache_dir=args.cache_dir, max_memory=args.max_memory,
                         progress=False if args.no_progress else None,
                         formats=tuple(dict.fromkeys(("png", args.format))),
                         skip_bad=args.skip_bad, cache_max=args.cache_max,
-                        copies="keep" if args.keep_copies else "auto")
+                        copies="keep" if args.keep_copies else "auto",
+                        **({"gram_fn": dist_run.compute_grams} if dist_run is not None else {}))
             for s in res.notes:
                 say(f"note: {s}")
     except (ValueError, FileNotFoundError, OSError, KeyError) as e:
@@ -176,8 +218,13 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         if isinstance(e, KeyError):
             msg = str(e.args[0]) if e.args else msg
-        say(f"error: {msg}")
+        print(f"error: {msg}", file=sys.stderr)  # from every rank: the one that failed may not be rank 0
         return 2
+    finally:
+        if dist_run is not None:
+            dist_run.close()
+    if dist_run is not None and not dist_run.is_main:
+        return 0
     ev = ", ".join(f"{v:.4g}" for v in res.eigenvalues[:args.dims])
     say(f"MDS ({res.metric}, {res.solver} solver) of {res.n} snapshots x {res.n_params:,} params: "
         f"eigenvalues {ev}; {100 * res.captured:.1f}% of positive mass captured, "

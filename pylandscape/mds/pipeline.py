@@ -81,7 +81,7 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
           max_memory: str | int | None = None, progress: bool | None = None,
           formats: Sequence[str] = ("png",), skip_bad: bool = False,
           group_by: str | None = None, copies: str = "auto",
-          cache_max: str | int | None = None) -> MDSResult:
+          cache_max: str | int | None = None, gram_fn=None) -> MDSResult:
     """Classical MDS of snapshots; writes mds.csv/json/png/html into `out_dir` when given.
 
     source: a folder of checkpoints (any mix of .pt/.pth/.ckpt/.safetensors/.npz, or our store), a
@@ -94,6 +94,7 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
     column), "keep" draws every row; "auto" merges for files and keeps in-memory rows.
     annotate: the metadata column printed next to points ("label" = epoch, else step, else file name).
     cache / cache_dir / cache_max: the Gram cache (gram_cache.py), in the user's cache folder by default.
+    gram_fn: replaces compute_grams (same signature), e.g. pylandscape.distributed's torchrun Gram.
     """
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -104,7 +105,7 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
         raise ValueError(f"{sset.describe()}: {len(rows)} snapshot(s) selected, MDS needs at least 3")
     tensor_idx = select_tensors(sset.spec, layer)
     t1 = time.perf_counter()
-    grams, rows, gram_info = compute_grams(sset, rows, device=device, cache=cache, cache_dir=cache_dir,
+    grams, rows, gram_info = (gram_fn or compute_grams)(sset, rows, device=device, cache=cache, cache_dir=cache_dir,
                                            max_memory=max_memory, progress=progress, skip_bad=skip_bad,
                                            cache_max=cache_max, copies=copies, tensors=tensor_idx)
     timings["gram"] = time.perf_counter() - t1
