@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .. import embedding_plot
 from ..devices import resolve_device
 from ..flat import ParamSpec
 from ..ops import segment_gram
@@ -103,6 +104,8 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
     if len(rows) < 3:
         raise ValueError(f"{sset.describe()}: {len(rows)} snapshot(s) selected, MDS needs at least 3")
     tensor_idx = select_tensors(sset.spec, layer)
+    # matplotlib loads on the idle core while the snapshots are read (one thread), not after the MDS
+    drawing = embedding_plot.import_in_background() if out_dir is not None else None
     t1 = time.perf_counter()
     grams, rows, gram_info = compute_grams(sset, rows, device=device, cache=cache, cache_dir=cache_dir,
                                            max_memory=max_memory, progress=progress, skip_bad=skip_bad,
@@ -133,6 +136,7 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
         result.timings["read_GBps"] = round(gram_info["read_GBps"], 3)
     if out_dir is not None:
         t3 = time.perf_counter()
+        drawing.join()
         write_outputs(result, out_dir, annotate=annotate, formats=formats)
         result.timings["outputs"] = time.perf_counter() - t3
     result.timings["total"] = time.perf_counter() - t0
@@ -217,7 +221,7 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
     cols = max(1, budget // max(1, 3 * 4 * n))
     caching = d is not None and keys is not None
     chunks = sset.plan_chunks(cols, None if caching else tensors)
-    grams = torch.zeros(L, n, n, dtype=torch.float64)
+    grams = None
     bad: dict[int, str] = {}
     t_read = t_gram = 0.0
     read_bytes = 0
@@ -247,10 +251,18 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
         # the buffer already respects --max-memory: let the op take it in one call
         g = segment_gram(torch.from_numpy(buf), offs, device=dev, progress=show,
                          memory_budget=max(buf.nbytes, 1 << 20))
-        for j, (ti, _, _) in enumerate(pieces):
-            grams[ti] += g[j].to("cpu", torch.float64)
+        whole = [(k, 0, spec.sizes[k]) for k in range(L)]
+        if grams is None and list(pieces) == whole:  # one chunk, every tensor whole: the op's output is it
+            grams = g.to("cpu", torch.float64)
+        else:
+            if grams is None:
+                grams = torch.zeros(L, n, n, dtype=torch.float64)
+            for j, (ti, _, _) in enumerate(pieces):
+                grams[ti] += g[j].to("cpu", torch.float64)
         t_gram += time.perf_counter() - t
         del buf
+    if grams is None:  # no chunk at all (nothing selected)
+        grams = torch.zeros(L, n, n, dtype=torch.float64)
     info["timings"].update({"read": t_read, "segment_gram": t_gram})
     info["read_GBps"] = read_bytes / max(t_read, 1e-9) / 1e9
     info["chunks"] = len(chunks)

@@ -101,7 +101,11 @@ class SnapshotSet:
         """float32 [len(rows), sum of piece lengths]: the pieces of each row, side by side."""
         width = sum(b - a for _, a, b in pieces)
         if out is None:
-            out = np.empty((len(rows), width), dtype=np.float32)
+            # torch.empty, not np.empty: numpy asks for transparent huge pages for large arrays (madvise),
+            # and under the kernel's usual THP defrag=madvise their first touch stalls in compaction:
+            # reading 2,000 x 188,810 float32 from the page cache into a fresh numpy buffer took 7.7-11.9 s
+            # on this 2-core VM, into a torch one 2.0-3.4 s (measured side by side, same process)
+            out = torch.empty(len(rows), width, dtype=torch.float32).numpy()
         it = tqdm(rows, desc=desc, unit="snap", disable=(not progress) if progress is not None else None,
                   leave=False)
         for r, i in enumerate(it):
