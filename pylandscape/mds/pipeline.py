@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -109,7 +110,8 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
     t1 = time.perf_counter()
     grams, rows, gram_info = compute_grams(sset, rows, device=device, cache=cache, cache_dir=cache_dir,
                                            max_memory=max_memory, progress=progress, skip_bad=skip_bad,
-                                           cache_max=cache_max, copies=copies, tensors=tensor_idx)
+                                           cache_max=cache_max, copies=copies, tensors=tensor_idx,
+                                           background_save=True)  # written while the MDS and outputs run
     timings["gram"] = time.perf_counter() - t1
     timings.update({f"gram_{k}": v for k, v in gram_info.get("timings", {}).items()})
     metas = [dict(sset.meta[r]) for r in rows]
@@ -139,6 +141,9 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
         drawing.join()
         write_outputs(result, out_dir, annotate=annotate, formats=formats)
         result.timings["outputs"] = time.perf_counter() - t3
+    if "finish" in gram_info:  # the cache file, written meanwhile
+        gram_info["finish"]()
+        result.timings["cache"] = gram_info["cache"]
     result.timings["total"] = time.perf_counter() - t0
     if out_dir is not None:  # rewrite the JSON with the final timings
         write_json(result, Path(out_dir) / "mds.json")
@@ -173,7 +178,8 @@ def parse_memory(s: str | int | None) -> int:
 def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, cache_dir=None,
                   max_memory=None, progress: bool | None = None, skip_bad: bool = False,
                   on_warning=None, cache_max=None, copies: str = "auto",
-                  tensors: Sequence[int] | None = None) -> tuple[torch.Tensor, list[int], dict]:
+                  tensors: Sequence[int] | None = None,
+                  background_save: bool = False) -> tuple[torch.Tensor, list[int], dict]:
     """Per-tensor Grams [L, n, n] float64 of the given rows, from the cache or one pass over the files.
 
     Reads column ranges of all rows into a float32 buffer of at most `max_memory` bytes, so N x P
@@ -181,6 +187,8 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
     info["copies"] lists groups of positions (into the rows kept) with identical weights when `copies`
     is "merge" (or "auto" and the snapshots are files). `tensors`: the ones needed; without a cache
     only they are read and computed (the others stay 0), with one every tensor is (for later runs).
+    background_save: write the cache file in a thread and return at once; info["finish"]() waits for it
+    (info["cache"] is "written" after that).
     """
     if copies not in ("auto", "merge", "keep"):
         raise ValueError(f"copies must be 'auto', 'merge' or 'keep', got {copies!r}")
@@ -279,16 +287,36 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
     if find_copies:
         info["copies"] = _copy_groups(sset, rows, grams, keys, {}, hashes)
     if d is not None and keys is not None:
-        try:
-            limit = gram_cache.DEFAULT_MAX_BYTES if cache_max is None else parse_memory(cache_max)
-            if gram_cache.save(d, spec_key, keys, grams, hashes, max_bytes=limit) is None:
-                warn(f"the Gram ({grams.numel() * 8 / 2**20:.0f} MiB) is larger than the cache limit "
-                     f"({limit / 2**20:.0f} MiB, --cache-max): not cached")
-            else:
-                info["cache"] = "written"
-        except OSError as e:
-            warn(f"could not write the Gram cache in {d}: {e}")
+        limit = gram_cache.DEFAULT_MAX_BYTES if cache_max is None else parse_memory(cache_max)
+
+        def save(note) -> None:
+            try:
+                if gram_cache.save(d, spec_key, keys, grams, hashes, max_bytes=limit) is None:
+                    note(f"the Gram ({grams.numel() * 8 / 2**20:.0f} MiB) is larger than the cache limit "
+                         f"({limit / 2**20:.0f} MiB, --cache-max): not cached")
+                else:
+                    info["cache"] = "written"
+            except OSError as e:
+                note(f"could not write the Gram cache in {d}: {e}")
+        if background_save:
+            info["finish"] = _start(save, warn)
+        else:
+            save(warn)
     return grams, rows, info
+
+
+def _start(save, warn):
+    """Run save(note) in a thread; returns the function that waits for it and passes its notes to warn.
+    Not a daemon: an interpreter that exits early still finishes the (atomic) write."""
+    notes: list[str] = []
+    th = threading.Thread(target=save, args=(notes.append,), name="pylandscape-gram-cache")
+    th.start()
+
+    def finish() -> None:
+        th.join()
+        for m in notes:
+            warn(m)
+    return finish
 
 
 def _copy_groups(sset, rows: list[int], grams: torch.Tensor, keys: list | None, known: dict,
