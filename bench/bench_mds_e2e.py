@@ -87,7 +87,7 @@ def run_ours(code: Path, root: Path, work: Path, tag: str, extra: list[str]) -> 
     cache = work / f"cache-{tag}"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=str(code))
+    env = dict(os.environ, PYTHONPATH=str(code), PYLANDSCAPE_GRAM_STATS="1")  # the kernel's phase times
     cmd = [sys.executable, "-m", "pylandscape.mds", "--snapshots", str(root), "--out", str(out),
            "--cache-dir", str(cache), "--no-progress", *extra]
     t = time.perf_counter()
@@ -96,7 +96,8 @@ def run_ours(code: Path, root: Path, work: Path, tag: str, extra: list[str]) -> 
     if p.returncode != 0:
         raise SystemExit(f"{tag} failed ({p.returncode}):\n{p.stderr[-3000:]}")
     tm = json.loads((out / "mds.json").read_text())["timings"]
-    return {"wall": wall, "timings": tm, "out": out}
+    stats = [ln.split("seconds:", 1)[1].strip() for ln in p.stderr.splitlines() if "[segment_gram] seconds:" in ln]
+    return {"wall": wall, "timings": tm, "out": out, "gram_stats": stats}
 
 
 def run_sklearn(X: np.ndarray) -> dict:
@@ -171,6 +172,9 @@ def main(argv=None) -> int:
             ratio = f"{best[k]['wall'] / best['sklearn']['wall']:.2f}x" if "sklearn" in best else "-"
             what = breakdown(best[k]) if k != "sklearn" else "compute only, matrix already loaded"
             print(f"{k:<18} {min(walls):7.2f} {max(walls) / min(walls):6.2f}x {ratio:>9}  {what}")
+        for k, r in best.items():
+            if r.get("gram_stats"):
+                print(f"segment_gram phases, best {k} run (PYLANDSCAPE_GRAM_STATS=1): {'; '.join(r['gram_stats'])}")
         if args.before:
             print(f"\noutputs, ours vs before (same input): {same_outputs(best['ours']['out'], best['before']['out'])}")
         print(f"load at end: {os.getloadavg()[0]:.1f} (uptime: {' '.join(f'{x:.1f}' for x in os.getloadavg())})")

@@ -33,6 +33,7 @@ class SnapshotSet:
     root: Path | None = None
     skipped: list[str] = field(default_factory=list)
     matrix: torch.Tensor | None = None          # in-memory sources: [N, P]
+    _real_dirs: dict = field(default_factory=dict, repr=False)   # folder -> its resolved path
 
     def __len__(self) -> int:
         return len(self.items)
@@ -49,7 +50,17 @@ class SnapshotSet:
         changes whenever the file is rewritten."""
         p = self.items[i].path
         st = p.stat()
-        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+        return [str(self._resolve(p)), st.st_size, st.st_mtime_ns]
+
+    def _resolve(self, p: Path) -> Path:
+        """p.resolve(), with each folder resolved once: a realpath per file (an lstat per path component)
+        took 0.35 s for 2,000 files on a busy 2-core VM."""
+        if p.is_symlink():
+            return p.resolve()
+        d = self._real_dirs.get(p.parent)
+        if d is None:
+            d = self._real_dirs[p.parent] = p.parent.resolve()
+        return d / p.name
 
     def filter_rows(self, select: str | None = None,
                     trajectory: Sequence[str] | str | None = None) -> list[int]:
