@@ -65,13 +65,20 @@ def use_extension() -> bool:
     return False
 
 
-@torch.compiler.assume_constant_result  # a registry lookup, constant for the process: no graph break
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the loaded extension registered a kernel of pylandscape::<op> for a dispatch key (or one for
     every key, as philox_normal, which takes no tensor to dispatch on, has)."""
     name = f"pylandscape::{op}"
     return bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, dispatch_key)
                 or torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeExplicitAutograd"))
+
+
+# A registry lookup, constant for the process: torch.compile may treat it as a constant (no graph break).
+# This is what @torch.compiler.assume_constant_result does (torch 2.x: it sets this one attribute), minus
+# its `import torch._dynamo`, which doubled the start-up of every `python -m pylandscape...` command
+# (1.3-3.5 s on this 2-core VM, python -X importtime; import torch itself is 1.8 s quiet). Should a torch
+# rename the attribute, tests/test_ops_api.py::test_torch_compile_fullgraph fails (a graph break).
+has_kernel._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def use_kernel(op: str, device) -> bool:

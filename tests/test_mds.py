@@ -7,6 +7,7 @@ import torch
 
 from pylandscape.mds import (NEGATIVE_TOL, ClassicalMDS, cosine_distance, cosine_distance_from_gram, double_center,
                              embed, layer_gram, squared_dissimilarity)
+from pylandscape.mds import duplicates
 from pylandscape.ops import segment_gram
 
 
@@ -236,3 +237,42 @@ def test_identical_copies_merged_and_near_copies_kept():
     assert res.meta[4]["aliases"] == "copy_of_s4" and "aliases" not in res.meta[2]
     assert res.notes and "s4 = copy_of_s4" in res.notes[0]
     assert embed(pairs).n == 8  # in-memory rows are kept by default ("auto")
+
+
+def _candidates_dense(grams: torch.Tensor) -> list[int]:
+    """The [n, n] form of duplicates.candidates() (the one it replaced), as an oracle."""
+    n = grams.shape[1]
+    if n < 2:
+        return []
+    G = grams.sum(0).to(torch.float64)
+    d = torch.diagonal(G)
+    scale = torch.maximum(d[:, None], d[None, :]).clamp_min(torch.finfo(torch.float64).tiny)
+    close = ((d[:, None] - d[None, :]).abs() <= duplicates.CANDIDATE_RTOL * scale) & \
+            ((G - d[:, None]).abs() <= duplicates.CANDIDATE_RTOL * scale)
+    close.fill_diagonal_(False)
+    per_tensor = torch.diagonal(grams, dim1=1, dim2=2).to(torch.float64)  # [L, n] squared norms
+    rows = set()
+    for i, j in torch.nonzero(torch.triu(close)).tolist():
+        di, dj = per_tensor[:, i], per_tensor[:, j]
+        if torch.all((di - dj).abs() <= duplicates.CANDIDATE_RTOL * torch.maximum(di, dj)):
+            rows.update((i, j))
+    return sorted(rows)
+
+
+def test_duplicate_candidates_match_the_dense_form():
+    """Copies (exact, within 1e-7, all-zero rows) are found; rows with equal total norm but other per-tensor
+    norms, and near misses (1e-5), are not; the sorted-window search gives the [n, n] form's answer."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 50, generator=g, dtype=torch.float64)
+    X[7] = X[3]                                   # an exact copy
+    X[20] = X[11] * (1 + 1e-8)                    # a copy within tolerance
+    X[30] = X[12] * (1 + 1e-5)                    # a near miss
+    X[40] = 0.0
+    X[41] = 0.0                                   # two all-zero rows
+    X[50, :25], X[50, 25:] = X[5, 25:], X[5, :25]  # same total norm, other per-tensor norms
+    grams = torch.stack([X[:, :25] @ X[:, :25].T, X[:, 25:] @ X[:, 25:].T])
+    want = _candidates_dense(grams)
+    assert duplicates.candidates(grams) == want
+    assert {3, 7, 11, 20, 40, 41} <= set(want) and not {12, 30, 50} & set(want)
+    rand = torch.stack([X[:, :25] @ X[:, :25].T])[:, :40, :40]
+    assert duplicates.candidates(rand) == _candidates_dense(rand) == [3, 7, 11, 20]

@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from pylandscape import mds
+from pylandscape.mds import gram_cache
 from pylandscape.flat import ParamSpec
 from pylandscape.store import SnapshotStore
 
@@ -285,3 +287,18 @@ def test_one_layer_without_cache_reads_only_that_layer(tmp_path, monkeypatch):
     seen.clear()
     mds.embed(tmp_path / "ck", layer="fc.*", progress=False)
     assert {sset_names[t] for t in seen} == set(sset_names)
+
+
+def test_cache_written_before_embed_returns(tmp_path, monkeypatch):
+    """The cache file is written in a thread while the MDS and the outputs run (a slow disk simulated):
+    embed() returns only once the file is there, and then says "written"."""
+    real = gram_cache.save
+
+    def slow_save(*a, **k):
+        time.sleep(1.0)
+        return real(*a, **k)
+    monkeypatch.setattr(gram_cache, "save", slow_save)
+    _write_run(tmp_path / "ck", fmt="safetensors")
+    res = mds.embed(tmp_path / "ck", cache_dir=tmp_path / "c", progress=False)
+    assert res.timings["cache"] == "written"
+    assert len(list((tmp_path / "c").glob("gram-v*.safetensors"))) == 1

@@ -49,8 +49,10 @@ class DistributedMDS:
                                 progress=bool(progress) and self.is_main)
 
     def compute_grams(self, sset, rows, *, device="auto", cache=True, cache_dir=None, max_memory=None,
-                      progress=None, skip_bad=False, on_warning=None, cache_max=None, copies="auto"):
-        """Rank 0's replacement for pipeline.compute_grams (same signature and return value)."""
+                      progress=None, skip_bad=False, on_warning=None, cache_max=None, copies="auto", tensors=None,
+                      background_save=False):
+        """Rank 0's replacement for pipeline.compute_grams (same signature and return value). Every tensor's
+        Gram is computed (`tensors` is only a hint there) and nothing is cached, so there is nothing to save."""
         if skip_bad:
             raise ValueError("--skip-bad is not supported with --distributed (every rank must keep the same rows)")
         grams, info = self.gram(sset, rows, max_memory, progress)

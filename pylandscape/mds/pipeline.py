@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from .. import embedding_plot
 from ..devices import resolve_device
 from ..flat import ParamSpec
 from ..ops import segment_gram
@@ -104,10 +106,13 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
     if len(rows) < 3:
         raise ValueError(f"{sset.describe()}: {len(rows)} snapshot(s) selected, MDS needs at least 3")
     tensor_idx = select_tensors(sset.spec, layer)
+    # matplotlib loads on the idle core while the snapshots are read (one thread), not after the MDS
+    drawing = embedding_plot.import_in_background() if out_dir is not None else None
     t1 = time.perf_counter()
     grams, rows, gram_info = (gram_fn or compute_grams)(sset, rows, device=device, cache=cache, cache_dir=cache_dir,
                                            max_memory=max_memory, progress=progress, skip_bad=skip_bad,
-                                           cache_max=cache_max, copies=copies, tensors=tensor_idx)
+                                           cache_max=cache_max, copies=copies, tensors=tensor_idx,
+                                           background_save=True)  # written while the MDS and outputs run
     timings["gram"] = time.perf_counter() - t1
     timings.update({f"gram_{k}": v for k, v in gram_info.get("timings", {}).items()})
     metas = [dict(sset.meta[r]) for r in rows]
@@ -134,8 +139,12 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
         result.timings["read_GBps"] = round(gram_info["read_GBps"], 3)
     if out_dir is not None:
         t3 = time.perf_counter()
+        drawing.join()
         write_outputs(result, out_dir, annotate=annotate, formats=formats)
         result.timings["outputs"] = time.perf_counter() - t3
+    if "finish" in gram_info:  # the cache file, written meanwhile
+        gram_info["finish"]()
+        result.timings["cache"] = gram_info["cache"]
     result.timings["total"] = time.perf_counter() - t0
     if out_dir is not None:  # rewrite the JSON with the final timings
         write_json(result, Path(out_dir) / "mds.json")
@@ -170,7 +179,8 @@ def parse_memory(s: str | int | None) -> int:
 def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, cache_dir=None,
                   max_memory=None, progress: bool | None = None, skip_bad: bool = False,
                   on_warning=None, cache_max=None, copies: str = "auto",
-                  tensors: Sequence[int] | None = None) -> tuple[torch.Tensor, list[int], dict]:
+                  tensors: Sequence[int] | None = None,
+                  background_save: bool = False) -> tuple[torch.Tensor, list[int], dict]:
     """Per-tensor Grams [L, n, n] float64 of the given rows, from the cache or one pass over the files.
 
     Reads column ranges of all rows into a float32 buffer of at most `max_memory` bytes, so N x P
@@ -178,6 +188,8 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
     info["copies"] lists groups of positions (into the rows kept) with identical weights when `copies`
     is "merge" (or "auto" and the snapshots are files). `tensors`: the ones needed; without a cache
     only they are read and computed (the others stay 0), with one every tensor is (for later runs).
+    background_save: write the cache file in a thread and return at once; info["finish"]() waits for it
+    (info["cache"] is "written" after that).
     """
     if copies not in ("auto", "merge", "keep"):
         raise ValueError(f"copies must be 'auto', 'merge' or 'keep', got {copies!r}")
@@ -218,7 +230,7 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
     cols = max(1, budget // max(1, 3 * 4 * n))
     caching = d is not None and keys is not None
     chunks = sset.plan_chunks(cols, None if caching else tensors)
-    grams = torch.zeros(L, n, n, dtype=torch.float64)
+    grams = None
     bad: dict[int, str] = {}
     t_read = t_gram = 0.0
     read_bytes = 0
@@ -248,10 +260,18 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
         # the buffer already respects --max-memory: let the op take it in one call
         g = segment_gram(torch.from_numpy(buf), offs, device=dev, progress=show,
                          memory_budget=max(buf.nbytes, 1 << 20))
-        for j, (ti, _, _) in enumerate(pieces):
-            grams[ti] += g[j].to("cpu", torch.float64)
+        whole = [(k, 0, spec.sizes[k]) for k in range(L)]
+        if grams is None and list(pieces) == whole:  # one chunk, every tensor whole: the op's output is it
+            grams = g.to("cpu", torch.float64)
+        else:
+            if grams is None:
+                grams = torch.zeros(L, n, n, dtype=torch.float64)
+            for j, (ti, _, _) in enumerate(pieces):
+                grams[ti] += g[j].to("cpu", torch.float64)
         t_gram += time.perf_counter() - t
         del buf
+    if grams is None:  # no chunk at all (nothing selected)
+        grams = torch.zeros(L, n, n, dtype=torch.float64)
     info["timings"].update({"read": t_read, "segment_gram": t_gram})
     info["read_GBps"] = read_bytes / max(t_read, 1e-9) / 1e9
     info["chunks"] = len(chunks)
@@ -268,16 +288,36 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
     if find_copies:
         info["copies"] = _copy_groups(sset, rows, grams, keys, {}, hashes)
     if d is not None and keys is not None:
-        try:
-            limit = gram_cache.DEFAULT_MAX_BYTES if cache_max is None else parse_memory(cache_max)
-            if gram_cache.save(d, spec_key, keys, grams, hashes, max_bytes=limit) is None:
-                warn(f"the Gram ({grams.numel() * 8 / 2**20:.0f} MiB) is larger than the cache limit "
-                     f"({limit / 2**20:.0f} MiB, --cache-max): not cached")
-            else:
-                info["cache"] = "written"
-        except OSError as e:
-            warn(f"could not write the Gram cache in {d}: {e}")
+        limit = gram_cache.DEFAULT_MAX_BYTES if cache_max is None else parse_memory(cache_max)
+
+        def save(note) -> None:
+            try:
+                if gram_cache.save(d, spec_key, keys, grams, hashes, max_bytes=limit) is None:
+                    note(f"the Gram ({grams.numel() * 8 / 2**20:.0f} MiB) is larger than the cache limit "
+                         f"({limit / 2**20:.0f} MiB, --cache-max): not cached")
+                else:
+                    info["cache"] = "written"
+            except OSError as e:
+                note(f"could not write the Gram cache in {d}: {e}")
+        if background_save:
+            info["finish"] = _start(save, warn)
+        else:
+            save(warn)
     return grams, rows, info
+
+
+def _start(save, warn):
+    """Run save(note) in a thread; returns the function that waits for it and passes its notes to warn.
+    Not a daemon: an interpreter that exits early still finishes the (atomic) write."""
+    notes: list[str] = []
+    th = threading.Thread(target=save, args=(notes.append,), name="pylandscape-gram-cache")
+    th.start()
+
+    def finish() -> None:
+        th.join()
+        for m in notes:
+            warn(m)
+    return finish
 
 
 def _copy_groups(sset, rows: list[int], grams: torch.Tensor, keys: list | None, known: dict,
