@@ -23,7 +23,7 @@ import torch
 
 
 import pylandscape  # noqa: E402
-from pylandscape import mds  # noqa: E402
+from pylandscape import mds, ops  # noqa: E402
 from pylandscape.flat import ParamSpec  # noqa: E402
 from pylandscape.snapshots import discover  # noqa: E402
 
@@ -103,7 +103,7 @@ def ours_from_matrix(X: np.ndarray, offsets: torch.Tensor, device="cpu") -> dict
     tm = {}
     t = time.perf_counter()
     # one call over the whole matrix, as `python -m pylandscape.mds` does once the rows are read
-    G = mds.segment_gram(torch.from_numpy(X), offsets, device=device, memory_budget=X.nbytes).sum(0)
+    G = ops.segment_gram(torch.from_numpy(X), offsets, device=device, memory_budget=X.nbytes).sum(0)
     tm["gram"] = time.perf_counter() - t
     t = time.perf_counter()
     est = mds.ClassicalMDS(2, metric="cosine", device=device).fit_from_gram(G)

@@ -22,7 +22,8 @@ import torch
 from pylandscape.data import load_dataset
 from pylandscape.flat import load_flat_
 from pylandscape.models import GroupedNet, dcnn
-from pylandscape.train import _GroupedRunner, _LoopRunner, _SingleRunner, init_flats_for
+from pylandscape.train import init_flats_for
+from pylandscape.train.runners import GroupedRunner, LoopRunner, SingleRunner
 
 
 def make_epoch(route: str, K: int, width: float, data, batch_size: int = 100, lr: float = 0.01):
@@ -34,14 +35,14 @@ def make_epoch(route: str, K: int, width: float, data, batch_size: int = 100, lr
     gens = [torch.Generator().manual_seed(k) for k in range(K)]
     if route.startswith("grouped"):
         impl = {"grouped": "auto", "grouped-conv": "grouped", "grouped-split": "split"}[route]
-        runner = _GroupedRunner(GroupedNet(fn(), K, conv_impl=impl).load_flats_(inits).to(x.device))
+        runner = GroupedRunner(GroupedNet(fn(), K, conv_impl=impl).load_flats_(inits).to(x.device))
     else:
         models = []
         for k in range(K):
             m = fn()
             load_flat_(m, inits[k])
             models.append(m.to(x.device))
-        runner = _SingleRunner(models[0]) if route == "single" else _LoopRunner(models)
+        runner = SingleRunner(models[0]) if route == "single" else LoopRunner(models)
     opt = torch.optim.SGD(runner.parameters(), lr=lr)
     steps = math.ceil(N / batch_size)
 

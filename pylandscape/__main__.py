@@ -4,10 +4,12 @@ from __future__ import annotations
 import importlib
 import sys
 
+from . import __version__, has_cuda_kernels, has_extension
+
 COMMANDS = {
     "demo": ("pylandscape.demo", "train on digits, perturb, average, embed with MDS, write a report (~5 min on CPU)"),
     "run": ("pylandscape.experiments.cli", "run one of the paper's experiments (`run --list` lists them)"),
-    "train": ("pylandscape.train", "train the paper's network and record snapshots into a store"),
+    "train": ("pylandscape.train.cli", "train the paper's network and record snapshots into a store"),
     "mds": ("pylandscape.mds", "classical MDS of a folder of checkpoints (same as python -m pylandscape.mds)"),
     "plot": ("pylandscape.plot", "redraw every figure of an experiment's output folder"),
 }
@@ -26,7 +28,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from . import __version__, has_cuda_kernels, has_extension
         print(f"pylandscape {__version__} (compiled kernels: {has_extension()}, CUDA kernels: {has_cuda_kernels()})")
         return 0
     name, rest = argv[0], argv[1:]

@@ -11,6 +11,7 @@ Both are normalised with per-channel mean/std of the (full) training split. No a
 """
 from __future__ import annotations
 
+import _codecs
 import hashlib
 import io
 import os
@@ -24,7 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn.functional import interpolate
+
+try:
+    from numpy._core import multiarray as numpy_multiarray  # numpy >= 2
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray as numpy_multiarray
 
 DATASETS = ("digits", "cifar10")
 DIGITS_TRAIN_SIZE = 1500
@@ -74,16 +80,11 @@ def default_root() -> Path:
 # Python 3 use to rebuild bytes objects (torch's weights_only unpickler allows it too; it only encodes
 # a string). Everything else (os.system, eval, builtins.getattr, ...) is refused.
 def _numpy_globals() -> dict[tuple[str, str], Any]:
-    try:
-        from numpy._core import multiarray as ma  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray as ma
     allowed = {}
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[(mod, "_reconstruct")] = ma._reconstruct
+        allowed[(mod, "_reconstruct")] = numpy_multiarray._reconstruct
     allowed[("numpy", "ndarray")] = np.ndarray
     allowed[("numpy", "dtype")] = np.dtype
-    import _codecs
     allowed[("_codecs", "encode")] = _codecs.encode
     return allowed
 
@@ -208,7 +209,7 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 def _digits_to_32(images: np.ndarray) -> torch.Tensor:
     x = torch.from_numpy(images.astype(np.float32) / 16.0).unsqueeze(1)  # [N, 1, 8, 8] in 0..1
-    x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+    x = interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
     return x.expand(-1, 3, -1, -1).contiguous()
 
 

@@ -16,13 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from .experiments import _common as C
-from .experiments import bgd_branches as B
+from .experiments import bgd_branches, outdir
+from .experiments.config import config_to_dict
+from .store import atomic_write_bytes
 
 # Settings chosen so that full-batch GD reaches zero training error well before the end, the early
 # branch lands in another minimum and the late branch stays in the main trajectory's basin.
 DEMO = dataclasses.replace(
-    B.PRESETS["quick"], dataset="digits", train_size=500, width=0.25, lr=0.05, momentum=0.9, epochs=60,
+    bgd_branches.PRESETS["quick"], dataset="digits", train_size=500, width=0.25, lr=0.05, momentum=0.9, epochs=60,
     branch_epochs=(0, 30), branch_scale=(1.0, 0.25), snapshot_every=3, threads=0)
 QUICK = dataclasses.replace(DEMO, train_size=200, width=0.125, lr=0.1, epochs=12, branch_epochs=(0, 6))
 
@@ -31,18 +32,18 @@ def _pct(v) -> str:
     return "n/a" if v is None else f"{100 * v:.1f}%"
 
 
-def headline(out: Path, config: B.Config) -> list[tuple[str, str]]:
+def headline(out: Path, config: bgd_branches.Config) -> list[tuple[str, str]]:
     """(label, value) pairs for the report and the console."""
-    r = C.read_results(out)
-    main = C.read_table(out / "metrics" / "main")
-    avg = C.read_table(out / "metrics" / "averages")
+    r = outdir.read_results(out)
+    main = outdir.read_table(out / "metrics" / "main")
+    avg = outdir.read_table(out / "metrics" / "averages")
     zero = r.get("main_zero_train_error_epoch")
     rows = [("full-batch GD reaches zero training error at epoch",
              str(zero) if zero is not None else f"not reached in {config.epochs} epochs "
              f"(final training error {_pct(main[-1]['train_error'])})"),
             ("main trajectory, final training / test error",
              f"{_pct(main[-1]['train_error'])} / {_pct(main[-1]['test_error'])}")]
-    for b, (e, s) in enumerate(zip(config.branch_epochs, B._scales(config))):
+    for b, (e, s) in enumerate(zip(config.branch_epochs, bgd_branches._scales(config))):
         last = [a for a in avg if a["branch"] == b][-1]
         rows.append((f"branch {b + 1} (perturbed at epoch {e}, sigma = {s} x layer std): final training / test error",
                      f"{_pct(last['branch_train_error'])} / {_pct(last['branch_test_error'])}"))
@@ -55,9 +56,9 @@ def headline(out: Path, config: B.Config) -> list[tuple[str, str]]:
     return rows
 
 
-def _verdict(out: Path, config: B.Config) -> str:
+def _verdict(out: Path, config: bgd_branches.Config) -> str:
     """One sentence comparing each final average with the worse of its two endpoints."""
-    avg = C.read_table(out / "metrics" / "averages")
+    avg = outdir.read_table(out / "metrics" / "averages")
     bits = []
     for b, e in enumerate(config.branch_epochs):
         rows = [a for a in avg if a["branch"] == b]
@@ -76,7 +77,14 @@ def _verdict(out: Path, config: B.Config) -> str:
     return text[0].upper() + text[1:] + "."
 
 
-def write_report(out: Path, config: B.Config, seconds: float | None) -> Path:
+def is_demo_run(info: dict) -> bool:
+    """True for the config.json of a folder this demo wrote (`plot` then rewrites the report too)."""
+    return info.get("experiment") == bgd_branches.NAME and str(info.get("preset") or "").startswith("demo")
+
+
+def write_report(out: Path, seconds: float | None) -> Path:
+    """report.html in `out` from the saved results (seconds: wall time to mention, or None)."""
+    config = outdir.load_config(out, bgd_branches.Config)
     rows = headline(out, config)
     figs = [("MDS of all weights: main trajectory, both branches and the averaged models "
              "(numbers: training error as a fraction)", "figures/mds_all.png")]
@@ -108,7 +116,7 @@ def write_report(out: Path, config: B.Config, seconds: float | None) -> Path:
     if verdict:
         parts.append(f"<p><b>Reading:</b> {e(verdict)}</p>")
     if seconds is not None:
-        parts.append(f"<p>Wall time: {seconds:.0f} s. Settings: <code>{e(json.dumps(C.config_to_dict(config)))}"
+        parts.append(f"<p>Wall time: {seconds:.0f} s. Settings: <code>{e(json.dumps(config_to_dict(config)))}"
                      f"</code></p>")
     for cap, src in figs:
         if (out / src).exists():
@@ -116,7 +124,6 @@ def write_report(out: Path, config: B.Config, seconds: float | None) -> Path:
     parts.append("<p>Numbers: <code>metrics/*.csv</code>; weights: <code>stores/</code>; redraw the figures "
                  f"with <code>python -m pylandscape plot {e(str(out))}</code>.</p></body></html>")
     path = out / "report.html"
-    from .store import atomic_write_bytes
     atomic_write_bytes(path, "\n".join(parts).encode())
     return path
 
@@ -136,13 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     t0 = time.perf_counter()
     try:
-        C.prepare_out(out, B.NAME, config, preset="demo-quick" if args.quick else "demo", resume=True)
+        outdir.prepare_out(out, bgd_branches.NAME, config, preset="demo-quick" if args.quick else "demo", resume=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    B.run(config, out)
+    bgd_branches.run(config, out)
     seconds = time.perf_counter() - t0
-    path = write_report(out, config, seconds)
+    path = write_report(out, seconds)
     for k, v in headline(out, config):
         print(f"  {k}: {v}")
     print(f"report: {path.resolve()}")

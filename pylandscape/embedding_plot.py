@@ -14,6 +14,10 @@ from typing import Sequence
 
 import numpy as np
 
+# matplotlib is imported inside the drawing functions: it adds ~0.4 s to start-up (python -X importtime,
+# matplotlib + matplotlib.figure), which `python -m pylandscape.mds --help`, the CSV/JSON/HTML outputs
+# and every import of the package would otherwise pay.
+
 
 def _groups(meta: Sequence[dict], group: str, order: str | None) -> list[tuple[str, list[int]]]:
     """[(name, point indices in time order)] in order of first appearance."""
@@ -34,7 +38,7 @@ def _groups(meta: Sequence[dict], group: str, order: str | None) -> list[tuple[s
 
 def palette(k: int) -> list:
     """k distinguishable colours (tab10, tab20, then turbo)."""
-    import matplotlib
+    import matplotlib  # start-up time: see the note at the top
     if k <= 10:
         cmap = matplotlib.colormaps["tab10"]
         return [cmap(i) for i in range(k)]
@@ -83,7 +87,7 @@ def plot_embedding(coords: np.ndarray, meta: Sequence[dict], *, ax=None, annotat
     n_per = max(len(ix) for _, ix in groups)
     ms = 3.5 if n_per > 60 else 5
     span = max(float(np.ptp(x)), float(np.ptp(y)), 1e-300)
-    from matplotlib import patheffects
+    from matplotlib import patheffects  # start-up time: see the note at the top
     halo = [patheffects.withStroke(linewidth=2.5, foreground="white")]  # labels stay readable over lines
     for (name, ix), c in zip(groups, cols):
         ax.plot(x[ix], y[ix], "-", color=c, lw=1.0, alpha=0.65, zorder=1)
@@ -105,7 +109,7 @@ def plot_embedding(coords: np.ndarray, meta: Sequence[dict], *, ax=None, annotat
                 ax.annotate(_fmt(v), (x[i], y[i]), xytext=(4, 4), textcoords="offset points",
                             fontsize=7, color=c, zorder=4, path_effects=halo)
     # Marker legend: what the hollow circle and the square mean.
-    from matplotlib.lines import Line2D
+    from matplotlib.lines import Line2D  # start-up time: see the note at the top
     handles, labels = ax.get_legend_handles_labels()
     handles += [Line2D([], [], marker="o", ls="", ms=9, mfc="white", mec="gray", mew=1.8),
                 Line2D([], [], marker="s", ls="", ms=8, color="gray", mec="black", mew=0.8)]

@@ -17,8 +17,8 @@ import copy
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import cross_entropy
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .flat import load_flat_
@@ -173,7 +173,7 @@ def model_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size
         out = model(x[s:s + batch_size])
         yb = y[s:s + batch_size]
         err += int((out.argmax(1) != yb).sum())
-        loss += float(F.cross_entropy(out, yb, reduction="none").double().sum())
+        loss += float(cross_entropy(out, yb, reduction="none").double().sum())
     return err / x.shape[0], loss / x.shape[0]
 
 
@@ -202,7 +202,7 @@ def grouped_metrics(g: GroupedNet, x: torch.Tensor, y: torch.Tensor, batch_size:
             xb, yb = x[s:s + batch_size], y[s:s + batch_size]
             out = g(xb.unsqueeze(0).expand(K, *xb.shape))  # [K, B, C]
             err += (out.argmax(2) != yb).sum(1).double()
-            loss += F.cross_entropy(out.reshape(-1, out.shape[-1]), yb.repeat(K),
+            loss += cross_entropy(out.reshape(-1, out.shape[-1]), yb.repeat(K),
                                     reduction="none").view(K, -1).double().sum(1)
     n = x.shape[0]
     return (err / n).cpu(), (loss / n).cpu()

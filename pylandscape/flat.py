@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -24,13 +25,7 @@ class ParamSpec:
 
     @property
     def sizes(self) -> list[int]:
-        out = []
-        for s in self.shapes:
-            n = 1
-            for d in s:
-                n *= int(d)
-            out.append(n)
-        return out
+        return [math.prod(int(d) for d in s) for s in self.shapes]
 
     @property
     def offsets(self) -> torch.Tensor:
@@ -58,8 +53,8 @@ class ParamSpec:
         return cls(tuple(d["names"]), tuple(tuple(int(x) for x in s) for s in d["shapes"]))
 
     @classmethod
-    def from_module(cls, module: nn.Module) -> "ParamSpec":
-        named = list(module.named_parameters())
+    def from_module(cls, module: nn.Module, trainable_only: bool = False) -> "ParamSpec":
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
         return cls(tuple(n for n, _ in named), tuple(tuple(p.shape) for _, p in named))
 
     @classmethod
@@ -77,21 +72,17 @@ def flatten_tensors(tensors: Iterable[torch.Tensor], dtype: torch.dtype | None =
     ts = [t.detach().reshape(-1) for t in tensors]
     if not ts:
         return torch.zeros(0, dtype=dtype or torch.float32)
-    flat = torch.cat([t.to(dtype) if dtype is not None else t for t in ts])
-    return flat
+    return torch.cat([t.to(dtype) if dtype is not None else t for t in ts])
 
 
-def flatten_module(module: nn.Module, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ParamSpec]:
-    """(flat [P], spec) from a module's parameters (not its buffers)."""
-    spec = ParamSpec.from_module(module)
-    return flatten_tensors((p for _, p in module.named_parameters()), dtype), spec
+def flatten_module(module: nn.Module, dtype: torch.dtype | None = None, *,
+                   trainable_only: bool = False) -> tuple[torch.Tensor, ParamSpec]:
+    """(flat [P], spec) from a module's parameters (not its buffers), detached.
 
-
-def flatten_state_dict(sd: Mapping[str, torch.Tensor], params_only: bool = True,
-                       dtype: torch.dtype | None = None) -> tuple[torch.Tensor, ParamSpec]:
-    """(flat [P], spec) from a state_dict; BatchNorm running statistics are skipped by default."""
-    spec = ParamSpec.from_state_dict(sd, params_only)
-    return flatten_tensors((sd[n] for n in spec.names), dtype), spec
+    trainable_only keeps only parameters with requires_grad (the θ of linalg's Jacobians)."""
+    spec = ParamSpec.from_module(module, trainable_only)
+    params = dict(module.named_parameters())
+    return flatten_tensors((params[n] for n in spec.names), dtype), spec
 
 
 def unflatten(flat: torch.Tensor, spec: ParamSpec) -> dict[str, torch.Tensor]:
@@ -106,9 +97,9 @@ def unflatten(flat: torch.Tensor, spec: ParamSpec) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_flat_(module: nn.Module, flat: torch.Tensor) -> nn.Module:
-    """Copy a flat buffer into a module's parameters in place."""
-    params = list(module.parameters())
+def load_flat_(module: nn.Module, flat: torch.Tensor, *, trainable_only: bool = False) -> nn.Module:
+    """Copy a flat buffer into a module's parameters in place (only requires_grad ones if trainable_only)."""
+    params = [p for p in module.parameters() if p.requires_grad or not trainable_only]
     total = sum(p.numel() for p in params)
     if flat.dim() != 1 or flat.numel() != total:
         raise ValueError(f"flat buffer has shape {tuple(flat.shape)}, module has {total} parameters")
@@ -118,8 +109,3 @@ def load_flat_(module: nn.Module, flat: torch.Tensor) -> nn.Module:
         p.copy_(flat[start:start + n].view_as(p))
         start += n
     return module
-
-
-def layer_slices(offsets: torch.Tensor) -> list[slice]:
-    o = offsets.tolist()
-    return [slice(o[i], o[i + 1]) for i in range(len(o) - 1)]

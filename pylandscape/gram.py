@@ -1,5 +1,5 @@
-"""Per-layer Gram matrices of many snapshots, streamed block pair by block pair, and the step from a
-Gram to cosine distances.
+"""Per-layer Gram matrices of many snapshots, streamed block pair by block pair (the Gram -> 1 - cos
+step is pylandscape.mds.dissimilarity).
 
 Why a Gram and not distances directly: one pass of BLAS-speed products gives every layer's Gram, and any
 group of layers (the whole model included) is then a sum of those. The op behind it
@@ -15,9 +15,6 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator
 
 import torch
-
-#: Largest round-off that cosine_distance_from_gram silently clips to 0 (fp64 1 - cos of equal rows).
-NEGATIVE_TOL = 1e-13
 
 PairFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
@@ -185,71 +182,3 @@ def _place(out: torch.Tensor, a: int, c: int, g: torch.Tensor, sym: bool) -> Non
     out[:, a:a + g.shape[1], c:c + g.shape[2]] = g
     if sym and c != a:
         out[:, c:c + g.shape[2], a:a + g.shape[1]] = g.transpose(1, 2)
-
-
-# --------------------------------------------------------------------------------------
-# From a Gram to cosine distances
-# --------------------------------------------------------------------------------------
-
-def layer_gram(G_layers: torch.Tensor, layers=None) -> torch.Tensor:
-    """Gram of a group of layers: the sum of their [N, M] Grams (all layers = the whole model).
-
-    layers: None (all), an int, a sequence of ints, a slice, or a bool mask [L].
-    """
-    if G_layers.dim() != 3:
-        raise ValueError(f"G_layers must be [L, N, M], got shape {tuple(G_layers.shape)}")
-    if layers is None:
-        return G_layers.sum(0)
-    if isinstance(layers, int):
-        layers = [layers]
-    sel = G_layers[layers] if not isinstance(layers, (list, tuple)) else G_layers[list(layers)]
-    if sel.dim() == 2:
-        return sel
-    return sel.sum(0)
-
-
-def cosine_distance_from_gram(G: torch.Tensor, sq_norms_x: torch.Tensor | None = None,
-                              sq_norms_y: torch.Tensor | None = None, *,
-                              zero_rows: str = "raise") -> torch.Tensor:
-    """1 - cos in float64 from a Gram [..., N, M] (norms from its diagonal when square and not given).
-
-    1 - G_ij / sqrt(G_ii G_jj) is computed in fp64; it is as accurate as G is (the op keeps G accurate
-    for nearly parallel rows). Round-off of at most NEGATIVE_TOL below 0 is clipped to 0; anything more
-    negative means G is not a Gram (or was computed inaccurately) and raises ValueError.
-    zero_rows: "raise" (a zero-norm row has no direction) or "nan" (its distances become NaN).
-    """
-    G = G.to(torch.float64)
-    if G.dim() < 2:
-        raise ValueError(f"G must be [..., N, M], got shape {tuple(G.shape)}")
-    if sq_norms_x is None or sq_norms_y is None:
-        if G.shape[-1] != G.shape[-2]:
-            raise ValueError("G is not square: give sq_norms_x and sq_norms_y (the rows' squared norms)")
-        d = torch.diagonal(G, dim1=-2, dim2=-1)
-        sq_norms_x = d if sq_norms_x is None else sq_norms_x
-        sq_norms_y = d if sq_norms_y is None else sq_norms_y
-    nx = sq_norms_x.to(torch.float64)
-    ny = sq_norms_y.to(torch.float64)
-    if nx.shape[-1] != G.shape[-2] or ny.shape[-1] != G.shape[-1]:
-        raise ValueError(f"sq_norms shapes {tuple(nx.shape)}, {tuple(ny.shape)} do not match G {tuple(G.shape)}")
-    if (nx < 0).any() or (ny < 0).any():
-        raise ValueError("G: negative squared norms on the diagonal; not a Gram matrix")
-    zx, zy = nx == 0, ny == 0
-    if zero_rows == "raise" and (zx.any() or zy.any()):
-        raise ValueError("G: a row has zero norm, so its cosine distance is undefined (zero_rows='nan' allows it)")
-    if zero_rows not in ("raise", "nan"):
-        raise ValueError(f"zero_rows must be 'raise' or 'nan', got {zero_rows!r}")
-    # sqrt(G_ii G_jj) rather than sqrt(G_ii) sqrt(G_jj): for equal rows sqrt(g * g) == g exactly, so
-    # duplicates get 1 - cos = 0 exactly (overflow would need |x|^2 > 1e154)
-    denom = torch.sqrt(nx.unsqueeze(-1) * ny.unsqueeze(-2))
-    D = 1.0 - G / denom
-    if D.numel():
-        worst = torch.nan_to_num(D, nan=0.0).min().item()
-        if worst < -NEGATIVE_TOL:
-            raise ValueError(f"G: 1 - cos = {worst:.3e} < -{NEGATIVE_TOL:g}; not an accurate Gram matrix")
-    return D.clamp_min_(0.0)
-
-
-def cosine_distance(X, offsets: torch.Tensor, layers=None, **kw) -> torch.Tensor:
-    """1 - cos [N, N] float64 between snapshots (rows of X or row blocks), over the chosen layers."""
-    from . import ops
-    return cosine_distance_from_gram(layer_gram(ops.segment_gram(X, offsets, **kw), layers))

@@ -14,8 +14,9 @@ from torch import nn
 
 # Hidden widths of conv1..conv4 at width=1. With 3x3 kernels, biases, 3 input channels and 10 classes
 # they give exactly 188,810 parameters, the paper's count (896 + 18,496 + 87,704 + 76,664 + 5,050).
-# A brute-force search finds several width tuples with this count; this one grows then shrinks
-# roughly like the usual 32-64-128 progression.
+# The paper gives the count, not the widths: 3,148 tuples (a, b, c, d) with every width in 8..512 give
+# 188,810 (enumerated over a <= 128, b <= 256, c <= 320), e.g. (32, 64, 110, 98), (32, 128, 88, 56),
+# (16, 32, 34, 438). This one is our choice: it starts like the usual 32-64 progression.
 DCNN_WIDTHS: tuple[int, int, int, int] = (32, 64, 152, 56)
 PAPER_NUM_PARAMETERS = 188_810
 ACTIVATIONS = ("relu", "poly")
@@ -90,6 +91,12 @@ def dcnn(width: float = 1.0, in_channels: int = 3, num_classes: int = 10, image_
     the activation); conv5 outputs `num_classes` channels at 1x1, the logits. `width` multiplies the
     hidden widths `widths` (default DCNN_WIDTHS -> 188,810 parameters at width 1, 3x32x32, 10 classes).
     Inputs up to 32x32 end at 1x1; larger ones are refused.
+
+    The paper states the parameter count (188,810), not the widths: (32, 64, 152, 56) is one of many
+    width tuples with that count (e.g. (32, 64, 110, 98), (32, 128, 88, 56)); pass `widths` (or
+    `--set widths=a,b,c,d` / `train --widths a,b,c,d`) for another. The biases of conv1..conv4 feed a
+    BatchNorm, which subtracts the per-channel batch mean and with it the bias: they get no gradient
+    and never change (`biases_before_batchnorm` lists them).
     """
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
@@ -128,6 +135,26 @@ def fc2(in_dim: int, width: int, out_dim: int = 1, activation: str = "relu", bia
         ("act", make_activation(activation, poly_degree, poly_interval)),
         ("fc2", nn.Linear(width, out_dim, bias=bias)),
     ]))
+
+
+def biases_before_batchnorm(model: nn.Module) -> list[str]:
+    """Names of the biases that a BatchNorm cancels: a Conv/Linear bias whose layer is directly followed
+    by a BatchNorm in an nn.Sequential (dcnn: conv1.bias .. conv4.bias).
+
+    BatchNorm subtracts the per-channel mean over the batch, which contains the bias, so the output and
+    the loss do not depend on it: its gradient is exactly zero and it stays at its initial value. Where
+    the paper means "the weights of layer k", these tensors carry no information about training and are
+    left out of perturbations and MDS by default in the experiments (switch: `pre_bn_biases`)."""
+    out = []
+    for seq_name, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (name, mod), (_, nxt) in zip(children, children[1:]):
+            if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) and mod.bias is not None and \
+                    isinstance(nxt, nn.modules.batchnorm._BatchNorm):
+                out.append(f"{seq_name}.{name}.bias" if seq_name else f"{name}.bias")
+    return out
 
 
 def count_parameters(model: nn.Module) -> int:

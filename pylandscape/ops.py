@@ -338,7 +338,8 @@ def segment_gram(X, offsets, *, Y=None, device=None, progress: bool = False,
     (default 1 GiB). A tensor already on the compute device is processed in one call unless a budget is
     given; the op then needs about one more copy of the largest segment's columns as workspace.
     progress: draw a progress bar; what is computed (and every bit of it) does not depend on it.
-    Sum segments into the paper's layers (weight + bias) before taking 1 - cos.
+    Sum segments into the paper's layers (weight + bias) before taking 1 - cos
+    (pylandscape.mds.cosine_distance_from_gram(layer_gram(G, layers))).
     """
     budget = (1 << 30) if memory_budget is None else int(memory_budget)
     if budget <= 0:

@@ -1,284 +1,18 @@
-"""Figures of the experiments, drawn from saved results only, and `python -m pylandscape plot RUN_DIR`.
+"""`python -m pylandscape plot RUN_DIR`: redraw every figure of a finished run from its saved results.
 
-Every function here takes numbers already on disk (metrics tables, saved MDS coordinates) and writes a
-PNG; nothing is recomputed, so a finished run's figures can be restyled and redrawn in seconds.
+RUN_DIR/config.json names the experiment; its module's `plot(out_dir)` redraws the figures (the
+experiments registry, pylandscape.experiments.load_all). A demo folder also gets its report rewritten.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
 
-import matplotlib
+from . import demo
+from .experiments import load_all
+from .experiments.outdir import read_run_info
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .embedding_plot import palette  # noqa: E402
-from .store import atomic_write_json  # noqa: E402
-
-METRIC_LABELS = {
-    "train_error": "training error", "test_error": "test error",
-    "train_loss": "training loss", "test_loss": "test loss",
-}
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def metric_curves(path: str | Path, runs: Mapping[str, Sequence[Mapping[str, Any]]], *, title: str,
-                  x: str = "epoch", xlabel: str = "epoch",
-                  metrics: Sequence[str] = ("train_error", "test_error", "train_loss", "test_loss"),
-                  logy_loss: bool = True) -> Path:
-    """One panel per metric, one line per run. runs: label -> rows (dicts with `x` and the metrics)."""
-    metrics = [m for m in metrics if any(m in r for rows in runs.values() for r in rows)]
-    n = max(1, len(metrics))
-    nr, nc = (2, 2) if n == 4 else (1, n)
-    fig, axes = plt.subplots(nr, nc, figsize=(4.2 * nc, 3.2 * nr + 0.4), squeeze=False)
-    axes = axes.reshape(1, -1)
-    cols = palette(len(runs))
-    for ax, m in zip(axes[0], metrics):
-        for c, (label, rows) in zip(cols, runs.items()):
-            pts = [(r[x], r[m]) for r in rows if r.get(m) is not None and r.get(x) is not None]
-            if not pts:
-                continue
-            xs, ys = zip(*pts)
-            ax.plot(xs, ys, color=c, label=label, lw=1.4, marker="o" if len(xs) < 15 else None, ms=3)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(METRIC_LABELS.get(m, m))
-        if "loss" in m and logy_loss:
-            ax.set_yscale("log")
-        ax.set_title(METRIC_LABELS.get(m, m))
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="best")
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def xy_lines(path: str | Path, series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str,
-             xlabel: str, ylabel: str, logx: bool = False, logy: bool = False,
-             vlines: Sequence[float] = ()) -> Path:
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for c, (label, (xs, ys)) in zip(palette(len(series)), series.items()):
-        ax.plot(xs, ys, color=c, label=label, marker="o", ms=3, lw=1.4)
-    for v in vlines:
-        ax.axvline(v, color="gray", ls=":", lw=1)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def heatmaps(path: str | Path, matrices: Mapping[str, Sequence[Sequence[float]]], labels: Sequence[str], *,
-             title: str, vmin: float = 0.0, vmax: float = 1.0) -> Path:
-    """Side-by-side annotated heat maps sharing row/column labels (e.g. agreement matrices)."""
-    n = len(matrices)
-    fig, axes = plt.subplots(1, n, figsize=(4.3 * n, 4.0), squeeze=False)
-    for ax, (name, m) in zip(axes[0], matrices.items()):
-        a = np.asarray(m, dtype=float)
-        im = ax.imshow(a, vmin=vmin, vmax=vmax, cmap="viridis")
-        for i in range(a.shape[0]):
-            for j in range(a.shape[1]):
-                ax.text(j, i, f"{a[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                        color="white" if a[i, j] < (vmin + vmax) / 2 else "black")
-        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
-        ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.set_xlabel("column model")
-        ax.set_ylabel("row model")
-        ax.set_title(name, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(title)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# MDS: results saved as JSON, drawn from it
-# ---------------------------------------------------------------------------------------------
-
-def save_embedding(path: str | Path, result: Any, *, title: str) -> dict:
-    """Keep what an MDS figure needs (coords, per-point metadata, eigenvalues) as JSON."""
-    coords = np.asarray(result.coords, dtype=float)
-    d = {
-        "title": title,
-        "coords": coords.tolist(),
-        "meta": [{k: v for k, v in m.items() if k != "file"} for m in result.meta],
-        "eigenvalues": np.asarray(getattr(result, "eigenvalues", []), dtype=float).tolist(),
-        "captured": _to_float(getattr(result, "captured", None)),
-        "negative_mass": _to_float(getattr(result, "negative_mass", None)),
-    }
-    atomic_write_json(path, d)
-    return d
-
-
-def _to_float(v):
-    if v is None:
-        return None
-    a = np.asarray(v, dtype=float)
-    return a.tolist() if a.ndim else float(a)
-
-
-def _captured_text(captured) -> str:
-    if captured is None:
-        return ""
-    if isinstance(captured, list):
-        return "variance captured by the 2 axes: " + ", ".join(f"{100 * c:.0f}%" for c in captured[:2])
-    return f"variance captured: {100 * captured:.1f}%"
-
-
-def embedding_figure(path: str | Path, emb: Mapping[str, Any], *, group: str = "trajectory",
-                     annotate: str | None = "train_error", subset: Iterable[int] | None = None,
-                     title: str | None = None, order: str = "epoch", max_labels: int = 12) -> Path:
-    """Trajectories in the 2-D MDS plane: one colour per `group` value, points joined in `order`,
-    start marked with a circle and end with a star, `annotate` values written next to points."""
-    coords = np.asarray(emb["coords"], dtype=float)
-    meta = emb["meta"]
-    idx = list(range(len(meta))) if subset is None else list(subset)
-    note = _captured_text(emb.get("captured"))
-    head = title or emb.get("title", "MDS")
-    try:  # the project's MDS figure, when available
-        from .embedding_plot import plot_embedding
-        if annotate and "error" in annotate:
-            note += ("; " if note else "") + f"numbers: {METRIC_LABELS.get(annotate, annotate)} (fraction)"
-        full_title = head + ("\n" + note if note else "")
-        fig = plot_embedding(coords[idx], [meta[i] for i in idx], annotate=annotate or "none",
-                             title=full_title, group=group, order=order, max_labels=max_labels)
-        fig.axes[0].title.set_fontsize(9)
-        return _save(fig, path)
-    except NotImplementedError:
-        pass
-    groups: dict[Any, list[int]] = {}
-    for i in idx:
-        groups.setdefault(meta[i].get(group), []).append(i)
-    fig, ax = plt.subplots(figsize=(6.4, 5.2))
-    cols = palette(len(groups))
-    n_labels = sum(len(v) for v in groups.values())
-    stride = max(1, int(np.ceil(n_labels / max_labels)))
-    for c, (g, ii) in zip(cols, groups.items()):
-        ii = sorted(ii, key=lambda i: (meta[i].get(order) or 0, i))
-        xy = coords[ii, :2] if coords.shape[1] >= 2 else np.c_[coords[ii, 0], np.zeros(len(ii))]
-        ax.plot(xy[:, 0], xy[:, 1], "-", color=c, lw=1, alpha=0.7)
-        ax.scatter(xy[:, 0], xy[:, 1], s=12, color=c, label=f"{group} {g}" if g is not None else None)
-        ax.scatter(xy[:1, 0], xy[:1, 1], s=40, facecolors="none", edgecolors=c)
-        ax.scatter(xy[-1:, 0], xy[-1:, 1], s=80, marker="*", color=c, edgecolors="k", linewidths=0.4)
-        if annotate:
-            for k, i in enumerate(ii):
-                v = meta[i].get(annotate)
-                if v is None or (k % stride and k != len(ii) - 1):
-                    continue
-                txt = f"{100 * v:.0f}" if "error" in annotate else (f"{v:g}" if isinstance(v, (int, float)) else str(v))
-                ax.annotate(txt, xy[k], fontsize=6, color=c, xytext=(2, 2), textcoords="offset points")
-    ax.set_xlabel("MDS axis 1")
-    ax.set_ylabel("MDS axis 2")
-    if annotate and "error" in annotate:
-        note += ("; " if note else "") + f"numbers: {METRIC_LABELS.get(annotate, annotate)} in %"
-    ax.set_title(head + ("\n" + note if note else ""), fontsize=9)
-    if len(groups) <= 16:
-        ax.legend(fontsize=7, loc="best", markerscale=1.2)
-    ax.grid(alpha=0.2)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def _stage_paths(emb: Mapping[str, Any]):
-    """(stage, trajectory) -> indices in time order, for the SGD-stages embeddings."""
-    meta = emb["meta"]
-    paths: dict[tuple, list[int]] = {}
-    for i, m in enumerate(meta):
-        paths.setdefault((m.get("stage"), m.get("trajectory")), []).append(i)
-    for k in paths:
-        paths[k].sort(key=lambda i: (meta[i].get("epoch") or 0, i))
-    return paths
-
-
-def stages_figure(path: str | Path, emb: Mapping[str, Any], *, title: str) -> Path:
-    """All stages in one MDS plane: one colour per stage, a line per trajectory, the stage's starting
-    model circled, the final training error (%) of each stage's trajectory 1 written at its end."""
-    coords = np.asarray(emb["coords"], dtype=float)
-    meta = emb["meta"]
-    paths = _stage_paths(emb)
-    stages = sorted({k[0] for k in paths}, key=lambda v: (v is None, v))
-    cmap = plt.get_cmap("viridis")
-    fig, ax = plt.subplots(figsize=(7, 5.6))
-    for si, st in enumerate(stages):
-        c = cmap(si / max(1, len(stages) - 1))
-        for (s, t), ii in paths.items():
-            if s != st:
-                continue
-            perturbed = bool(meta[ii[0]].get("perturbed"))
-            ax.plot(coords[ii, 0], coords[ii, 1], "--" if perturbed else "-", color=c, lw=0.8, alpha=0.8)
-            ax.scatter(coords[ii, 0], coords[ii, 1], s=6, color=c)
-            if t == 1:
-                ax.scatter(coords[ii[0], 0], coords[ii[0], 1], s=40, facecolors="none", edgecolors=c)
-                err = meta[ii[-1]].get("train_error")
-                if err is not None:
-                    ax.annotate(f"{100 * err:.0f}", coords[ii[-1], :2], fontsize=7, color=c,
-                                xytext=(3, 3), textcoords="offset points")
-        ax.plot([], [], color=c, label=f"stage {st}")
-    ax.plot([], [], "k--", lw=0.8, label="perturbed start")
-    ax.set_xlabel("MDS axis 1")
-    ax.set_ylabel("MDS axis 2")
-    note = _captured_text(emb.get("captured"))
-    ax.set_title(f"{title}\n{note}; numbers: training error (%) at the end of trajectory 1", fontsize=9)
-    ax.legend(fontsize=7, ncol=2 if len(stages) > 6 else 1)
-    ax.grid(alpha=0.2)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-def stage_panels(path: str | Path, emb: Mapping[str, Any], *, title: str) -> Path:
-    """One small panel per stage (same MDS coordinates, shared axes): the stage's trajectories."""
-    coords = np.asarray(emb["coords"], dtype=float)
-    meta = emb["meta"]
-    paths = _stage_paths(emb)
-    stages = sorted({k[0] for k in paths}, key=lambda v: (v is None, v))
-    n = len(stages)
-    nc = min(4, n)
-    nr = int(np.ceil(n / nc))
-    fig, axes = plt.subplots(nr, nc, figsize=(3.2 * nc, 2.9 * nr), squeeze=False, sharex=True, sharey=True)
-    trajs = sorted({k[1] for k in paths}, key=lambda v: (v is None, v))
-    cols = dict(zip(trajs, palette(len(trajs))))
-    for ax, st in zip(axes.flat, stages):
-        ax.scatter(coords[:, 0], coords[:, 1], s=2, color="0.85")
-        for (s, t), ii in paths.items():
-            if s != st:
-                continue
-            ax.plot(coords[ii, 0], coords[ii, 1], "-", color=cols[t], lw=0.9, marker=".", ms=3,
-                    label=f"trajectory {t}")
-            err = meta[ii[-1]].get("train_error")
-            if err is not None and t in (trajs[0], trajs[-1]):
-                ax.annotate(f"{100 * err:.0f}", coords[ii[-1], :2], fontsize=6, color=cols[t])
-        ax.set_title(f"stage {st}", fontsize=9)
-        ax.grid(alpha=0.2)
-    for ax in axes.flat[n:]:
-        ax.axis("off")
-    axes.flat[0].legend(fontsize=5, loc="best")
-    fig.supxlabel("MDS axis 1")
-    fig.supylabel("MDS axis 2")
-    fig.suptitle(title + "\n(numbers: final training error in %; grey: all stages)", fontsize=10)
-    fig.tight_layout()
-    return _save(fig, path)
-
-
-# ---------------------------------------------------------------------------------------------
-# python -m pylandscape plot RUN_DIR
-# ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
@@ -289,29 +23,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", metavar="RUN_DIR", help="output folder of a finished run")
     args = ap.parse_args(argv)
     run_dir = Path(args.run_dir)
-    cfg = run_dir / "config.json"
-    if not cfg.exists():
-        print(f"error: {cfg} not found: {run_dir} is not an experiment output folder", file=sys.stderr)
-        return 2
-    name = json.loads(cfg.read_text()).get("experiment")
-    from .experiments import load_all
-    mods = load_all()
-    if name not in mods:
-        print(f"error: {cfg} names experiment {name!r}, which this version does not know", file=sys.stderr)
-        return 2
-    mod = mods[name]
     try:
-        paths = mod.plot(run_dir)
+        info = read_run_info(run_dir)
+        mods = load_all()
+        name = info.get("experiment")
+        if name not in mods:
+            raise ValueError(f"{run_dir / 'config.json'} names experiment {name!r}, which this version does "
+                             f"not know (known: {', '.join(mods)})")
+        paths = mods[name].plot(run_dir)
+        if demo.is_demo_run(info):
+            paths.append(demo.write_report(run_dir, None))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for p in paths:
         print(p)
-    if str(json.loads(cfg.read_text()).get("preset") or "").startswith("demo"):
-        from . import demo
-        from .experiments import bgd_branches
-        from .experiments._common import load_config
-        print(demo.write_report(run_dir, load_config(run_dir, bgd_branches.Config), None))
     return 0
 
 

@@ -1,10 +1,9 @@
 """Probes of the landscape theory: how degenerate are zero-loss minima, and why.
 
-* `numerical_rank` — rank with the NumPy/LAPACK tolerance, the yardstick of every probe below.
-* `output_jacobian`, `loss_hessian`, `hvp_operator`, `lanczos_eigvalsh`, `hessian_spectrum` — the
-  dimension of the set of global minima (Cooper 2018: generically an (n - d)-manifold for n parameters,
-  d scalar equations f(x_i; θ) = y_i) is n - rank J at a zero-loss point; there the squared-loss
-  Hessian is (2/N) JᵀJ, so it has the same rank and n - rank J zero eigenvalues.
+* `minimum_dimension` — the dimension of the set of global minima (Cooper 2018: generically an
+  (n - d)-manifold for n parameters, d scalar equations f(x_i; θ) = y_i) is n - rank J at a zero-loss
+  point; there the squared-loss Hessian is (2/N) JᵀJ, so it has the same rank and n - rank J zero
+  eigenvalues. The rank, Jacobian, Hessian and Lanczos tools are generic: `pylandscape.linalg`.
 * `fit_to_zero_loss` — L-BFGS then Gauss–Newton (min-norm) steps: lands on the zero-loss manifold to
   ~1e-15 residual so that "near-zero" eigenvalues are really zero, not a training artefact.
 * `two_layer_relu_jacobian`, `activation_region_ranks` — Karhadkar et al. (2023): the Jacobian rank
@@ -20,17 +19,16 @@ Everything runs on CPU; pass `device=` to batch on a GPU. Linear algebra is floa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Iterable
 
 import torch
 from torch import nn
-from torch.func import functional_call, jacrev
+from torch.func import jacrev
+
+from .flat import flatten_module, load_flat_
+from .linalg import numerical_rank, output_fn, output_jacobian, rank_tolerance, singular_values, squared_loss
 
 __all__ = [
-    "rank_tolerance", "numerical_rank", "singular_values",
-    "flat_params", "output_fn", "output_jacobian", "squared_loss", "loss_hessian", "hvp_operator",
-    "lanczos", "lanczos_eigvalsh", "LanczosResult", "hessian_spectrum", "HessianSpectrum",
     "fit_to_zero_loss", "minimum_dimension",
     "two_layer_relu_jacobian", "sample_two_layer_params", "sample_1d_regions_by_count",
     "activation_region_ranks",
@@ -40,246 +38,11 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------
-# numerical rank
-# ---------------------------------------------------------------------------------------------
-
-def singular_values(a: torch.Tensor) -> torch.Tensor:
-    """Singular values in float64, descending; a is [..., m, n]."""
-    if a.dim() < 2:
-        raise ValueError(f"expected a matrix [..., m, n], got shape {tuple(a.shape)}")
-    return torch.linalg.svdvals(a.to(torch.float64))
-
-
-def rank_tolerance(sv: torch.Tensor, shape: Sequence[int], *, dtype: torch.dtype = torch.float64,
-                   rtol: float | None = None, atol: float = 0.0) -> torch.Tensor:
-    """max(atol, rtol·σ_max) with rtol = max(m, n)·eps(dtype) by default (numpy.linalg.matrix_rank).
-
-    `dtype` is the precision the matrix entries were computed in: a float32 Jacobian carries float32
-    rounding, so its tolerance uses float32's eps even though the SVD runs in float64."""
-    m, n = int(shape[-2]), int(shape[-1])
-    if rtol is None:
-        rtol = max(m, n) * torch.finfo(dtype).eps
-    smax = sv[..., 0] if sv.shape[-1] else torch.zeros(sv.shape[:-1], dtype=sv.dtype, device=sv.device)
-    return torch.clamp(smax * rtol, min=atol)
-
-
-def numerical_rank(a: torch.Tensor, *, rtol: float | None = None, atol: float = 0.0,
-                   dtype: torch.dtype | None = None):
-    """Number of singular values above `rank_tolerance` (int, or a LongTensor for a batch [..., m, n]).
-
-    The default eps is that of a's own dtype (float64 input → 2.2e-16); pass `dtype` to override."""
-    if not isinstance(a, torch.Tensor):
-        raise ValueError(f"numerical_rank expects a tensor, got {type(a).__name__}")
-    if a.dim() < 2:
-        raise ValueError(f"numerical_rank expects a matrix [..., m, n], got shape {tuple(a.shape)}")
-    if a.shape[-1] == 0 or a.shape[-2] == 0:
-        r = torch.zeros(a.shape[:-2], dtype=torch.int64)
-        return int(r) if a.dim() == 2 else r
-    src = dtype or (a.dtype if a.dtype.is_floating_point else torch.float64)
-    sv = singular_values(a)
-    tol = rank_tolerance(sv, a.shape, dtype=src, rtol=rtol, atol=atol)
-    r = (sv > tol.unsqueeze(-1)).sum(-1)
-    return int(r) if a.dim() == 2 else r
-
-
-# ---------------------------------------------------------------------------------------------
-# parameter Jacobian, Hessian and Hessian-vector products of any nn.Module
-# ---------------------------------------------------------------------------------------------
-
-def flat_params(model: nn.Module) -> torch.Tensor:
-    """All trainable parameters as one detached vector [P] (named_parameters order, as flat.py)."""
-    ps = [p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]
-    if not ps:
-        raise ValueError(f"{type(model).__name__} has no trainable parameters")
-    return torch.cat(ps)
-
-
-def _unflatten_fn(model: nn.Module):
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names = [n for n, _ in named]
-    shapes = [p.shape for _, p in named]
-    sizes = [p.numel() for _, p in named]
-    buffers = dict(model.named_buffers())
-
-    def unflat(theta: torch.Tensor) -> dict:
-        parts = torch.split(theta, sizes)
-        d = {n: t.view(s) for n, t, s in zip(names, parts, shapes)}
-        d.update(buffers)
-        return d
-    return unflat
-
-
-def output_fn(model: nn.Module, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """θ [P] ↦ model outputs on x, flattened [N·outputs] (sample-major), with the model's buffers.
-
-    The model's current train/eval mode is used: call model.eval() first if it has BatchNorm,
-    otherwise the outputs of different samples are coupled through the batch statistics."""
-    unflat = _unflatten_fn(model)
-
-    def f(theta: torch.Tensor) -> torch.Tensor:
-        return functional_call(model, unflat(theta), (x,)).reshape(-1)
-    return f
-
-
-def output_jacobian(model: nn.Module, x: torch.Tensor, *, theta: torch.Tensor | None = None,
-                    chunk_size: int | None = None) -> torch.Tensor:
-    """Jacobian of θ ↦ (f(x_1; θ), …, f(x_N; θ)): [N·outputs, P] in the model's dtype.
-
-    Row i·K + k is output k of sample i. `chunk_size` bounds how many rows are back-propagated at
-    once (memory ∝ chunk_size × activations)."""
-    theta = flat_params(model) if theta is None else theta
-    return jacrev(output_fn(model, x), chunk_size=chunk_size)(theta).detach()
-
-
-def squared_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(1/N) Σ_i ||f(x_i) − y_i||²: sum over outputs, mean over samples, so H = (2/N) JᵀJ at zero loss."""
-    n = out.shape[0]
-    return ((out - y.reshape(out.shape)) ** 2).sum() / n
-
-
-def _loss_fn(model, x, y, loss):
-    unflat = _unflatten_fn(model)
-
-    def f(theta):
-        return loss(functional_call(model, unflat(theta), (x,)), y)
-    return f
-
-
-def loss_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                 loss: Callable = squared_loss, theta: torch.Tensor | None = None) -> torch.Tensor:
-    """Exact Hessian [P, P] of the loss in θ (torch.func.hessian): for small nets (P ≲ a few thousand)."""
-    theta = flat_params(model) if theta is None else theta
-    return torch.func.hessian(_loss_fn(model, x, y, loss))(theta).detach()
-
-
-def hvp_operator(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: Callable = squared_loss,
-                 theta: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """v [P] ↦ H v by forward-over-reverse AD: costs about two backward passes, never forms H."""
-    theta = flat_params(model) if theta is None else theta.detach()
-    grad = torch.func.grad(_loss_fn(model, x, y, loss))
-
-    def hvp(v: torch.Tensor) -> torch.Tensor:
-        return torch.func.jvp(grad, (theta,), (v.to(theta.dtype),))[1].detach()
-    return hvp
-
-
-# ---------------------------------------------------------------------------------------------
-# Lanczos with full reorthogonalisation
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class LanczosResult:
-    """T = tridiag(beta, alpha, beta) ≈ Qᵀ A Q; eigenvalues of T are the Ritz values."""
-    alpha: torch.Tensor        # [k] float64
-    beta: torch.Tensor         # [k-1] float64
-    basis: torch.Tensor | None  # [k, dim] when keep_basis
-    breakdown: bool            # the Krylov space became invariant: the Ritz values are exact eigenvalues
-
-    def ritz_values(self) -> torch.Tensor:
-        t = torch.diag(self.alpha)
-        if self.beta.numel():
-            t = t + torch.diag(self.beta, 1) + torch.diag(self.beta, -1)
-        return torch.linalg.eigvalsh(t)
-
-
-def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, num_steps: int, *,
-            v0: torch.Tensor | None = None, generator: torch.Generator | None = None,
-            dtype: torch.dtype = torch.float64, device=None, keep_basis: bool = False,
-            breakdown_rtol: float = 1e-10) -> LanczosResult:
-    """Symmetric Lanczos with full reorthogonalisation (classical Gram–Schmidt, twice).
-
-    Full reorthogonalisation keeps Q orthonormal to rounding, so no ghost copies of converged
-    eigenvalues appear; it costs O(k·dim) memory, fine for k ≲ a few hundred even at dim ~ 1e6.
-    Stops early when β_j ≤ breakdown_rtol·max|α|: the Krylov space is (numerically) invariant — for a
-    matrix of rank r after at most r + 1 steps — and the Ritz values are eigenvalues to within β_j.
-    The default 1e-10 sits well above float64 rounding (~1e-14 relative at step r + 1) so that a
-    rank-r matrix plus rounding-level terms (a Hessian at a numerically exact minimum) stops there."""
-    if dim < 1 or num_steps < 1:
-        raise ValueError(f"lanczos: need dim ≥ 1 and num_steps ≥ 1, got dim={dim}, num_steps={num_steps}")
-    k = min(int(num_steps), int(dim))
-    if v0 is None:
-        v0 = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-    else:
-        if v0.numel() != dim:
-            raise ValueError(f"lanczos: v0 has {v0.numel()} entries, expected dim={dim}")
-        v0 = v0.reshape(-1).to(device=device, dtype=dtype)
-    q = v0 / torch.linalg.vector_norm(v0)
-    Q = torch.empty(k, dim, dtype=dtype, device=q.device)
-    alphas, betas = [], []
-    breakdown = False
-    scale = 0.0
-    for j in range(k):
-        Q[j] = q
-        w = matvec(q).reshape(-1).to(dtype)
-        a = torch.dot(q, w)
-        alphas.append(float(a))
-        scale = max(scale, abs(float(a)))
-        for _ in range(2):  # twice is enough (Kahan–Parlett), once is not for clustered spectra
-            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        b = float(torch.linalg.vector_norm(w))
-        if j == k - 1:
-            break
-        if b <= breakdown_rtol * max(scale, b, 1e-300):
-            breakdown = True
-            break
-        betas.append(b)
-        q = w / b
-    n = len(alphas)
-    return LanczosResult(torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas[: n - 1], dtype=torch.float64),
-                         Q[:n].clone() if keep_basis else None, breakdown)
-
-
-def lanczos_eigvalsh(matvec, dim: int, num_steps: int, **kw) -> torch.Tensor:
-    """Ritz values (ascending, float64) after `num_steps` Lanczos steps: the extreme ones converge first."""
-    return lanczos(matvec, dim, num_steps, **kw).ritz_values()
-
-
-@dataclass
-class HessianSpectrum:
-    eigenvalues: torch.Tensor  # ascending, float64 (all P for "exact"; Ritz values for "lanczos")
-    method: str
-    num_params: int
-    breakdown: bool = False
-
-    def rank(self, rtol: float | None = None) -> int:
-        """Eigenvalues with |λ| > rtol·max|λ| (rtol = P·eps(float64) by default)."""
-        ev = self.eigenvalues.abs()
-        if ev.numel() == 0:
-            return 0
-        r = self.num_params * torch.finfo(torch.float64).eps if rtol is None else rtol
-        return int((ev > r * ev.max()).sum())
-
-
-def hessian_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, method: str = "auto",
-                     num_steps: int = 100, loss: Callable = squared_loss, exact_max_params: int = 3000,
-                     generator: torch.Generator | None = None) -> HessianSpectrum:
-    """Eigenvalues of the loss Hessian: exact eigvalsh for small nets, Lanczos (Ritz values) else."""
-    theta = flat_params(model)
-    p = theta.numel()
-    if method == "auto":
-        method = "exact" if p <= exact_max_params else "lanczos"
-    if method == "exact":
-        h = loss_hessian(model, x, y, loss=loss, theta=theta).to(torch.float64)
-        return HessianSpectrum(torch.linalg.eigvalsh((h + h.T) / 2), "exact", p)
-    if method == "lanczos":
-        res = lanczos(hvp_operator(model, x, y, loss=loss, theta=theta), p, num_steps,
-                      generator=generator, dtype=theta.dtype, device=theta.device)
-        return HessianSpectrum(res.ritz_values(), "lanczos", p, res.breakdown)
-    raise ValueError(f"hessian_spectrum: method must be 'auto', 'exact' or 'lanczos', got {method!r}")
-
-
-# ---------------------------------------------------------------------------------------------
 # reaching a zero-loss point, and the dimension of the minimum set there
 # ---------------------------------------------------------------------------------------------
 
-def _set_flat(model: nn.Module, theta: torch.Tensor) -> None:
-    i = 0
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                n = p.numel()
-                p.copy_(theta[i:i + n].view_as(p))
-                i += n
+def _theta(model: nn.Module) -> torch.Tensor:
+    return flatten_module(model, trainable_only=True)[0]
 
 
 def fit_to_zero_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lbfgs_steps: int = 300,
@@ -291,13 +54,13 @@ def fit_to_zero_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lbfg
     solutions as long as J has full row rank, which is what makes the residual ~1e-15 and the
     Hessian's near-zero eigenvalues honest zeros. Use float64 models."""
     f = output_fn(model, x)
-    target = y.reshape(-1).to(flat_params(model).dtype)
+    target = y.reshape(-1).to(_theta(model).dtype)
 
     def loss_of(theta):
         return float(((f(theta) - target) ** 2).sum()) / x.shape[0]
 
     done_lbfgs = 0
-    theta0 = flat_params(model).clone()
+    theta0 = _theta(model).clone()
     if lbfgs_steps > 0:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.LBFGS(params, lr=1.0,
@@ -311,7 +74,7 @@ def fit_to_zero_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lbfg
             return l_
         opt.step(closure)
         done_lbfgs = opt.state[params[0]].get("n_iter", lbfgs_steps)
-    theta = flat_params(model)
+    theta = _theta(model)
     cur = loss_of(theta)
     if not math.isfinite(cur):  # a diverged line search: start the Gauss–Newton phase from init
         theta, cur = theta0, loss_of(theta0)
@@ -341,7 +104,7 @@ def fit_to_zero_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, lbfg
         done_newton += 1
         if not step_ok:
             break
-    _set_flat(model, theta)
+    load_flat_(model, theta, trainable_only=True)
     return {"loss": cur, "lbfgs_steps": int(done_lbfgs), "newton_steps": done_newton}
 
 

@@ -28,6 +28,12 @@ if os.environ.get("PYLANDSCAPE_REQUIRE_EXT", "0") not in ("", "0"):
         f"(MAX_JOBS=2 pip install --no-build-isolation .).")
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    """The MDS Gram cache goes to the user's cache folder by default: tests never write there."""
+    monkeypatch.setenv("PYLANDSCAPE_CACHE_DIR", str(tmp_path_factory.mktemp("gram-cache")))
+
+
 def offsets_of(sizes) -> torch.Tensor:
     return torch.cumsum(torch.tensor([0] + list(sizes), dtype=torch.int64), 0)
 

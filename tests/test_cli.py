@@ -3,14 +3,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
-from pylandscape.experiments import MODULES, _common as C, cli, load_all
+from pylandscape import plot
+from pylandscape.experiments import MODULES, bgd_branches, cli, load_all, outdir, perturb_retrain
+from pylandscape.experiments.config import apply_overrides, config_from_dict, config_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run `python -m pylandscape` away from the checkout, so it imports the installed package (with _C).
@@ -65,46 +68,42 @@ def test_bad_set_is_one_line_error(tmp_path, capsys, sets, msg):
 
 
 def test_overrides_parse_types():
-    from pylandscape.experiments import bgd_branches as B
-    c = C.apply_overrides(B.PRESETS["quick"], ["branch_epochs=0,5", "branch_scale=0.5", "train_size=none",
+    c = apply_overrides(bgd_branches.PRESETS["quick"], ["branch_epochs=0,5", "branch_scale=0.5", "train_size=none",
                                                 "lr=1e-3", "chunk-size=64", "mds_layer=2"])
     assert c.branch_epochs == (0, 5) and c.branch_scale == (0.5,) and c.train_size is None
     assert c.lr == 1e-3 and c.chunk_size == 64 and c.mds_layer == "2"
     with pytest.raises(ValueError, match="integer"):
-        C.apply_overrides(B.PRESETS["quick"], ["epochs=2.5"])
-    from pylandscape.experiments import perturb_retrain as PR
-    assert C.apply_overrides(PR.PRESETS["quick"], ["reference=false"]).reference is False
+        apply_overrides(bgd_branches.PRESETS["quick"], ["epochs=2.5"])
+    assert apply_overrides(perturb_retrain.PRESETS["quick"], ["reference=false"]).reference is False
 
 
 @pytest.mark.parametrize("name", sorted(load_all()))
 def test_config_roundtrip(name):
     mod = load_all()[name]
     for cfg in mod.PRESETS.values():
-        d = json.loads(json.dumps(C.config_to_dict(cfg)))
-        assert C.config_from_dict(type(cfg), d) == cfg
+        d = json.loads(json.dumps(config_to_dict(cfg)))
+        assert config_from_dict(type(cfg), d) == cfg
     with pytest.raises(ValueError, match="unknown config field"):
-        C.config_from_dict(type(cfg), {**C.config_to_dict(cfg), "bogus": 1})
+        config_from_dict(type(cfg), {**config_to_dict(cfg), "bogus": 1})
 
 
 def test_out_folder_rules(tmp_path):
-    from pylandscape.experiments import bgd_branches as B
-    cfg = B.PRESETS["quick"]
+    cfg = bgd_branches.PRESETS["quick"]
     out = tmp_path / "o"
-    C.prepare_out(out, B.NAME, cfg)
-    C.Progress(out)  # the run started but finished nothing (e.g. the data set was missing): may start over
-    C.prepare_out(out, B.NAME, cfg)
-    C.Progress(out).mark("main")
+    outdir.prepare_out(out, bgd_branches.NAME, cfg)
+    outdir.Progress(out)  # the run started but finished nothing (e.g. the data set was missing): may start over
+    outdir.prepare_out(out, bgd_branches.NAME, cfg)
+    outdir.Progress(out).mark("main")
     with pytest.raises(ValueError, match="--resume"):
-        C.prepare_out(out, B.NAME, cfg)
-    C.prepare_out(out, B.NAME, cfg, resume=True)  # same settings: fine
+        outdir.prepare_out(out, bgd_branches.NAME, cfg)
+    outdir.prepare_out(out, bgd_branches.NAME, cfg, resume=True)  # same settings: fine
     with pytest.raises(ValueError, match="epochs"):
-        C.prepare_out(out, B.NAME, dataclasses.replace(cfg, epochs=3), resume=True)
+        outdir.prepare_out(out, bgd_branches.NAME, dataclasses.replace(cfg, epochs=3), resume=True)
     with pytest.raises(ValueError, match="holds a 'bgd-branches' run"):
-        C.prepare_out(out, "sgd-stages", cfg, resume=True)
+        outdir.prepare_out(out, "sgd-stages", cfg, resume=True)
 
 
 def test_plot_refuses_non_run_folder(tmp_path, capsys):
-    from pylandscape import plot
     assert plot.main([str(tmp_path)]) == 2
     assert "not an experiment output folder" in capsys.readouterr().err
 
@@ -113,3 +112,16 @@ def test_module_entry_point_lists():
     r = subprocess.run([sys.executable, "-m", "pylandscape", "run", "--list"], capture_output=True, text=True,
                        cwd=OUTSIDE_SOURCE, timeout=120)
     assert r.returncode == 0 and "bgd-branches" in r.stdout
+
+
+def test_importing_every_module_keeps_the_matplotlib_backend():
+    """A notebook's backend survives `import pylandscape...` (no matplotlib.use at import)."""
+    code = ("import importlib, pkgutil, matplotlib, pylandscape\n"
+            "for m in pkgutil.walk_packages(pylandscape.__path__, 'pylandscape.'):\n"
+            "    if not m.name.endswith('__main__'):\n"
+            "        importlib.import_module(m.name)\n"
+            "print(matplotlib.get_backend())\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=OUTSIDE_SOURCE, timeout=120,
+                       env={**os.environ, "MPLBACKEND": "svg"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().lower() == "svg"

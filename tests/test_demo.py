@@ -4,15 +4,22 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
+
+import pytest
+import torch
+from reference_mds import cosine_mds
+
+from pylandscape.store import SnapshotStore
 
 ROOT = Path(__file__).resolve().parents[1]
 # Run `python -m pylandscape` away from the checkout, so it imports the installed package (with _C).
 OUTSIDE_SOURCE = tempfile.gettempdir()
 
 
+@pytest.mark.slow  # end-to-end, > 5 s on 2 cores; CI runs it (pytest -m 'not slow' skips it)
 def test_demo_quick_writes_report(tmp_path):
     out = tmp_path / "demo"
     r = subprocess.run([sys.executable, "-m", "pylandscape", "demo", "--quick", "--out", str(out), "--threads", "1"],
@@ -28,8 +35,21 @@ def test_demo_quick_writes_report(tmp_path):
     for src in re.findall(r"<img src='([^']+)'", text):
         assert (out / src).stat().st_size > 1000
     assert len(re.findall(r"<img src=", text)) >= 5
+    # the headline "variance captured" is that of classical MDS of 1 - cos of the embedded snapshots,
+    # recomputed here independently in float64 from the stores the demo wrote
     res = json.loads((out / "results.json").read_text())
-    assert 0 < res["mds_captured"] <= 1 + 1e-9
+    emb = json.loads((out / "metrics" / "mds_all.json").read_text())
+    runs = [m["run"] for m in emb["meta"]]
+    stores = {SnapshotStore(p).entries[0]["run"]: SnapshotStore(p) for p in sorted((out / "stores").iterdir())
+              if p.name != "averages"}
+    avg = SnapshotStore(out / "stores" / "averages")
+    flats = []
+    for name in dict.fromkeys(r for r in runs if not r.startswith("average")):
+        flats += [stores[name].load_flat(i, torch.float64) for i in range(len(stores[name]))]
+    flats += [avg.load_flat(i, torch.float64) for i in range(len(avg))]
+    assert len(flats) == len(runs)
+    ref, captured = cosine_mds(torch.stack(flats).numpy())
+    assert res["mds_captured"] == emb["captured"] == pytest.approx(captured, abs=1e-7)
     # the demo is the bgd-branches experiment: `plot` redraws it and rewrites the report
     (out / "report.html").unlink()
     r2 = subprocess.run([sys.executable, "-m", "pylandscape", "plot", str(out)], cwd=OUTSIDE_SOURCE, capture_output=True,

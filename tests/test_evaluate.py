@@ -2,13 +2,12 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.functional import conv2d, cross_entropy
 
 from pylandscape.evaluate import evaluate, evaluate_many, predictions, reestimate_bn_
 from pylandscape.flat import flatten_module
 from pylandscape.models import dcnn
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -32,13 +31,13 @@ def test_reestimated_stats_are_exact_population_moments(setup, batch_size):
     m, x, y = setup
     r = reestimate_bn_(copy.deepcopy(m), x, batch_size)
     # independent: conv1's output over all of x, by hand
-    h = F.conv2d(x, m.conv1.weight, m.conv1.bias, stride=2, padding=1)
+    h = conv2d(x, m.conv1.weight, m.conv1.bias, stride=2, padding=1)
     torch.testing.assert_close(r.bn1.running_mean, h.mean((0, 2, 3)), atol=1e-12, rtol=0)
     torch.testing.assert_close(r.bn1.running_var, h.var((0, 2, 3), unbiased=False), atol=1e-12, rtol=1e-12)
     # deeper layer: its input computed with the layers below re-estimated, by hand
     mu, var = h.mean((0, 2, 3), keepdim=True), h.var((0, 2, 3), unbiased=False, keepdim=True)
     h = torch.relu((h - mu) / torch.sqrt(var + 1e-5))
-    h2 = F.conv2d(h, m.conv2.weight, m.conv2.bias, stride=2, padding=1)
+    h2 = conv2d(h, m.conv2.weight, m.conv2.bias, stride=2, padding=1)
     torch.testing.assert_close(r.bn2.running_var, h2.var((0, 2, 3), unbiased=False), atol=1e-10, rtol=1e-10)
     # so the eval-mode net equals the train-mode net on x as one batch
     ref = copy.deepcopy(m).train()(x)
@@ -54,11 +53,11 @@ def test_evaluate_modes_and_flat(setup):
     before = copy.deepcopy(m.state_dict())
     e, l = evaluate(m, x, y)
     ref = copy.deepcopy(m).train()(x)
-    assert l == pytest.approx(F.cross_entropy(ref, y).item(), rel=1e-12)
+    assert l == pytest.approx(cross_entropy(ref, y).item(), rel=1e-12)
     assert e == pytest.approx((ref.argmax(1) != y).double().mean().item())
     ek, lk = evaluate(m, x, y, bn="keep", batch_size=50)
     out = copy.deepcopy(m).eval()(x)
-    assert lk == pytest.approx(F.cross_entropy(out, y).item(), rel=1e-12)
+    assert lk == pytest.approx(cross_entropy(out, y).item(), rel=1e-12)
     assert lk != pytest.approx(l)
     e2, l2 = evaluate(dcnn(0.125).double(), x, y, flat=flat)
     assert (e2, l2) == pytest.approx((e, l), rel=1e-12)
@@ -67,7 +66,7 @@ def test_evaluate_modes_and_flat(setup):
     # re-estimation on other data (the training set) than the evaluated set
     xt = torch.randn(40, 3, 32, 32, dtype=torch.float64)
     r = reestimate_bn_(copy.deepcopy(m), x).eval()
-    assert evaluate(m, xt, y[:40], bn_x=x)[1] == pytest.approx(F.cross_entropy(r(xt), y[:40]).item(), rel=1e-12)
+    assert evaluate(m, xt, y[:40], bn_x=x)[1] == pytest.approx(cross_entropy(r(xt), y[:40]).item(), rel=1e-12)
     with pytest.raises(ValueError, match="bn must be"):
         evaluate(m, x, y, bn="fresh")
     with pytest.raises(ValueError, match="labels"):

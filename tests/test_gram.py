@@ -13,7 +13,8 @@ import torch
 
 from pylandscape import _ext, ops
 from pylandscape import _reference as ref
-from pylandscape.gram import NEGATIVE_TOL, cosine_distance_from_gram, layer_gram, streamed_gram
+from pylandscape.gram import streamed_gram
+from pylandscape.mds import cosine_distance_from_gram, layer_gram
 
 HAS_OP = _ext.loaded() and hasattr(torch.ops.pylandscape, "segment_gram")
 
@@ -405,28 +406,6 @@ def test_bad_input(impl):
         gram(impl, X, off, torch.randn(3, 9))
     with pytest.raises(ValueError, match="Y|dtype"):
         gram(impl, X, off, torch.randn(3, 10, dtype=torch.float64))
-
-
-def test_cosine_distance_helpers():
-    G = torch.tensor([[4.0, 2.0, 4.0], [2.0, 1.0, 2.0], [4.0, 2.0, 4.0]], dtype=torch.float64)
-    D = cosine_distance_from_gram(G)
-    assert torch.equal(D, torch.zeros(3, 3, dtype=torch.float64))  # parallel rows, exactly 0
-    G2 = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
-    assert torch.allclose(cosine_distance_from_gram(G2), torch.tensor([[0.0, 1.0], [1.0, 0.0]],
-                                                                          dtype=torch.float64))
-    tiny = torch.tensor([[1.0, 1.0 + 2e-16], [1.0 + 2e-16, 1.0]], dtype=torch.float64)
-    assert (cosine_distance_from_gram(tiny) == 0).all()  # round-off below 0 is clipped
-    with pytest.raises(ValueError, match="not an accurate Gram"):
-        cosine_distance_from_gram(torch.tensor([[1.0, 1.1], [1.1, 1.0]], dtype=torch.float64))
-    with pytest.raises(ValueError, match="zero norm"):
-        cosine_distance_from_gram(torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
-    Gl = torch.arange(24, dtype=torch.float64).view(3, 2, 4)
-    assert torch.equal(layer_gram(Gl), Gl.sum(0))
-    assert torch.equal(layer_gram(Gl, [0, 2]), Gl[0] + Gl[2])
-    assert torch.equal(layer_gram(Gl, 1), Gl[1])
-    with pytest.raises(ValueError, match="sq_norms"):
-        cosine_distance_from_gram(Gl[0])
-    assert NEGATIVE_TOL < 1e-12
 
 
 # ---------------------------------------------------------------------------------------------------

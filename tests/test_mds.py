@@ -1,13 +1,13 @@
 """Classical MDS numerics against independent float64 references (numpy, scikit-learn)."""
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
 
-from pylandscape.mds import ClassicalMDS, double_center, embed, segment_gram, squared_dissimilarity
+from pylandscape.mds import (NEGATIVE_TOL, ClassicalMDS, cosine_distance, cosine_distance_from_gram, double_center,
+                             embed, layer_gram, squared_dissimilarity)
+from pylandscape.ops import segment_gram
 
 
 def _procrustes_residual(A: np.ndarray, B: np.ndarray) -> float:
@@ -178,3 +178,46 @@ def test_cuda_dense_solver_matches_cpu():
     gpu = ClassicalMDS(2, metric="cosine", device="cuda").fit(X)
     np.testing.assert_allclose(gpu.eigenvalues_, cpu.eigenvalues_, rtol=1e-9, atol=1e-12)
     assert _procrustes_residual(cpu.embedding_, gpu.embedding_) <= 1e-9
+
+
+def test_cosine_distance_from_gram():
+    """One 1 - cos from a Gram: exact zeros for parallel rows, round-off clipped, inaccurate Grams refused."""
+    G = torch.tensor([[4.0, 2.0, 4.0], [2.0, 1.0, 2.0], [4.0, 2.0, 4.0]], dtype=torch.float64)
+    D = cosine_distance_from_gram(G)
+    assert torch.equal(D, torch.zeros(3, 3, dtype=torch.float64))  # parallel rows, exactly 0
+    G2 = torch.tensor([[1.0, 0.0], [0.0, 2.0]], dtype=torch.float64)
+    assert torch.allclose(cosine_distance_from_gram(G2), torch.tensor([[0.0, 1.0], [1.0, 0.0]],
+                                                                          dtype=torch.float64))
+    tiny = torch.tensor([[1.0, 1.0 + 2e-16], [1.0 + 2e-16, 1.0]], dtype=torch.float64)
+    assert (cosine_distance_from_gram(tiny) == 0).all()  # round-off below 0 is clipped
+    with pytest.raises(ValueError, match="not an accurate Gram"):
+        cosine_distance_from_gram(torch.tensor([[1.0, 1.1], [1.1, 1.0]], dtype=torch.float64))
+    with pytest.raises(ValueError, match="zero norm"):
+        cosine_distance_from_gram(torch.tensor([[0.0, 0.0], [0.0, 1.0]], dtype=torch.float64))
+    Gl = torch.arange(24, dtype=torch.float64).view(3, 2, 4)
+    assert torch.equal(layer_gram(Gl), Gl.sum(0))
+    assert torch.equal(layer_gram(Gl, [0, 2]), Gl[0] + Gl[2])
+    assert torch.equal(layer_gram(Gl, 1), Gl[1])
+    with pytest.raises(ValueError, match="sq_norms"):
+        cosine_distance_from_gram(Gl[0])
+    assert NEGATIVE_TOL < 1e-12
+
+
+def test_one_minus_cos_has_one_implementation():
+    """squared_dissimilarity (the MDS input) is cosine_distance_from_gram squared / doubled, and negatives
+    (an anti-parallel pair has c slightly below -1 by round-off) are handled the same way."""
+    X = _trajectories(n_traj=2, n=5, p=50).astype(np.float64)
+    X[3] = -X[2]  # anti-parallel: 1 - cos = 2
+    G = torch.from_numpy(X @ X.T)
+    D = cosine_distance_from_gram(G).numpy()
+    np.testing.assert_array_equal(squared_dissimilarity(G, "cosine"), np.square((D + D.T) / 2))
+    np.testing.assert_array_equal(squared_dissimilarity(G, "chordal"), (D + D.T))
+    assert D[2, 3] <= 2.0 and abs(D[2, 3] - 2.0) < 1e-15
+    beyond = torch.tensor([[1.0, -1.0 - 4e-16], [-1.0 - 4e-16, 1.0]], dtype=torch.float64)
+    assert cosine_distance_from_gram(beyond)[0, 1] == 2.0  # round-off above 2 is clipped too
+    with pytest.raises(ValueError, match="not an accurate Gram"):
+        squared_dissimilarity(np.array([[1.0, 1.1], [1.1, 1.0]]), "cosine")
+    off = torch.tensor([0, 20, 50])
+    Xt = torch.from_numpy(X)
+    torch.testing.assert_close(cosine_distance(Xt, off, [1]),
+                               cosine_distance_from_gram(Xt[:, 20:] @ Xt[:, 20:].T), rtol=0, atol=1e-12)

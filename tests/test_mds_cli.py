@@ -159,12 +159,18 @@ def test_skip_bad_and_duplicates(tmp_path, capsys):
     ck = tmp_path / "ck"
     _write_run(ck, nan_at=(1, 3))
     import shutil
-    shutil.copy(ck / "run0/epoch_2.pt", ck / "run0/epoch_7.pt")  # a duplicate: zero distance is fine
+    shutil.copy(ck / "run0/epoch_2.pt", ck / "run0/epoch_7.pt")  # a copy: drawn once, listed as alias
     rc, err = _run(["--snapshots", str(ck), "--out", str(tmp_path / "o"), "--skip-bad"], capsys)
     assert rc == 0, err
     assert "warning: skipped: run1/epoch_3.pt" in err
+    assert "note: 1 snapshot(s) with weights identical to another drawn once" in err
     rows = list(csv.DictReader(open(tmp_path / "o" / "mds.csv")))
-    assert len(rows) == 12
+    assert len(rows) == 11
+    assert {r["path"]: r["aliases"] for r in rows if r["aliases"]} == {"run0/epoch_2.pt": "run0/epoch_7.pt"}
+    # --keep-copies draws both, at the same place (zero distance is fine)
+    rc, err = _run(["--snapshots", str(ck), "--out", str(tmp_path / "k"), "--skip-bad", "--keep-copies"], capsys)
+    rows = list(csv.DictReader(open(tmp_path / "k" / "mds.csv")))
+    assert rc == 0 and len(rows) == 12 and "identical" not in err
     dup = {r["path"]: (float(r["x"]), float(r["y"])) for r in rows}
     np.testing.assert_allclose(dup["run0/epoch_2.pt"], dup["run0/epoch_7.pt"], atol=1e-12)
 

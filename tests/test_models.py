@@ -4,9 +4,8 @@ import torch
 from torch import nn
 
 from pylandscape.flat import flatten_module
-from pylandscape.models import (DCNN_WIDTHS, PAPER_NUM_PARAMETERS, GroupedNet, PolyActivation, count_parameters,
-                                dcnn, fc2)
-
+from pylandscape.models import (PAPER_NUM_PARAMETERS, GroupedNet, PolyActivation, biases_before_batchnorm,
+                                count_parameters, dcnn, fc2)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -14,11 +13,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_paper_parameter_count_and_names():
     m = dcnn()
     assert count_parameters(m) == PAPER_NUM_PARAMETERS == 188_810
-    # independent count from the widths: 3x3 kernels with biases
-    ch = [3, *DCNN_WIDTHS, 10]
-    assert sum(ch[i] * ch[i + 1] * 9 + ch[i + 1] for i in range(5)) == 188_810
-    names = [n for n, _ in m.named_parameters()]
-    assert names == [f"conv{i}.{t}" for i in range(1, 6) for t in ("weight", "bias")]
+    # per layer, written out by hand (3x3 kernels, in x out channels, plus one bias per output channel)
+    expected = {
+        "conv1.weight": 3 * 3 * 3 * 32, "conv1.bias": 32,
+        "conv2.weight": 3 * 3 * 32 * 64, "conv2.bias": 64,
+        "conv3.weight": 3 * 3 * 64 * 152, "conv3.bias": 152,
+        "conv4.weight": 3 * 3 * 152 * 56, "conv4.bias": 56,
+        "conv5.weight": 3 * 3 * 56 * 10, "conv5.bias": 10,
+    }
+    assert {n: p.numel() for n, p in m.named_parameters()} == expected
+    assert list(dict(m.named_parameters())) == list(expected)  # the order every flat buffer uses
+    assert [896, 18_496, 87_704, 76_664, 5_050] == [expected[f"conv{i}.weight"] + expected[f"conv{i}.bias"]
+                                                    for i in range(1, 6)]
     bns = [mod for mod in m.modules() if isinstance(mod, nn.BatchNorm2d)]
     assert len(bns) == 4 and all(not b.affine for b in bns)
 
@@ -86,3 +92,25 @@ def test_grouped_net_equals_loop(make, impl):
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
     with pytest.raises(NotImplementedError):
         GroupedNet(nn.Sequential(nn.Conv2d(3, 3, 3), nn.MaxPool2d(2)), 2)
+
+
+def test_biases_before_batchnorm_get_no_gradient():
+    m = dcnn(0.25).double()
+    frozen = biases_before_batchnorm(m)
+    assert frozen == ["conv1.bias", "conv2.bias", "conv3.bias", "conv4.bias"]
+    x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, 10, (8,))
+    torch.nn.functional.cross_entropy(m(x), y).backward()
+    for n, p in m.named_parameters():
+        g = p.grad.abs().max().item()
+        if n in frozen:
+            assert g < 1e-14, n  # BatchNorm subtracts the batch mean, bias included: exactly no gradient
+        else:
+            assert g > 1e-6, n
+    assert biases_before_batchnorm(fc2(4, 3)) == []
+
+
+def test_other_width_tuples_with_the_paper_count():
+    for widths in ((32, 64, 110, 98), (32, 128, 88, 56), (16, 32, 34, 438)):
+        assert count_parameters(dcnn(widths=widths)) == 188_810
+    assert count_parameters(dcnn(widths=(32, 64, 110, 98), width=0.5)) != count_parameters(dcnn(width=0.5))

@@ -1,7 +1,10 @@
 """Readers, security, metadata, --layer and --select: small files written by the tests themselves."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import pathlib
 import pickle
 import zipfile
 
@@ -56,7 +59,11 @@ def test_torch_readers(tmp_path, wrap):
     X = _read_all(sset)
     for i in range(3):
         np.testing.assert_array_equal(X[i], _flat(sds[i], WEIGHTS).numpy())
-    assert [m["step"] for m in sset.meta] == ([0, 10, 20] if wrap == "lightning" else [0, 1, 2])
+    if wrap == "model":  # the epoch the file records replaces the number in its name
+        assert [(m.get("step"), m["epoch"], m["time_source"]) for m in sset.meta] == \
+            [(None, i, "checkpoint file (epoch)") for i in range(3)]
+    else:
+        assert [m["step"] for m in sset.meta] == ([0, 10, 20] if wrap == "lightning" else [0, 1, 2])
     full = open_source(tmp_path)
     assert any("running_mean" in s and "num_batches_tracked" in s for s in full.skipped)
 
@@ -140,6 +147,104 @@ def test_malicious_pickle_is_refused_without_running(tmp_path, fmt):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("where", ["inside_namespace", "pth_tar", "bin_legacy"])
+def test_allow_list_runs_no_code(tmp_path, where):
+    """The allow-list (argparse.Namespace, numpy data, paths) rebuilds plain data only: a pickle that
+    smuggles a call through an allowed type, a .pth.tar or a legacy .bin is still refused unrun."""
+    marker = tmp_path / "PWNED"
+    d = tmp_path / "ckpts"
+    d.mkdir()
+    args = argparse.Namespace(lr=0.1, out=pathlib.PurePosixPath("/x"))
+    if where == "inside_namespace":
+        args.hook = _Evil(marker)
+        bad = d / "model_0.pth"
+    else:
+        bad = d / ("checkpoint-0.pth.tar" if where == "pth_tar" else "pytorch_model.bin")
+    payload = {"model": {"w": torch.ones(3)}, "epoch": 0, "args": args,
+               "x": _Evil(marker) if where != "inside_namespace" else 1}
+    if where == "bin_legacy":
+        torch.save(payload, bad, _use_new_zipfile_serialization=False)
+    else:
+        torch.save(payload, bad)
+    with pytest.raises(SnapshotError, match=rf"{bad.name}: refused to load.*posix\.system|system"):
+        discover(d)
+    assert not marker.exists()
+
+
+def test_allow_list_loads_real_training_extras(tmp_path):
+    """torchvision/timm/Megatron save argparse.Namespace args, numpy RNG states and numpy scalars next
+    to the weights: loaded (weights_only=True + the allow-list), and their epoch/iteration used."""
+    rng = np.random.RandomState(0).get_state()
+    for i in range(3):
+        payload = {"model": {"w": torch.randn(4), "b": torch.randn(2)}, "epoch": np.int64(i),
+                   "args": argparse.Namespace(lr=0.1, data=pathlib.PosixPath("/data"), tags=["a"]),
+                   "rng": {"numpy": rng, "best": np.float64(0.5)}}
+        torch.save(payload, tmp_path / f"model_{i}.pth")
+        torch.save(payload, tmp_path / f"legacy_{i}.bin", _use_new_zipfile_serialization=False)
+    sset = discover(tmp_path)
+    assert len(sset) == 6 and list(sset.spec.names) == ["w", "b"]
+    assert sorted((m["epoch"], m["time_source"]) for m in sset.meta)[:2] == [(0, "checkpoint file (epoch)")] * 2
+
+
+def test_non_weight_files_are_counted_not_errors(tmp_path):
+    """Optimizer, scheduler, RNG, scaler states and training arguments: recognised by name or content,
+    skipped with one summary line; a real bad weight file is still an error."""
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.StepLR(opt, 2)
+    for i in range(2):
+        ck = tmp_path / f"checkpoint-{i * 10}"
+        ck.mkdir()
+        save_file(model.state_dict(), ck / "model.safetensors")
+        torch.save(opt.state_dict(), ck / "optimizer.pt")                 # by name
+        torch.save(opt.state_dict(), ck / "opt_state_xyz.pt")             # by content
+        torch.save(sched.state_dict(), ck / "lr_sched_whatever.pth")      # by content
+        torch.save({"python": (3, (1, 2), None), "numpy": np.random.get_state(), "cpu": torch.get_rng_state()},
+                   ck / "rng_state.pth")
+        torch.save({"scale": torch.tensor(2.0**16), "growth_factor": 2.0, "backoff_factor": 0.5,
+                    "growth_interval": 2000, "_growth_tracker": 0}, ck / "amp.pt")
+        (ck / "training_args.bin").write_bytes(b"\x80\x04not a weights-only pickle")
+        (ck / "trainer_state.json").write_text(json.dumps({"global_step": i * 10 + 1, "epoch": i + 0.5}))
+        (ck / "random_states_0.pkl").write_bytes(b"x")
+    sset = discover(tmp_path)
+    assert sset.skipped[0] == ("skipped 16 non-weight files: 4 RNG states, 4 optimizer states, "
+                               "2 AMP scaler states, 2 JSON metadata files, 2 scheduler states, "
+                               "2 training arguments")
+    assert [(m["step"], m["epoch"], m["label"]) for m in sset.meta] == [(1, 0.5, "ep 0.5"), (11, 1.5, "ep 1.5")]
+    assert {m["time_source"] for m in sset.meta} == {"trainer_state.json (global_step, epoch)"}
+    torch.save({"weights": [1, 2]}, tmp_path / "checkpoint-0" / "broken.pt")
+    with pytest.raises(SnapshotError, match=r"broken\.pt: no state_dict found"):
+        discover(tmp_path)
+
+
+def test_run_layouts_from_folder_names(tmp_path):
+    """A numbered checkpoint folder is one point of the run in the folder above it, at that step;
+    a file's own epoch/step wins over names; labels: epoch, else step, else file name."""
+    for run in ("a", "b"):
+        for step in (1200, 300):
+            f = tmp_path / run / f"global_step{step}" / "mp_rank_00_model_states.pt"
+            f.parent.mkdir(parents=True)
+            torch.save({"module": {"w": torch.randn(5)}, "ds_version": "0.1"}, f)
+        f = tmp_path / run / "iter_0000050" / "mp_rank_00" / "model_optim_rng.pt"
+        f.parent.mkdir(parents=True)
+        torch.save({"model": {"w": torch.randn(5)}, "iteration": 50,
+                    "args": argparse.Namespace(lr=1.0)}, f)
+        save_file({"w": torch.randn(5)}, tmp_path / run / "final.safetensors")
+    sset = discover(tmp_path)
+    got = [(m["trajectory"], m.get("step"), m.get("time_source"), m["label"]) for m in sset.meta]
+    assert got == [
+        ("a", 50, "checkpoint file (iteration)", "step 50"),
+        ("a", 300, "folder name (global_step300)", "step 300"),
+        ("a", 1200, "folder name (global_step1200)", "step 1200"),
+        ("a", None, None, "final.safetensors"),
+        ("b", 50, "checkpoint file (iteration)", "step 50"),
+        ("b", 300, "folder name (global_step300)", "step 300"),
+        ("b", 1200, "folder name (global_step1200)", "step 1200"),
+        ("b", None, None, "final.safetensors")]
+
+
 def test_npz_with_objects_refused(tmp_path):
     np.savez(tmp_path / "o.npz", w=np.array([{"a": 1}], dtype=object))
     with pytest.raises(SnapshotError, match=r"o\.npz: refused"):
@@ -187,6 +292,13 @@ def test_group_by(tmp_path):
         ("1", 3), ("1", 20), ("1", 100), ("2", 3), ("2", 20), ("2", 100)]
     # default rule: last number in the file name (the "2" of v2) -- here every file ties
     assert {m["step"] for m in discover(tmp_path).meta} == {2}
+    # paths the pattern does not match are left out with a note, not an error
+    save_file({"w": torch.randn(4)}, tmp_path / "runs/other.safetensors")
+    sset = discover(tmp_path, group_by=r"seed(?P<traj>\d+)_ep(?P<step>\d+)")
+    assert len(sset) == 6 and "does not match 1 checkpoint path(s), left out: runs/other.safetensors" in \
+        sset.skipped[0]
+    with pytest.raises(SnapshotError, match=r"matches none of the 7 checkpoint paths.*relative to --snapshots"):
+        discover(tmp_path, group_by=r"nothing(?P<step>\d+)")
 
 
 def test_layer_selection():
@@ -202,6 +314,11 @@ def test_layer_selection():
     assert select_tensors(spec, None) == list(range(6))
     with pytest.raises(SnapshotError, match="matches no tensor.*features.0.weight"):
         select_tensors(spec, "conv9.*")
+    # names as the user sees them in the file: with or without the wrapper prefix
+    assert select_tensors(spec, "model.features.0.*") == [0, 1]
+    assert select_tensors(spec, "_orig_mod.module.fc.weight") == [4]
+    hf = ParamSpec(("model.layers.0.weight", "model.layers.0.bias", "lm_head.weight"), ((2, 2), (2,), (3, 2)))
+    assert select_tensors(hf, "layers.0.*") == [0, 1] and select_tensors(hf, "model.layers.0") == [0, 1]
     with pytest.raises(SnapshotError, match="layer 1 is the input"):
         select_tensors(spec, "1")
     with pytest.raises(SnapshotError, match="no layer 4.*2=features.0; 3=fc"):

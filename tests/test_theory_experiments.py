@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from pylandscape.experiments import _common as C
-from pylandscape.experiments import activation_regions, feature_rank, minimum_dimension
+from pylandscape.experiments import activation_regions, feature_rank, minimum_dimension, outdir
+from pylandscape.experiments.config import config_from_dict, config_to_dict
 
 MODULES = (minimum_dimension, activation_regions, feature_rank)
 
@@ -25,17 +25,18 @@ def test_module_contract(mod):
     assert {"paper", "quick"} <= set(mod.PRESETS)
     for preset in mod.PRESETS.values():
         assert isinstance(preset, mod.Config)
-        d = C.config_to_dict(preset)
-        assert C.config_from_dict(mod.Config, json.loads(json.dumps(d))) == preset  # JSON round trip
+        d = config_to_dict(preset)
+        assert config_from_dict(mod.Config, json.loads(json.dumps(d))) == preset  # JSON round trip
     assert "device" in {f.name for f in dataclasses.fields(mod.Config)}
 
 
+@pytest.mark.slow  # end-to-end, > 5 s on 2 cores; CI runs it (pytest -m 'not slow' skips it)
 def test_minimum_dimension_tiny(tmp_path):
     cfg = dataclasses.replace(minimum_dimension.PRESETS["quick"], num_points=10, in_dim=3, widths=(1, 8),
                               activations=("relu",), lbfgs_steps=150, newton_steps=10, cnn_points=3,
                               cnn_widths=(0.0625,), cnn_lbfgs_steps=60, lanczos_steps=40)
     res = minimum_dimension.run(cfg, tmp_path)
-    table = {r["case"]: r for r in C.read_table(tmp_path / "metrics" / "minimum_dimension")}
+    table = {r["case"]: r for r in outdir.read_table(tmp_path / "metrics" / "minimum_dimension")}
     big = table["fc2 relu w8"]  # 41 parameters, 10 equations
     assert big["final_loss"] < 1e-20
     assert big["dim_estimate"] == big["dim_predicted"] == 41 - 10
@@ -57,7 +58,7 @@ def test_activation_regions_tiny_shows_the_transition(tmp_path):
     cfg = dataclasses.replace(activation_regions.PRESETS["quick"], n=12, series=("4:w", "1:wb:count"),
                               ratios=(0.5, 1.0, 4.0), num_regions=60)
     res = activation_regions.run(cfg, tmp_path)
-    rows = C.read_table(tmp_path / "metrics" / "activation_regions")
+    rows = outdir.read_table(tmp_path / "metrics" / "activation_regions")
     four = {r["width"]: r for r in rows if r["series"] == "4:w"}
     assert sorted(four) == [2, 3, 12]  # ceil(ratio·n / 4 columns per unit)
     assert four[2]["full_rank_fraction"] == 0.0 and four[2]["min_rank"] <= 8  # 8 columns < 12 points
@@ -79,7 +80,7 @@ def test_feature_rank_tiny(tmp_path):
     cfg = dataclasses.replace(feature_rank.PRESETS["quick"], num_points=20, widths=(0.0625,),
                               activations=("relu",), train_steps=2)
     res = feature_rank.run(cfg, tmp_path)
-    rows = C.read_table(tmp_path / "metrics" / "feature_rank")
+    rows = outdir.read_table(tmp_path / "metrics" / "feature_rank")
     assert {r["stage"] for r in rows} == {"init", "trained"}
     assert res["N"] == 20
     for r in rows:

@@ -1,18 +1,22 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-import pylandscape.train as T
 from pylandscape.data import load_dataset
 from pylandscape.flat import flatten_module, load_flat_
-from pylandscape.models import dcnn
+from pylandscape.models import dcnn, fc2
 from pylandscape.store import SnapshotStore
 from pylandscape.train import TrainConfig, init_flats_for, train, train_many
-
+from pylandscape.train import cli as train_cli
+from pylandscape.train import loop as train_loop
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -65,7 +69,6 @@ def test_full_batch_gd_lowers_loss(data):
 
 def test_gd_chunks_accumulate_exact_gradient(data):
     # without BatchNorm (fc net) chunked and one-chunk GD must give the same step
-    from pylandscape.models import fc2
     torch.manual_seed(0)
     a = fc2(3 * 32 * 32, 8, 10)
     b = fc2(3 * 32 * 32, 8, 10)
@@ -118,7 +121,7 @@ def test_resume_after_kill_is_bit_identical(data, tmp_path, monkeypatch):
     _same_store(tmp_path / "ref", tmp_path / "a")
 
     # 2) killed between a snapshot's write and its resume state (the mid-epoch step-4 snapshot)
-    real = T._write_resume
+    real = train_loop.write_resume
     calls = {"n": 0}
 
     def flaky(*args, **kw):
@@ -126,10 +129,10 @@ def test_resume_after_kill_is_bit_identical(data, tmp_path, monkeypatch):
         if calls["n"] == 3:
             raise Kill
         return real(*args, **kw)
-    monkeypatch.setattr(T, "_write_resume", flaky)
+    monkeypatch.setattr(train_loop, "write_resume", flaky)
     with pytest.raises(Kill):
         train(fresh(), data, cfg, store=tmp_path / "b", progress=False)
-    monkeypatch.setattr(T, "_write_resume", real)
+    monkeypatch.setattr(train_loop, "write_resume", real)
     assert len(SnapshotStore(tmp_path / "b")) == 3
     h = train(fresh(), data, cfg, store=tmp_path / "b", resume=True, progress=False)
     assert h == ref
@@ -147,7 +150,7 @@ def test_resume_after_kill_is_bit_identical(data, tmp_path, monkeypatch):
 def test_resume_kill_before_first_resume_state(data, tmp_path, monkeypatch):
     cfg = TrainConfig(**{**CFG, "epochs": 2, "snapshot_steps": None})
     ref = train(fresh(), data, cfg, store=tmp_path / "ref", progress=False)
-    monkeypatch.setattr(T, "_write_resume", lambda *a, **k: (_ for _ in ()).throw(Kill()))
+    monkeypatch.setattr(train_loop, "write_resume", lambda *a, **k: (_ for _ in ()).throw(Kill()))
     with pytest.raises(Kill):
         train(fresh(), data, cfg, store=tmp_path / "a", progress=False)
     monkeypatch.undo()
@@ -226,34 +229,30 @@ def test_train_many_resume(data, tmp_path, route):
 
 def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
-        T.main(["--help"])
+        train_cli.main(["--help"])
     assert e.value.code == 0 and "--trajectories" in capsys.readouterr().out
-    assert T.main(["--lr", "-1", "--no-progress"]) == 2
+    assert train_cli.main(["--lr", "-1", "--no-progress"]) == 2
     assert "lr must be" in capsys.readouterr().err
-    assert T.main(["--activation", "swish", "--no-progress"]) == 2
+    assert train_cli.main(["--activation", "swish", "--no-progress"]) == 2
     assert "activation" in capsys.readouterr().err
-    assert T.main(["--data", "cifar10", "--root", str(tmp_path), "--no-progress"]) == 2
+    assert train_cli.main(["--data", "cifar10", "--root", str(tmp_path), "--no-progress"]) == 2
     assert str(tmp_path) in capsys.readouterr().err
     out = tmp_path / "run"
     args = ["--width", "0.125", "--train-size", "60", "--epochs", "1", "-K", "2", "--out", str(out),
             "--no-progress", "--run", "cli"]
-    assert T.main(args) == 0
+    assert train_cli.main(args) == 0
     s = SnapshotStore(out)
     assert len(s) == 4 and {e["run"] for e in s.entries} == {"cli"}
     assert json.loads((out / "train_history.json").read_text())["seeds"] == [0, 1]
-    assert T.main(args + ["--resume"]) == 0 and len(SnapshotStore(out)) == 4
+    assert train_cli.main(args + ["--resume"]) == 0 and len(SnapshotStore(out)) == 4
 
 
+@pytest.mark.slow  # end-to-end, > 5 s on 2 cores; CI runs it (pytest -m 'not slow' skips it)
 def test_cli_killed_subprocess_resumes_bit_identically(tmp_path):
     """A real SIGKILL at an arbitrary moment (possibly mid-write), then --resume."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
     args = ["--width", "0.125", "--train-size", "60", "--epochs", "10", "--batch-size", "20",
             "--momentum", "0.9", "--no-progress"]
-    assert T.main(args + ["--out", str(tmp_path / "ref")]) == 0
+    assert train_cli.main(args + ["--out", str(tmp_path / "ref")]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same thread count as this process: identical float reductions
     # cwd away from the checkout: the child imports the same (installed) package as this process.
     proc = subprocess.Popen([sys.executable, "-m", "pylandscape", "train", *args, "--out", str(tmp_path / "a")],
@@ -268,7 +267,7 @@ def test_cli_killed_subprocess_resumes_bit_identically(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert len(SnapshotStore(tmp_path / "a")) < 11
-    assert T.main(args + ["--out", str(tmp_path / "a"), "--resume"]) == 0
+    assert train_cli.main(args + ["--out", str(tmp_path / "a"), "--resume"]) == 0
     _same_store(tmp_path / "ref", tmp_path / "a")
     ha = json.loads((tmp_path / "a" / "train_history.json").read_text())["histories"]
     assert ha == json.loads((tmp_path / "ref" / "train_history.json").read_text())["histories"]

@@ -5,10 +5,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import torch
 
-from . import _common as C
-from .. import theory as T
+from .. import figures, theory
+from . import outdir, training
 
 NAME = "activation-regions"
 FIGURE = "Karhadkar et al. 2023 (phase transition of full-rank Jacobians over activation regions)"
@@ -74,7 +75,7 @@ def _widths(config: Config, d0: int, wrt: str) -> list[int]:
 
 
 def _inputs(config: Config, d0: int) -> torch.Tensor:
-    g = C.generator(config.seed + 1000 * d0)
+    g = training.generator(config.seed + 1000 * d0)
     if d0 == 1:
         # 1-D: distinct, sorted points; generic (no two equal) is all the theory needs
         return torch.sort(torch.randn(config.n, 1, generator=g, dtype=torch.float64), dim=0).values
@@ -82,11 +83,11 @@ def _inputs(config: Config, d0: int) -> torch.Tensor:
 
 
 def run(config: Config, out_dir: Path) -> dict:
-    C.set_threads(config.threads)
+    training.set_threads(config.threads)
     out = Path(out_dir)
-    if not (out / C.CONFIG).exists():
-        C.prepare_out(out, NAME, config, resume=True)
-    prog = C.Progress(out)
+    if not (out / outdir.CONFIG).exists():
+        outdir.prepare_out(out, NAME, config, resume=True)
+    prog = outdir.Progress(out)
     rows = []
     for entry in config.series:
         d0, wrt, sampling = _parse(entry)
@@ -94,8 +95,8 @@ def run(config: Config, out_dir: Path) -> dict:
         for width in _widths(config, d0, wrt):
             unit = f"{entry}-{width}"
             if unit not in prog:
-                g = C.generator(config.seed * 7919 + width * 31 + d0)
-                r = T.activation_region_ranks(x, width, config.num_regions, wrt=wrt, bias=config.bias,
+                g = training.generator(config.seed * 7919 + width * 31 + d0)
+                r = theory.activation_region_ranks(x, width, config.num_regions, wrt=wrt, bias=config.bias,
                                               sampling=sampling, generator=g, device=config.device, rtol=config.rtol)
                 ranks = r["ranks"]
                 prog.mark(unit, {
@@ -108,7 +109,7 @@ def run(config: Config, out_dir: Path) -> dict:
                     "zero_row_fraction": r["zero_row_fraction"],
                 })
             rows.append(prog.get(unit))
-    C.write_table(out / "metrics" / "activation_regions", rows)
+    outdir.write_table(out / "metrics" / "activation_regions", rows)
     res = {"n": config.n, "num_regions": config.num_regions}
     for entry in config.series:
         ser = [r for r in rows if r["series"] == entry]
@@ -118,20 +119,18 @@ def run(config: Config, out_dir: Path) -> dict:
         at1 = [r for r in ser if r["ratio"] >= 1.0]
         res[f"{entry}: full-rank fraction at the smallest columns/n >= 1"] = \
             at1[0]["full_rank_fraction"] if at1 else None
-    C.write_results(out, res)
+    outdir.write_results(out, res)
     plot(out)
     return res
 
 
 def plot(out_dir: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     out = Path(out_dir)
-    rows = C.read_table(out / "metrics" / "activation_regions")
+    rows = outdir.read_table(out / "metrics" / "activation_regions")
     series = list(dict.fromkeys(r["series"] for r in rows))
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    cmap = plt.get_cmap("tab10")
+    fig, axes = figures.new_figure(1, 2, figsize=(11, 4.2))
+    axes = axes[0]
+    cmap = matplotlib.colormaps["tab10"]
     for i, s in enumerate(series):
         ser = sorted((r for r in rows if r["series"] == s), key=lambda r: r["ratio"])
         d0, wrt, sampling = _parse(s)
@@ -156,8 +155,4 @@ def plot(out_dir: Path) -> list[Path]:
     axes[1].set_ylim(bottom=0)
     axes[1].set_title("how far from full rank, on average", fontsize=9)
     fig.tight_layout()
-    path = out / "figures" / "activation_regions.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    return [figures.save_figure(fig, out / "figures" / "activation_regions.png")]

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from . import _common as C
-from . import perturb_retrain as PR
+from .. import figures
+from ..evaluate import predictions
+from ..store import SnapshotStore, atomic_write_json
+from . import outdir, perturb_retrain, training
 
 NAME = "agreement"
 FIGURE = "Liao & Poggio Fig. 23, 29, 36 (agreement of retrained models)"
@@ -24,26 +27,27 @@ perturb-retrain itself (with the perturb-retrain fields of this config) into OUT
 
 
 @dataclass
-class Config(PR.Config):
+class Config(perturb_retrain.Config):
     source_dir: str | None = None
 
 
 PRESETS = {
-    "paper": Config(**dataclasses.asdict(PR.PRESETS["paper"])),
-    "quick": Config(**dataclasses.asdict(PR.PRESETS["quick"])),
+    "paper": Config(**dataclasses.asdict(perturb_retrain.PRESETS["paper"])),
+    "quick": Config(**dataclasses.asdict(perturb_retrain.PRESETS["quick"])),
 }
 
 
-def _source(config: Config, out: Path) -> tuple[Path, PR.Config]:
+def _source(config: Config, out: Path) -> tuple[Path, perturb_retrain.Config]:
     if config.source_dir:
         src = Path(config.source_dir)
-        return src, C.load_config(src, PR.Config)
-    pr_cfg = PR.Config(**{f.name: getattr(config, f.name) for f in dataclasses.fields(PR.Config)})
+        return src, outdir.load_config(src, perturb_retrain.Config)
+    pr_cfg = perturb_retrain.Config(**{f.name: getattr(config, f.name)
+                                       for f in dataclasses.fields(perturb_retrain.Config)})
     if not pr_cfg.reference:
         raise ValueError("agreement needs perturb-retrain's reference model: set reference=true")
     sub = out / "perturb-retrain"
-    C.prepare_out(sub, PR.NAME, pr_cfg, preset="from agreement", resume=True)
-    PR.run(pr_cfg, sub)
+    outdir.prepare_out(sub, perturb_retrain.NAME, pr_cfg, preset="from agreement", resume=True)
+    perturb_retrain.run(pr_cfg, sub)
     return sub, pr_cfg
 
 
@@ -62,25 +66,24 @@ def agreement_matrices(correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def run(config: Config, out_dir: Path) -> dict:
-    C.set_threads(config.threads)
+    training.set_threads(config.threads)
     out = Path(out_dir)
-    prog = C.Progress(out)
+    prog = outdir.Progress(out)
     src_dir, pr_cfg = _source(config, out)
-    if not C.SnapshotStore.is_store(C.store_dir(src_dir, "reference_gd")):
-        raise FileNotFoundError(f"{C.store_dir(src_dir, 'reference_gd')} not found: the perturb-retrain run in "
+    if not SnapshotStore.is_store(outdir.store_dir(src_dir, "reference_gd")):
+        raise FileNotFoundError(f"{outdir.store_dir(src_dir, 'reference_gd')} not found: the perturb-retrain run in "
                                 f"{src_dir} has no reference model (run it with reference=true)")
-    from ..evaluate import predictions
-    data = C.load_data(pr_cfg)
-    make = C.model_fn(pr_cfg, data)
+    data = training.load_data(pr_cfg)
+    make = training.model_fn(pr_cfg, data)
     model = make()
-    ref = C.SnapshotStore(C.store_dir(src_dir, "reference_gd"))
-    ref_flat = ref.load_flat(C.last_index(ref))
+    ref = SnapshotStore(outdir.store_dir(src_dir, "reference_gd"))
+    ref_flat = ref.load_flat(outdir.last_index(ref))
     results = {}
-    for src in PR.sources(pr_cfg):
+    for src in perturb_retrain.sources(pr_cfg):
         unit = f"agreement_{src}"
         if unit not in prog:
-            st = C.SnapshotStore(C.store_dir(src_dir, f"retrain_{src}"))
-            flats = [st.load_flat(C.last_index(st, perturbation=k + 1)) for k in range(pr_cfg.n_perturb)]
+            st = SnapshotStore(outdir.store_dir(src_dir, f"retrain_{src}"))
+            flats = [st.load_flat(outdir.last_index(st, perturbation=k + 1)) for k in range(pr_cfg.n_perturb)]
             flats.append(ref_flat)
             labels = [f"perturbation {k + 1}" for k in range(pr_cfg.n_perturb)] + ["reference (other init)"]
             dev = next(model.parameters()).device
@@ -89,35 +92,31 @@ def run(config: Config, out_dir: Path) -> dict:
             pr, pw = agreement_matrices(correct)
             rec = {"labels": labels, "p_right_given_right": pr.tolist(), "p_wrong_given_wrong": pw.tolist(),
                    "test_error": (1 - correct.double().mean(1)).tolist(), "n_test": int(correct.shape[1])}
-            C.write_table(out / "metrics" / unit, [
+            outdir.write_table(out / "metrics" / unit, [
                 {"row": labels[i], "column": labels[j], "p_right_given_right": pr[i, j].item(),
                  "p_wrong_given_wrong": pw[i, j].item()} for i in range(len(labels)) for j in range(len(labels))])
-            from ..store import atomic_write_json
             atomic_write_json(out / "metrics" / f"{unit}_matrices.json", rec)
             prog.mark(unit)
-        import json
         rec = json.loads((out / "metrics" / f"{unit}_matrices.json").read_text())
         n = pr_cfg.n_perturb
         pw = torch.tensor(rec["p_wrong_given_wrong"])
         off = ~torch.eye(n, dtype=torch.bool)
         results[f"{src}_wrong_agreement_among_retrained"] = float(pw[:n, :n][off].nanmean())
         results[f"{src}_wrong_agreement_with_reference"] = float(pw[:n, n].nanmean())
-    C.write_results(out, results)
+    outdir.write_results(out, results)
     plot(out)
     return results
 
 
 def plot(out_dir: Path) -> list[Path]:
-    import json
-    from .. import plot as P
     out = Path(out_dir)
     sub = out / "perturb-retrain"  # the run this experiment made itself, if any
-    paths = PR.plot(sub) if (sub / "config.json").exists() else []
+    paths = perturb_retrain.plot(sub) if (sub / "config.json").exists() else []
     for q in sorted((out / "metrics").glob("agreement_*_matrices.json")):
         src = q.name[len("agreement_"):-len("_matrices.json")]
         rec = json.loads(q.read_text())
-        labels = [f"{l}\n(err {100 * e:.1f}%)" for l, e in zip(rec["labels"], rec["test_error"])]
-        paths.append(P.heatmaps(out / "figures" / f"agreement_{src}.png",
+        labels = [f"{lab}\n(err {100 * e:.1f}%)" for lab, e in zip(rec["labels"], rec["test_error"])]
+        paths.append(figures.heatmaps(out / "figures" / f"agreement_{src}.png",
                                 {"P(column right | row right)": rec["p_right_given_right"],
                                  "P(column wrong | row wrong)": rec["p_wrong_given_wrong"]}, labels,
                                 title=f"Test-set agreement of models retrained from perturbations of the {src} model"))

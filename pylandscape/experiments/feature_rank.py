@@ -5,10 +5,11 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import torch
 
-from . import _common as C
-from .. import theory as T
+from .. import data, figures, linalg, models, theory
+from . import outdir, training
 
 NAME = "feature-rank"
 FIGURE = "Nguyen & Hein 2018 (a layer with >= N units has linearly independent features)"
@@ -75,26 +76,25 @@ def _unit(act, width):
 
 
 def run(config: Config, out_dir: Path) -> dict:
-    from .. import data as D, models
-    C.set_threads(config.threads)
+    training.set_threads(config.threads)
     out = Path(out_dir)
-    if not (out / C.CONFIG).exists():
-        C.prepare_out(out, NAME, config, resume=True)
-    prog = C.Progress(out)
+    if not (out / outdir.CONFIG).exists():
+        outdir.prepare_out(out, NAME, config, resume=True)
+    prog = outdir.Progress(out)
     device = torch.device(config.device)
-    ds = D.load_dataset(config.dataset, config.data_root, train_size=config.num_points, seed=config.seed,
+    ds = data.load_dataset(config.dataset, config.data_root, train_size=config.num_points, seed=config.seed,
                         dtype=torch.float64)
     x, y = ds.x_train.to(device), ds.y_train.to(device)
     n = x.shape[0]
     # The images are made in float32 (data.load_dataset), so their rounding (~1e-8 relative) is noise,
     # not rank: every tolerance here uses float32's eps even though the model runs in float64.
     eps_dtype = torch.float32
-    input_rank = T.numerical_rank(x.flatten(1).double(), rtol=config.rtol, dtype=eps_dtype)
+    input_rank = linalg.numerical_rank(x.flatten(1).double(), rtol=config.rtol, dtype=eps_dtype)
     for act, width in itertools.product(config.activations, config.widths):
         unit = _unit(act, width)
         if unit in prog:
             continue
-        C.log(f"{NAME}: dcnn x{width} ({act}) on {n} {config.dataset} images")
+        outdir.log(f"{NAME}: dcnn x{width} ({act}) on {n} {config.dataset} images")
         torch.manual_seed(config.seed)
         model = models.dcnn(width, in_channels=ds.in_channels, num_classes=ds.num_classes,
                             image_size=ds.image_size, activation=act).double().to(device)
@@ -106,12 +106,12 @@ def run(config: Config, out_dir: Path) -> dict:
             else:
                 with torch.no_grad():
                     err = float((model(x).argmax(1) != y).double().mean())
-            for i, r in enumerate(T.feature_ranks(model, x, rtol=config.rtol, dtype=eps_dtype)):
+            for i, r in enumerate(theory.feature_ranks(model, x, rtol=config.rtol, dtype=eps_dtype)):
                 rows.append({"activation": act, "width": width, "stage": stage, "train_error": err,
                              "depth": i, **r})
         prog.mark(unit, rows)
     rows = [r for a, w in itertools.product(config.activations, config.widths) for r in prog.get(_unit(a, w))]
-    C.write_table(out / "metrics" / "feature_rank", rows)
+    outdir.write_table(out / "metrics" / "feature_rank", rows)
     post = [r for r in rows if r["kind"] == "post"]
     wide = [r for r in post if r["units"] >= n]
     narrow = [r for r in post if r["units"] < n]
@@ -128,26 +128,24 @@ def run(config: Config, out_dir: Path) -> dict:
     short = [f"{r['activation']} x{r['width']} {r['stage']} {r['layer']}: {r['rank']}/{min(n, r['units'])}"
              for r in post if not r["full"]]
     res["post-activation layers below min(N, units)"] = "; ".join(short) if short else "none"
-    C.write_results(out, res)
+    outdir.write_results(out, res)
     plot(out)
     return res
 
 
 def plot(out_dir: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     out = Path(out_dir)
-    rows = C.read_table(out / "metrics" / "feature_rank")
+    rows = outdir.read_table(out / "metrics" / "feature_rank")
     if not rows:
         raise ValueError(f"{out}: feature_rank table is empty")
     n = rows[0]["N"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
+    fig, axes = figures.new_figure(1, 2, figsize=(11, 4.3))
+    axes = axes[0]
     ax = axes[0]
     marks = {("init", "pre"): ("o", "none"), ("trained", "pre"): ("s", "none"),
              ("init", "post"): ("o", None), ("trained", "post"): ("s", None)}
     acts = list(dict.fromkeys(r["activation"] for r in rows))
-    cmap = plt.get_cmap("tab10")
+    cmap = matplotlib.colormaps["tab10"]
     for ai, act in enumerate(acts):
         for (stage, kind), (m, face) in marks.items():
             sel = [r for r in rows if r["activation"] == act and r["stage"] == stage and r["kind"] == kind]
@@ -159,7 +157,7 @@ def plot(out_dir: Path) -> list[Path]:
     xs = sorted({r["units"] / n for r in rows} | {1.0})
     ax.plot(xs, [min(1.0, v) for v in xs], "k--", lw=0.8, label="min(1, units/N)")
     try:
-        ir = C.read_results(out)["input_rank"]
+        ir = outdir.read_results(out)["input_rank"]
         ax.axhline(ir / n, color="gray", lw=0.8, ls=":", label=f"input rank / N ({ir}/{n})")
     except (FileNotFoundError, KeyError):
         pass
@@ -171,7 +169,7 @@ def plot(out_dir: Path) -> list[Path]:
     ax = axes[1]
     act = acts[0]
     widths = sorted({r["width"] for r in rows if r["activation"] == act})
-    wc = plt.get_cmap("viridis")
+    wc = matplotlib.colormaps["viridis"]
     for wi, w in enumerate(widths):
         for stage, ls in (("init", "-"), ("trained", ":")):
             sel = [r for r in rows if r["activation"] == act and r["width"] == w and r["stage"] == stage
@@ -188,8 +186,4 @@ def plot(out_dir: Path) -> list[Path]:
     ax.set_title(f"{act}: rank per layer, init (solid) vs trained (dotted)", fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
-    path = out / "figures" / "feature_rank.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    return [figures.save_figure(fig, out / "figures" / "feature_rank.png")]

@@ -5,9 +5,9 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from . import _common as C
-from . import perturb_retrain as PR
+from .. import figures
+from ..store import SnapshotStore
+from . import outdir, perturb_retrain, training, weights
 
 NAME = "interpolate"
 FIGURE = "Liao & Poggio Fig. 30, 37 (interpolation between retrained models)"
@@ -23,7 +23,7 @@ a finished perturb-retrain run (--set source_dir=...), or runs one itself into O
 
 
 @dataclass
-class Config(PR.Config):
+class Config(perturb_retrain.Config):
     source_dir: str | None = None
     alpha_min: float = -0.2
     alpha_max: float = 1.2
@@ -31,8 +31,8 @@ class Config(PR.Config):
 
 
 PRESETS = {
-    "paper": Config(**dataclasses.asdict(PR.PRESETS["paper"])),
-    "quick": Config(**{**dataclasses.asdict(PR.PRESETS["quick"]), "reference": False}),
+    "paper": Config(**dataclasses.asdict(perturb_retrain.PRESETS["paper"])),
+    "quick": Config(**{**dataclasses.asdict(perturb_retrain.PRESETS["quick"]), "reference": False}),
 }
 
 
@@ -45,31 +45,32 @@ def alphas(config: Config) -> list[float]:
     return [round(config.alpha_min + i * config.alpha_step, 10) for i in range(n + 1)]
 
 
-def _source(config: Config, out: Path) -> tuple[Path, PR.Config]:
+def _source(config: Config, out: Path) -> tuple[Path, perturb_retrain.Config]:
     if config.source_dir:
         src = Path(config.source_dir)
-        return src, C.load_config(src, PR.Config)
-    pr_cfg = PR.Config(**{f.name: getattr(config, f.name) for f in dataclasses.fields(PR.Config)})
+        return src, outdir.load_config(src, perturb_retrain.Config)
+    pr_cfg = perturb_retrain.Config(**{f.name: getattr(config, f.name)
+                                       for f in dataclasses.fields(perturb_retrain.Config)})
     sub = out / "perturb-retrain"
-    C.prepare_out(sub, PR.NAME, pr_cfg, preset="from interpolate", resume=True)
-    PR.run(pr_cfg, sub)
+    outdir.prepare_out(sub, perturb_retrain.NAME, pr_cfg, preset="from interpolate", resume=True)
+    perturb_retrain.run(pr_cfg, sub)
     return sub, pr_cfg
 
 
 def run(config: Config, out_dir: Path) -> dict:
-    C.set_threads(config.threads)
+    training.set_threads(config.threads)
     out = Path(out_dir)
-    prog = C.Progress(out)
+    prog = outdir.Progress(out)
     al = alphas(config)
     src_dir, pr_cfg = _source(config, out)
-    data = C.load_data(pr_cfg)
-    make = C.model_fn(pr_cfg, data)
+    data = training.load_data(pr_cfg)
+    make = training.model_fn(pr_cfg, data)
     results = {}
-    for src in PR.sources(pr_cfg):
+    for src in perturb_retrain.sources(pr_cfg):
         unit = f"interpolate_{src}"
         if unit not in prog:
-            C.log(f"{src}: {len(al)} models between perturbations 1 and 2, before and after retraining")
-            st = C.SnapshotStore(C.store_dir(src_dir, f"retrain_{src}"))
+            outdir.log(f"{src}: {len(al)} models between perturbations 1 and 2, before and after retraining")
+            st = SnapshotStore(outdir.store_dir(src_dir, f"retrain_{src}"))
             rows = []
             for when in ("before", "after"):
                 ends = []
@@ -79,35 +80,35 @@ def run(config: Config, out_dir: Path) -> dict:
                         raise ValueError(f"{st.root}: no snapshots of perturbation {k}")
                     pick = (min if when == "before" else max)(idx, key=lambda i: (int(st.entries[i]["epoch"]), i))
                     ends.append(st.load_flat(pick))
-                W = C.interpolate(ends[0], ends[1], al)
-                ev = C.evaluate_flats(make, W, data)
+                W = weights.interpolate(ends[0], ends[1], al)
+                ev = training.evaluate_flats(make, W, data)
                 for i, a in enumerate(al):
                     rows.append({"source": src, "when": when, "alpha": a,
                                  **{m: ev[m][i] for m in ("train_error", "train_loss", "test_error", "test_loss")}})
-            C.write_table(out / "metrics" / unit, rows)
+            outdir.write_table(out / "metrics" / unit, rows)
             prog.mark(unit)
-        rows = C.read_table(out / "metrics" / unit)
+        rows = outdir.read_table(out / "metrics" / unit)
         for when in ("before", "after"):
             inner = [r for r in rows if r["when"] == when and 0 < r["alpha"] < 1]
             ends = [r for r in rows if r["when"] == when and r["alpha"] in (0.0, 1.0)]
             if inner and ends:
                 results[f"{src}_{when}_max_train_error_between"] = max(r["train_error"] for r in inner)
                 results[f"{src}_{when}_endpoint_train_errors"] = [r["train_error"] for r in ends]
-    C.write_results(out, results)
+    outdir.write_results(out, results)
     plot(out)
     return results
 
 
 def plot(out_dir: Path) -> list[Path]:
-    from .. import plot as P
     out = Path(out_dir)
     sub = out / "perturb-retrain"  # the run this experiment made itself, if any
-    paths = PR.plot(sub) if (sub / "config.json").exists() else []
+    paths = perturb_retrain.plot(sub) if (sub / "config.json").exists() else []
     for q in sorted((out / "metrics").glob("interpolate_*.json")):
         src = q.stem[len("interpolate_"):]
-        rows = C.read_table(q.with_suffix(""))
+        rows = outdir.read_table(q.with_suffix(""))
         runs = {f"{w} retraining": [r for r in rows if r["when"] == w] for w in ("before", "after")}
-        paths.append(P.metric_curves(out / "figures" / f"interpolate_{src}.png", runs, x="alpha",
-                                     xlabel="alpha  (0 = perturbation 1, 1 = perturbation 2)",
-                                     title=f"Models (1 - alpha) w1 + alpha w2 between two perturbations of the {src} model"))
+        paths.append(figures.metric_curves(
+            out / "figures" / f"interpolate_{src}.png", runs, x="alpha",
+            xlabel="alpha  (0 = perturbation 1, 1 = perturbation 2)",
+            title=f"Models (1 - alpha) w1 + alpha w2 between two perturbations of the {src} model"))
     return paths

@@ -5,10 +5,11 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import torch
 
-from . import _common as C
-from .. import theory as T
+from .. import data, figures, linalg, models, theory
+from . import outdir, training
 
 NAME = "minimum-dimension"
 FIGURE = "Cooper 2018 (global minima form an (n - d)-dim manifold); Liao & Poggio: degenerate minima"
@@ -55,20 +56,19 @@ PRESETS = {
 
 
 def _fc2(config: Config, width: int, activation: str):
-    from .. import models
     return models.fc2(config.in_dim, width, 1, activation=activation)
 
 
 def _case_fc2(config: Config, width: int, activation: str, device) -> dict:
-    g = C.generator(config.seed)
+    g = training.generator(config.seed)
     x = torch.randn(config.num_points, config.in_dim, generator=g, dtype=torch.float64).to(device)
     y = torch.randn(config.num_points, generator=g, dtype=torch.float64).to(device)
     torch.manual_seed(config.seed + width)
     model = _fc2(config, width, activation).double().to(device)
-    fit = T.fit_to_zero_loss(model, x, y, lbfgs_steps=config.lbfgs_steps, newton_steps=config.newton_steps)
-    md = T.minimum_dimension(model, x, rtol=config.rtol)
-    spec = T.hessian_spectrum(model, x, y, method="auto", exact_max_params=config.exact_max_params,
-                              num_steps=config.lanczos_steps, generator=C.generator(config.seed))
+    fit = theory.fit_to_zero_loss(model, x, y, lbfgs_steps=config.lbfgs_steps, newton_steps=config.newton_steps)
+    md = theory.minimum_dimension(model, x, rtol=config.rtol)
+    spec = linalg.hessian_spectrum(model, x, y, method="auto", exact_max_params=config.exact_max_params,
+                              num_steps=config.lanczos_steps, generator=training.generator(config.seed))
     row = _row(f"fc2 {activation} w{width}", "fc2", activation, fit, md, spec, config)
     # ReLU is positively homogeneous: (w_j, b_j, v_j) -> (c w_j, c b_j, v_j / c) leaves f unchanged,
     # one null direction of J per hidden unit, so rank J <= n - width everywhere (Cooper's n - d needs
@@ -78,8 +78,7 @@ def _case_fc2(config: Config, width: int, activation: str, device) -> dict:
 
 
 def _case_cnn(config: Config, width: float, device) -> dict:
-    from .. import data as D, models
-    ds = D.load_dataset(config.cnn_dataset, config.data_root, train_size=config.cnn_points,
+    ds = data.load_dataset(config.cnn_dataset, config.data_root, train_size=config.cnn_points,
                         seed=config.seed, dtype=torch.float64)
     x = ds.x_train.to(device)
     y = torch.nn.functional.one_hot(ds.y_train, ds.num_classes).to(device=device, dtype=torch.float64)
@@ -87,18 +86,18 @@ def _case_cnn(config: Config, width: float, device) -> dict:
     model = models.dcnn(width, in_channels=ds.in_channels, num_classes=ds.num_classes,
                         image_size=ds.image_size).double().to(device)
     _freeze_batchnorm(model, x)
-    fit = T.fit_to_zero_loss(model, x, y, lbfgs_steps=config.cnn_lbfgs_steps, newton_steps=config.newton_steps,
+    fit = theory.fit_to_zero_loss(model, x, y, lbfgs_steps=config.cnn_lbfgs_steps, newton_steps=config.newton_steps,
                              chunk_size=config.jacobian_chunk)
-    md = T.minimum_dimension(model, x, rtol=config.rtol, chunk_size=config.jacobian_chunk)
-    spec = T.hessian_spectrum(model, x, y, method="lanczos", num_steps=config.lanczos_steps,
-                              generator=C.generator(config.seed))
+    md = theory.minimum_dimension(model, x, rtol=config.rtol, chunk_size=config.jacobian_chunk)
+    spec = linalg.hessian_spectrum(model, x, y, method="lanczos", num_steps=config.lanczos_steps,
+                              generator=training.generator(config.seed))
     row = _row(f"dcnn x{width}", "dcnn", "relu", fit, md, spec, config)
     # a dead unit in the last hidden layer caps rank J (see feature-rank): record that layer's rank
-    feats = [r for r in T.feature_ranks(model, x) if r["kind"] == "post"]
+    feats = [r for r in theory.feature_ranks(model, x) if r["kind"] == "post"]
     row["last_hidden_units"], row["last_hidden_feature_rank"] = feats[-1]["units"], feats[-1]["rank"]
     # independent check of Lanczos: at zero loss H = (2/N) JᵀJ, whose non-zero eigenvalues are those
     # of the small matrix (2/N) J Jᵀ; compare the top Ritz values with them.
-    j = T.output_jacobian(model, x, chunk_size=config.jacobian_chunk).to(torch.float64)
+    j = linalg.output_jacobian(model, x, chunk_size=config.jacobian_chunk).to(torch.float64)
     gn = torch.linalg.eigvalsh(j @ j.T).flip(0) * 2 / x.shape[0]
     ritz = spec.eigenvalues.flip(0)
     k = min(10, ritz.numel(), gn.numel())
@@ -144,28 +143,28 @@ def _row(case, model, activation, fit, md, spec, config) -> dict:
 
 
 def run(config: Config, out_dir: Path) -> dict:
-    C.set_threads(config.threads)
+    training.set_threads(config.threads)
     out = Path(out_dir)
-    if not (out / C.CONFIG).exists():
-        C.prepare_out(out, NAME, config, resume=True)
-    prog = C.Progress(out)
+    if not (out / outdir.CONFIG).exists():
+        outdir.prepare_out(out, NAME, config, resume=True)
+    prog = outdir.Progress(out)
     device = torch.device(config.device)
     for act, width in itertools.product(config.activations, config.widths):
         unit = f"fc2-{act}-{width}"
         if unit not in prog:
-            C.log(f"{NAME}: fc2 width {width} ({act}) on {config.num_points} points")
+            outdir.log(f"{NAME}: fc2 width {width} ({act}) on {config.num_points} points")
             prog.mark(unit, _case_fc2(config, width, act, device))
     for width in (config.cnn_widths if config.cnn_points > 0 else ()):
         unit = f"dcnn-{width}"
         if unit not in prog:
-            C.log(f"{NAME}: dcnn x{width} on {config.cnn_points} {config.cnn_dataset} images")
+            outdir.log(f"{NAME}: dcnn x{width} on {config.cnn_points} {config.cnn_dataset} images")
             prog.mark(unit, _case_cnn(config, width, device))
     units = [f"fc2-{a}-{w}" for a, w in itertools.product(config.activations, config.widths)]
     units += [f"dcnn-{w}" for w in config.cnn_widths] if config.cnn_points > 0 else []
     rows = [prog.get(u) for u in units]
     table = [{k: v for k, v in r.items() if k not in ("eigenvalues", "gauss_newton_eigenvalues")} for r in rows]
-    C.write_table(out / "metrics" / "minimum_dimension", table)
-    C.write_table(out / "metrics" / "spectra", [{"case": r["case"], "eigenvalues": r["eigenvalues"],
+    outdir.write_table(out / "metrics" / "minimum_dimension", table)
+    outdir.write_table(out / "metrics" / "spectra", [{"case": r["case"], "eigenvalues": r["eigenvalues"],
                                                   "eig_threshold": r["eig_threshold"],
                                                   "method": r["hessian_method"]} for r in rows])
     zero = [r for r in table if r["final_loss"] < 1e-20 and r["num_params"] > r["num_equations"]]
@@ -184,23 +183,21 @@ def run(config: Config, out_dir: Path) -> dict:
         res[f"{r['case']}: lanczos_top10_max_rel_err_vs_JJt"] = r["lanczos_top10_max_rel_err_vs_JJt"]
         res[f"{r['case']}: last_hidden_feature_rank/units"] = \
             f"{r['last_hidden_feature_rank']}/{r['last_hidden_units']}"
-    C.write_results(out, res)
+    outdir.write_results(out, res)
     plot(out)
     return res
 
 
 def plot(out_dir: Path) -> list[Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     out = Path(out_dir)
-    table = C.read_table(out / "metrics" / "minimum_dimension")
-    spectra = {s["case"]: s for s in C.read_table(out / "metrics" / "spectra")}
+    table = outdir.read_table(out / "metrics" / "minimum_dimension")
+    spectra = {s["case"]: s for s in outdir.read_table(out / "metrics" / "spectra")}
     fcs = [r for r in table if r["model"] == "fc2"]
     cnn = [r for r in table if r["model"] != "fc2"]
     ncol = 3 if cnn else 2
-    fig, axes = plt.subplots(1, ncol, figsize=(5.2 * ncol, 4.2))
-    cmap = plt.get_cmap("tab10")
+    fig, axes = figures.new_figure(1, ncol, figsize=(5.2 * ncol, 4.2))
+    axes = axes[0]
+    cmap = matplotlib.colormaps["tab10"]
     ax = axes[0]
     for i, r in enumerate(fcs):
         s = spectra[r["case"]]
@@ -247,9 +244,5 @@ def plot(out_dir: Path) -> list[Path]:
         ax.set_title("dcnn at zero loss: Lanczos with full reorthogonalisation", fontsize=9)
         ax.legend(fontsize=6)
     fig.tight_layout()
-    path = out / "figures" / "minimum_dimension.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    return [figures.save_figure(fig, out / "figures" / "minimum_dimension.png")]
 

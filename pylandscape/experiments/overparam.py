@@ -4,7 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _common as C
+from .. import figures
+from ..models import count_parameters
+from . import outdir, training
 
 NAME = "overparam"
 FIGURE = "Liao & Poggio Fig. 40 (validation error vs training-set size and width)"
@@ -41,39 +43,37 @@ PRESETS = {
 
 
 def run(config: Config, out_dir: Path) -> dict:
-    from ..models import count_parameters
-    C.set_threads(config.threads)
+    training.set_threads(config.threads)
     out = Path(out_dir)
-    prog = C.Progress(out)
+    prog = outdir.Progress(out)
     rows = []
     for n in config.train_sizes:
-        data = C.load_data(config, train_size=n)
+        data = training.load_data(config, train_size=n)
         for w in config.widths:
             unit = f"w{w:g}_n{n}"
-            make = C.model_fn(config, data, width=w)
+            make = training.model_fn(config, data, width=w)
             if unit not in prog:
-                C.log(f"width {w:g}, {n} training examples: {config.epochs} epochs")
-                model, flat0, _ = C.init_flat(make, config.seed)
-                hist = C.run_train(make, flat0, data, C.train_config(config, snapshot_epochs=[config.epochs], eval_every=config.epochs),
-                                   C.store_dir(out, unit), meta={"run": unit, "width": w, "train_size": n},
+                outdir.log(f"width {w:g}, {n} training examples: {config.epochs} epochs")
+                model, flat0, _ = training.init_flat(make, config.seed)
+                hist = training.run_train(make, flat0, data, training.train_config(config, snapshot_epochs=[config.epochs], eval_every=config.epochs),
+                                   outdir.store_dir(out, unit), meta={"run": unit, "width": w, "train_size": n},
                                    resume=True)
-                C.write_table(out / "metrics" / unit, hist)
+                outdir.write_table(out / "metrics" / unit, hist)
                 last = hist[-1]
                 prog.mark(unit, {"width": w, "train_size": n, "parameters": count_parameters(model),
                                  "train_error": last["train_error"], "test_error": last["test_error"],
                                  "train_loss": last["train_loss"], "test_loss": last["test_loss"]})
             rows.append(prog.get(unit))
-    C.write_table(out / "metrics" / "final", rows)
+    outdir.write_table(out / "metrics" / "final", rows)
     results = {f"w{r['width']:g}_n{r['train_size']}_test_error": r["test_error"] for r in rows}
-    C.write_results(out, results)
+    outdir.write_results(out, results)
     plot(out)
     return results
 
 
 def plot(out_dir: Path) -> list[Path]:
-    from .. import plot as P
     out = Path(out_dir)
-    rows = C.read_table(out / "metrics" / "final")
+    rows = outdir.read_table(out / "metrics" / "final")
     paths = []
     for m, lab in (("test_error", "test (validation) error"), ("train_error", "training error")):
         series = {}
@@ -81,7 +81,7 @@ def plot(out_dir: Path) -> list[Path]:
             rr = sorted([r for r in rows if r["width"] == w], key=lambda r: r["train_size"])
             series[f"width {w:g} ({rr[0]['parameters']:,} weights)"] = ([r["train_size"] for r in rr],
                                                                        [r[m] for r in rr])
-        paths.append(P.xy_lines(out / "figures" / f"{m}_vs_train_size.png", series, logx=True,
+        paths.append(figures.xy_lines(out / "figures" / f"{m}_vs_train_size.png", series, logx=True,
                                 title=f"Final {lab} vs training-set size, one line per network width",
                                 xlabel="training examples", ylabel=lab))
     return paths

@@ -5,7 +5,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _common as C
+from .. import figures
+from . import outdir, training
 
 NAME = "polynomial"
 FIGURE = "Liao & Poggio Fig. 2 (ReLU vs polynomial activations)"
@@ -55,34 +56,33 @@ def parse_activation(a: str) -> tuple[str, int]:
 def run(config: Config, out_dir: Path) -> dict:
     for a in config.activations:
         parse_activation(a)
-    C.set_threads(config.threads)
+    training.set_threads(config.threads)
     out = Path(out_dir)
-    prog = C.Progress(out)
-    data = C.load_data(config)
+    prog = outdir.Progress(out)
+    data = training.load_data(config)
     results = {}
     for a in config.activations:
         act, deg = parse_activation(a)
-        make = C.model_fn(config, data, activation=act, poly_degree=deg)
+        make = training.model_fn(config, data, activation=act, poly_degree=deg)
         if a not in prog:
-            C.log(f"{a}: {config.epochs} epochs of {config.optimizer.upper()}")
-            _, flat0, _ = C.init_flat(make, config.seed)  # same initial weights for every activation
-            hist = C.run_train(make, flat0, data, C.train_config(config, snapshot_epochs=[0, config.epochs]),
-                               C.store_dir(out, a), meta={"run": a, "trajectory": a, "activation": a}, resume=True)
-            C.write_table(out / "metrics" / a, hist)
+            outdir.log(f"{a}: {config.epochs} epochs of {config.optimizer.upper()}")
+            _, flat0, _ = training.init_flat(make, config.seed)  # same initial weights for every activation
+            hist = training.run_train(make, flat0, data, training.train_config(config, snapshot_epochs=[0, config.epochs]),
+                               outdir.store_dir(out, a), meta={"run": a, "trajectory": a, "activation": a}, resume=True)
+            outdir.write_table(out / "metrics" / a, hist)
             prog.mark(a)
-        last = C.read_table(out / "metrics" / a)[-1]
+        last = outdir.read_table(out / "metrics" / a)[-1]
         results[f"{a}_final_train_error"] = last["train_error"]
         results[f"{a}_final_test_error"] = last["test_error"]
-    C.write_results(out, results)
+    outdir.write_results(out, results)
     plot(out)
     return results
 
 
 def plot(out_dir: Path) -> list[Path]:
-    from .. import plot as P
     out = Path(out_dir)
-    config = C.load_config(out, Config)
-    runs = {a: C.read_table(out / "metrics" / a) for a in config.activations
+    config = outdir.load_config(out, Config)
+    runs = {a: outdir.read_table(out / "metrics" / a) for a in config.activations
             if (out / "metrics" / f"{a}.json").exists()}
-    return [P.metric_curves(out / "figures" / "curves.png", runs,
+    return [figures.metric_curves(out / "figures" / "curves.png", runs,
                             title="Same network, ReLU vs polynomial activations (polyN: degree-N fit of ReLU)")]

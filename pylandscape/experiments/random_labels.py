@@ -5,8 +5,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _common as C
-from . import sgd_stages as S
+from . import outdir, sgd_stages
 
 NAME = "random-labels"
 FIGURE = "Liao & Poggio, Discussion (SGD stages with random labels / random inputs)"
@@ -22,45 +21,45 @@ VARIANTS = {"random-labels": ("random", "real"), "random-inputs": ("random", "ra
 
 
 @dataclass
-class Config(S.Config):
+class Config(sgd_stages.Config):
     variants: tuple[str, ...] = ("random-labels", "random-inputs")
 
 
 PRESETS = {
-    "paper": Config(**dataclasses.asdict(S.PRESETS["paper"])),
-    "quick": Config(**{**dataclasses.asdict(S.PRESETS["quick"]), "train_size": 200, "stages": 4,
+    "paper": Config(**dataclasses.asdict(sgd_stages.PRESETS["paper"])),
+    "quick": Config(**{**dataclasses.asdict(sgd_stages.PRESETS["quick"]), "train_size": 200, "stages": 4,
                        "epochs_per_stage": 4, "late_from_stage": 3}),
 }
 
 
-def _sub(config: Config, variant: str) -> S.Config:
+def _sub(config: Config, variant: str) -> sgd_stages.Config:
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     labels, inputs = VARIANTS[variant]
-    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(S.Config)}
-    return S.Config(**{**d, "labels": labels, "inputs": inputs})
+    d = {f.name: getattr(config, f.name) for f in dataclasses.fields(sgd_stages.Config)}
+    return sgd_stages.Config(**{**d, "labels": labels, "inputs": inputs})
 
 
 def run(config: Config, out_dir: Path) -> dict:
     out = Path(out_dir)
-    C.Progress(out)
+    outdir.Progress(out)
     results = {}
     for v in config.variants:
         sub_cfg = _sub(config, v)
-        C.log(f"variant {v}: labels={sub_cfg.labels}, inputs={sub_cfg.inputs}")
+        outdir.log(f"variant {v}: labels={sub_cfg.labels}, inputs={sub_cfg.inputs}")
         sub = out / v
-        C.prepare_out(sub, S.NAME, sub_cfg, preset=f"from {NAME}", resume=True)
-        r = S.run(sub_cfg, sub)
+        outdir.prepare_out(sub, sgd_stages.NAME, sub_cfg, preset=f"from {NAME}", resume=True)
+        r = sgd_stages.run(sub_cfg, sub)
         results.update({f"{v}/{k}": val for k, val in r.items()})
-    C.write_results(out, results)
+    outdir.write_results(out, results)
     return results
 
 
 def plot(out_dir: Path) -> list[Path]:
     out = Path(out_dir)
-    config = C.load_config(out, Config)
+    config = outdir.load_config(out, Config)
     paths = []
     for v in config.variants:
         if (out / v / "config.json").exists():
-            paths += S.plot(out / v)
+            paths += sgd_stages.plot(out / v)
     return paths

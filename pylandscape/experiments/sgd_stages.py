@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
-from . import _common as C
+from .. import figures
+from ..store import SnapshotStore
+from . import outdir, training, weights
 
 NAME = "sgd-stages"
 FIGURE = "Liao & Poggio Fig. 3, 8-13 (SGD stages, MDS of layers 2 and 5)"
@@ -64,23 +66,23 @@ def _check(config: Config) -> None:
 
 
 def stage_store(out: Path, s: int) -> Path:
-    return C.store_dir(out, f"stage_{s:02d}")
+    return outdir.store_dir(out, f"stage_{s:02d}")
 
 
 def stage_end(out: Path, s: int) -> torch.Tensor:
     """Final weights of trajectory 1 of stage s: the next stage's starting point."""
-    st = C.SnapshotStore(stage_store(out, s))
-    return st.load_flat(C.last_index(st, trajectory=1))
+    st = SnapshotStore(stage_store(out, s))
+    return st.load_flat(outdir.last_index(st, trajectory=1))
 
 
 def run(config: Config, out_dir: Path) -> dict:
     _check(config)
-    C.set_threads(config.threads)
+    training.set_threads(config.threads)
     out = Path(out_dir)
-    prog = C.Progress(out)
-    data = C.load_data(config, labels=config.labels, inputs=config.inputs)
-    make = C.model_fn(config, data)
-    _, flat0, spec = C.init_flat(make, config.seed)
+    prog = outdir.Progress(out)
+    data = training.load_data(config, labels=config.labels, inputs=config.inputs)
+    make = training.model_fn(config, data)
+    _, flat0, spec = training.init_flat(make, config.seed)
     E = config.epochs_per_stage
     snaps = sorted(set(range(0, E + 1, max(1, config.snapshot_every))) | {E})
     for s in range(1, config.stages + 1):
@@ -89,18 +91,19 @@ def run(config: Config, out_dir: Path) -> dict:
             continue
         start = flat0 if s == 1 else stage_end(out, s - 1)
         starts = torch.stack([start.clone() if k < config.unperturbed else
-                              C.perturb(start, spec.offsets, config.perturb_scale, mode=config.perturb_mode,
+                              weights.perturb(start, spec.offsets, config.perturb_scale, mode=config.perturb_mode,
                                         seed=config.seed * 100003 + 1000 * s + k)
                               for k in range(config.trajectories)])
-        C.log(f"stage {s}/{config.stages}: {config.trajectories} SGD trajectories x {E} epochs")
+        outdir.log(f"stage {s}/{config.stages}: {config.trajectories} SGD trajectories x {E} epochs")
         metas = [{"run": f"stage{s}/t{k + 1}", "stage": s, "trajectory": k + 1, "perturbed": k >= config.unperturbed,
                   "epoch_offset": (s - 1) * E} for k in range(config.trajectories)]
-        hists = C.run_train_many(make, starts, data, C.train_config(config, epochs=E, snapshot_epochs=snaps),
-                                 stage_store(out, s), seeds=[config.seed + 7919 * s + k for k in range(config.trajectories)],
-                                 metas=metas, resume=True, spec=spec)
+        hists = training.run_train_many(
+            make, starts, data, training.train_config(config, epochs=E, snapshot_epochs=snaps), stage_store(out, s),
+            seeds=[config.seed + 7919 * s + k for k in range(config.trajectories)], metas=metas, resume=True,
+            spec=spec)
         rows = [{"stage": s, "trajectory": k + 1, "global_epoch": (s - 1) * E + r["epoch"], **r}
                 for k, h in enumerate(hists) for r in h]
-        C.write_table(out / "metrics" / f"stage_{s:02d}", rows)
+        outdir.write_table(out / "metrics" / f"stage_{s:02d}", rows)
         prog.mark(unit, {"final_train_error_traj1": hists[0][-1]["train_error"]})
 
     for tag, first in (("all", 1), ("late", config.late_from_stage)):
@@ -110,18 +113,19 @@ def run(config: Config, out_dir: Path) -> dict:
             unit = f"mds_{tag}_layer{layer}"
             if unit in prog:
                 continue
-            C.log(f"MDS of layer {layer}, stages {first}-{config.stages}")
+            outdir.log(f"MDS of layer {layer}, stages {first}-{config.stages}")
             items = []
             for s in range(first, config.stages + 1):
-                st = C.SnapshotStore(stage_store(out, s))
+                st = SnapshotStore(stage_store(out, s))
                 for m, f in st:
                     items.append(({**m, "global_epoch": int(m["epoch"]) + int(m.get("epoch_offset", 0))}, f))
-            C.embed_and_save(items, out / "metrics" / f"{unit}.json", spec=spec, layer=layer, device=config.device,
-                             title=f"MDS of layer {layer}, SGD stages {first}-{config.stages}")
+            weights.embed_and_save(items, out / "metrics" / f"{unit}.json", spec=spec, layer=layer,
+                                   device=config.device,
+                                   title=f"MDS of layer {layer}, SGD stages {first}-{config.stages}")
             prog.mark(unit)
 
     results = summarize(out, config)
-    C.write_results(out, results)
+    outdir.write_results(out, results)
     plot(out)
     return results
 
@@ -129,7 +133,7 @@ def run(config: Config, out_dir: Path) -> dict:
 def summarize(out: Path, config: Config) -> dict:
     res = {}
     for s in range(1, config.stages + 1):
-        rows = C.read_table(out / "metrics" / f"stage_{s:02d}")
+        rows = outdir.read_table(out / "metrics" / f"stage_{s:02d}")
         last = {}
         for r in rows:
             last[r["trajectory"]] = r
@@ -141,9 +145,8 @@ def summarize(out: Path, config: Config) -> dict:
 
 
 def plot(out_dir: Path) -> list[Path]:
-    from .. import plot as P
     out = Path(out_dir)
-    config = C.load_config(out, Config)
+    config = outdir.load_config(out, Config)
     figs = out / "figures"
     paths = []
     runs = {}
@@ -151,17 +154,17 @@ def plot(out_dir: Path) -> list[Path]:
         p = out / "metrics" / f"stage_{s:02d}.json"
         if not p.exists():
             continue
-        for r in C.read_table(p.with_suffix("")):
+        for r in outdir.read_table(p.with_suffix("")):
             runs.setdefault(f"trajectory {r['trajectory']}", []).append(r)
     what = "" if config.labels == "true" and config.inputs == "real" else \
         f" ({'random inputs, ' if config.inputs == 'random' else ''}random labels)"
     if runs:
-        paths.append(P.metric_curves(figs / "curves.png", runs, x="global_epoch", xlabel="epoch (all stages)",
+        paths.append(figures.metric_curves(figs / "curves.png", runs, x="global_epoch", xlabel="epoch (all stages)",
                                      title=f"SGD stages{what}: error and loss of the parallel trajectories"))
     for q in sorted((out / "metrics").glob("mds_*_layer*.json")):
         emb = json.loads(q.read_text())
-        paths.append(P.stages_figure(figs / f"{q.stem}.png", emb, title=emb.get("title", "") + what))
+        paths.append(figures.stages_figure(figs / f"{q.stem}.png", emb, title=emb.get("title", "") + what))
         if q.stem.startswith("mds_all"):
-            paths.append(P.stage_panels(figs / f"{q.stem}_per_stage.png", emb,
+            paths.append(figures.stage_panels(figs / f"{q.stem}_per_stage.png", emb,
                                         title=emb.get("title", "") + what + ": one panel per stage"))
     return paths

@@ -1,0 +1,184 @@
+"""SnapshotSet: snapshots sharing one ParamSpec, each with metadata, read column range by column range.
+
+Reading goes straight from the file into one preallocated float32 [rows, columns] buffer (safetensors:
+mmap + one copy per tensor, no intermediate buffers), so the snapshots never need to fit in memory all
+at once. Only weights are used: BatchNorm running statistics/counters (`flat.is_non_parameter`) and
+integer tensors are skipped and reported.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..flat import ParamSpec
+from ..store import SnapshotStore
+from .formats import Snapshot, SnapshotError, load_tensors, read_safetensors_pieces
+from .layouts import find_snapshots, label_of, sort_order
+from .selection import columns, parse_select
+
+
+@dataclass
+class SnapshotSet:
+    """Snapshots sharing one ParamSpec (weights only), each with a metadata dict."""
+
+    spec: ParamSpec
+    items: list[Snapshot]
+    meta: list[dict]
+    root: Path | None = None
+    skipped: list[str] = field(default_factory=list)
+    matrix: torch.Tensor | None = None          # in-memory sources: [N, P]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def cacheable(self) -> bool:
+        return self.matrix is None and self.root is not None
+
+    def describe(self) -> str:
+        return str(self.root) if self.root is not None else "in-memory snapshots"
+
+    def file_key(self, i: int) -> list:
+        """(absolute path, size, mtime_ns): the snapshot's identity in the (shared) Gram cache; it
+        changes whenever the file is rewritten."""
+        p = self.items[i].path
+        st = p.stat()
+        return [str(p.resolve()), st.st_size, st.st_mtime_ns]
+
+    def filter_rows(self, select: str | None = None,
+                    trajectory: Sequence[str] | str | None = None) -> list[int]:
+        rows = list(range(len(self.items)))
+        if trajectory:
+            wanted = [trajectory] if isinstance(trajectory, str) else list(trajectory)
+            have = sorted({str(m.get("trajectory")) for m in self.meta})
+            missing = [t for t in wanted if t not in have]
+            if missing:
+                raise SnapshotError(f"--trajectory {', '.join(missing)} matches nothing; trajectories: "
+                                    f"{', '.join(have[:30])}")
+            rows = [i for i in rows if str(self.meta[i].get("trajectory")) in wanted]
+        if select:
+            pred = parse_select(select, columns=columns(self.meta))
+            rows = [i for i in rows if pred(self.meta[i])]
+        return rows
+
+    # --- reading ---
+    def plan_pieces(self, col_start: int, col_end: int) -> list[tuple[int, int, int]]:
+        """(tensor index, start, end) element ranges covering flat columns [col_start, col_end)."""
+        out = []
+        offs = self.spec.offsets.tolist()
+        for t in range(len(self.spec)):
+            a, b = max(offs[t], col_start), min(offs[t + 1], col_end)
+            if a < b:
+                out.append((t, a - offs[t], b - offs[t]))
+        return out
+
+    def read_block(self, rows: Sequence[int], pieces: Sequence[tuple[int, int, int]],
+                   out: np.ndarray | None = None, progress: bool | None = None,
+                   desc: str = "reading") -> np.ndarray:
+        """float32 [len(rows), sum of piece lengths]: the pieces of each row, side by side."""
+        width = sum(b - a for _, a, b in pieces)
+        if out is None:
+            out = np.empty((len(rows), width), dtype=np.float32)
+        it = tqdm(rows, desc=desc, unit="snap", disable=(not progress) if progress is not None else None,
+                  leave=False)
+        for r, i in enumerate(it):
+            self._read_row(i, pieces, out[r])
+        return out
+
+    def _read_row(self, i: int, pieces, dst: np.ndarray) -> None:
+        item = self.items[i]
+        names = self.spec.names
+        if item.kind == "memory":
+            x = self.matrix[item.row]
+            offs = self.spec.offsets.tolist()
+            c = 0
+            for t, a, b in pieces:
+                dst[c:c + b - a] = x[offs[t] + a:offs[t] + b].numpy()
+                c += b - a
+            return
+        if item.kind == "safetensors":
+            read_safetensors_pieces(item, names, pieces, dst)
+            return
+        sd, _ = load_tensors(item)
+        c = 0
+        for t, a, b in pieces:
+            v = sd[names[t]]
+            v = v.detach().reshape(-1)[a:b].float().numpy() if isinstance(v, torch.Tensor) \
+                else np.asarray(v).reshape(-1)[a:b]
+            dst[c:c + b - a] = v
+            c += b - a
+
+
+def discover(root: str | os.PathLike, *, group_by: str | None = None, skip_bad: bool = False,
+             on_warning: Callable[[str], None] | None = None) -> SnapshotSet:
+    """Every snapshot below `root` (headers read, one shared spec checked), sorted by run and step."""
+    found = find_snapshots(root, group_by=group_by, skip_bad=skip_bad, on_warning=on_warning)
+    return SnapshotSet(spec=found.spec, items=found.items, meta=found.meta, root=found.root,
+                       skipped=found.skipped)
+
+
+def skipped_buffers(sset: SnapshotSet) -> list[str]:
+    """Names of tensors present in the files but not used (BatchNorm statistics, integer tensors)."""
+    if not sset.items:
+        return []
+    used = set(sset.spec.names)
+    return [n for n in sset.items[0].tensors if n not in used]
+
+
+def open_source(source, *, spec: ParamSpec | None = None, group_by: str | None = None,
+                skip_bad: bool = False, on_warning=None) -> SnapshotSet:
+    """A SnapshotSet from a folder, a file, a SnapshotStore, (meta, flat) pairs or an [N, P] tensor."""
+    if isinstance(source, SnapshotSet):
+        return source
+    if isinstance(source, SnapshotStore):
+        source = source.root
+    if isinstance(source, (str, os.PathLike)):
+        sset = discover(source, group_by=group_by, skip_bad=skip_bad, on_warning=on_warning)
+        unused = skipped_buffers(sset)
+        if unused:
+            sset.skipped.insert(0, f"not weights, skipped: {', '.join(unused)}")
+        return sset
+    if isinstance(source, tuple) and len(source) == 2 and isinstance(source[1], ParamSpec):
+        source, spec = source
+    if isinstance(source, (torch.Tensor, np.ndarray)):
+        X = torch.as_tensor(source)
+        if X.ndim != 2:
+            raise SnapshotError(f"snapshot matrix must be [N, P], got shape {tuple(X.shape)}")
+        metas = [{"path": f"row{i}", "trajectory": "0", "step": i, "index": i} for i in range(X.shape[0])]
+    else:
+        pairs = list(source)
+        if not pairs:
+            raise SnapshotError("no snapshots given")
+        metas, rows = [], []
+        for i, pr in enumerate(pairs):
+            if not (isinstance(pr, (tuple, list)) and len(pr) == 2):
+                raise SnapshotError(f"snapshot {i}: expected a (meta dict, flat tensor) pair")
+            m, flat = pr
+            m = dict(m)
+            m.setdefault("path", m.get("file", f"row{i}"))
+            m.setdefault("trajectory", str(m.get("run", "0")))
+            m.setdefault("index", i)
+            metas.append(m)
+            rows.append(torch.as_tensor(flat).detach().reshape(-1))
+        sizes = {r.numel() for r in rows}
+        if len(sizes) != 1:
+            raise SnapshotError(f"snapshots have different sizes: {sorted(sizes)[:5]}")
+        X = torch.stack(rows)
+    X = X.detach().cpu().to(torch.float32)
+    if spec is None:
+        spec = ParamSpec(("params",), ((X.shape[1],),))
+    if spec.numel != X.shape[1]:
+        raise SnapshotError(f"spec has {spec.numel} parameters, snapshots have {X.shape[1]}")
+    for m in metas:
+        m.setdefault("label", label_of(m))
+    items = [Snapshot("memory", None, {}, row=i) for i in range(X.shape[0])]
+    order = sort_order(metas)
+    return SnapshotSet(spec=spec, items=[items[i] for i in order], meta=[metas[i] for i in order],
+                       matrix=X)
+
