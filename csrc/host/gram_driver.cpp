@@ -19,8 +19,9 @@
 //   so exact duplicates give G_ij == G_ii exactly and 1 - cos == 0 exactly.
 //   fp64 inputs use the same scheme with fp64 GEMMs throughout.
 //
-// Memory (per segment of s columns): the fp32 (fp64 for fp64 input) differences d of all rows of X (and
-// of Y), i.e. one more copy of the segment's slice of the inputs, plus O(N * blocks) fp64 vectors.
+// Memory: the segment's columns go in groups of whole k-chunks (~P / 20 columns), so the workspace of fp32
+// (fp64 for fp64 input) differences d is [rows of X (+ Y), group columns], ~5% of X; the fp64 accumulators
+// of the block products are the output itself; plus O(N * blocks) fp64 vectors.
 //
 // This driver is device-generic (ATen ops + at::bmm, i.e. MKL/OpenBLAS or cuBLAS on the current stream) and
 // compiled once, by the C++ compiler; the compensated reductions are device kernels passed in through
