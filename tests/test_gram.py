@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from conftest import needs_cuda
 
 from pylandscape import _ext, ops
 from pylandscape import _reference as ref
@@ -537,3 +538,28 @@ def test_streamed_sizes_of_a_reiterable_x_with_y():
     G = ops.segment_gram(Blocks(), off, Y=X[:5], memory_budget=4 * 4 * 20 * 8)
     assert G.shape == (1, 37, 5)
     assert torch.equal(G, ops.segment_gram(X, off, Y=X[:5], memory_budget=4 * 4 * 20 * 8))
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", ["fp32_block_boundary", "y_several_blocks", "subblock_refinement",
+                                  "direct_distances", "small_segment_fp64"])
+def test_cuda_gram_matches_the_bar(case):
+    """segment_gram on CUDA: the same certificate, so the same accuracy bar as on the CPU (bits may differ:
+    cuBLAS sums in another order), and the diagonal (the canonical norms) close to the CPU's."""
+    N, M, sizes, eps, _ = PATH_CASES[case]
+    rows = scaled_family(N + (M or 0), sum(sizes), eps, seed=len(case))
+    off = offsets(sizes)
+    X, Y = (rows, None) if M is None else (rows[:N], rows[N:])
+    Gc = ops.segment_gram(X.cuda(), off, Y=None if Y is None else Y.cuda())
+    assert Gc.is_cuda and Gc.dtype == torch.float64
+    G = Gc.cpu()
+    R = fp64_products(X, off, Y)
+    na2 = torch.diagonal(fp64_products(X, off), dim1=1, dim2=2)
+    nb2 = na2 if Y is None else torch.diagonal(fp64_products(Y, off), dim1=1, dim2=2)
+    assert scaled_err(G, R, na2, nb2) <= 2e-6
+    if Y is None:
+        worst, neg = worst_rel_error(G, exact_one_minus_cos(X, off))
+        assert worst <= 1e-3 and neg >= -1e-15
+        assert torch.allclose(torch.diagonal(G, dim1=1, dim2=2), na2, rtol=1e-14, atol=0)
+    Gx = torch.ops.pylandscape.segment_gram(X, off, Y)
+    assert scaled_err(G, Gx, na2, nb2) <= 4e-6
