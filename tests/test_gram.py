@@ -158,8 +158,9 @@ def test_multi_block_accuracy_bar(impl, long_walks):
 
 
 @pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
-def test_multi_block_thread_count_invariant(long_walks):
+def test_multi_block_thread_count_invariant(long_walks, monkeypatch):
     X, off, _ = long_walks
+    monkeypatch.setenv("PYLANDSCAPE_GRAM_SERIAL_WORK", "0")  # this size would otherwise run on one thread
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -563,3 +564,19 @@ def test_cuda_gram_matches_the_bar(case):
         assert torch.allclose(torch.diagonal(G, dim1=1, dim2=2), na2, rtol=1e-14, atol=0)
     Gx = torch.ops.pylandscape.segment_gram(X, off, Y)
     assert scaled_err(G, Gx, na2, nb2) <= 4e-6
+
+
+@pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
+def test_small_work_runs_on_the_calling_thread(monkeypatch):
+    """Below the work threshold the op runs serially (nothing waits on a busy core) and leaves the caller's
+    thread count as it was; the result is the same as on all threads."""
+    X = scaled_family(64, 3000, 1e-3)
+    off = offsets([1000, 2000])
+    before = torch.get_num_threads()
+    G1 = torch.ops.pylandscape.segment_gram(X, off)
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("PYLANDSCAPE_GRAM_SERIAL_WORK", "0")
+    G2 = torch.ops.pylandscape.segment_gram(X, off)
+    d = torch.diagonal(G1, dim1=1, dim2=2)
+    assert torch.equal(d, torch.diagonal(G2, dim1=1, dim2=2))
+    assert scaled_err(G1, G2, d, d) <= 1e-9

@@ -29,6 +29,7 @@
 #include "pylandscape/gram_driver.h"
 
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <chrono>
@@ -50,7 +51,8 @@ constexpr int64_t kLeaf = 32;        // at most this many rows per side: fp64 pa
 constexpr int64_t kDirectCost = 64;  // one direct fp64 distance ~ this many entries of a sub-block pass
 constexpr int64_t kSmallLayer = 512; // segments this small go straight to the fp64 pass (cheap, exact-er)
 constexpr int64_t kSmallBlock = 1024;  // their rows per block: few block pairs (per-pair overhead dominates)
-constexpr int64_t kSplitDiag = 64;   // diagonal blocks of >= 2x this rows: three half-size GEMMs, not four
+constexpr int64_t kSplitDiag = 128;  // diagonal blocks of >= 2x this rows: three half-size GEMMs, not four (smaller
+                                     // GEMMs lose more to BLAS overheads than the skipped quarter saves)
 constexpr double kU32 = 5.9604644775390625e-08;   // 2^-24
 constexpr double kKappa = 0.35;      // probabilistic error constant per sqrt(chunk length), measured ~0.17
 
@@ -147,6 +149,25 @@ struct HighestMatmulPrecision {
   ~HighestMatmulPrecision() {
     if (prev == at::Float32MatmulPrecision::HIGH) at::globalContext().setFloat32MatmulPrecision("high");
     if (prev == at::Float32MatmulPrecision::MEDIUM) at::globalContext().setFloat32MatmulPrecision("medium");
+  }
+};
+
+// Small problems run on the calling thread alone: with the other core busy (a training job beside this),
+// every parallel region's barrier waits for a descheduled thread, and a call of ~100 ms took 2.7 s on 2
+// threads vs 0.15 s on one (measured, libgomp's default spinning wait). Threshold: N * M * P products
+// (PYLANDSCAPE_GRAM_SERIAL_WORK overrides it; 0 keeps every thread).
+struct SerialForSmallWork {
+  int prev = 0;
+  explicit SerialForSmallWork(const at::Tensor& X, int64_t N, int64_t M) {
+    const char* env = std::getenv("PYLANDSCAPE_GRAM_SERIAL_WORK");
+    const double limit = env ? std::atof(env) : 2.5e9;
+    if (!X.device().is_cpu() || static_cast<double>(N) * M * X.size(1) > limit) return;
+    prev = at::get_num_threads();
+    if (prev > 1) at::set_num_threads(1);
+    else prev = 0;
+  }
+  ~SerialForSmallWork() {
+    if (prev > 0) at::set_num_threads(prev);
   }
 };
 
@@ -396,6 +417,7 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
   // every entry is written below (blocks, then the mirror), except for empty segments
   at::Tensor out = at::empty({L, N, M}, X.options().dtype(at::kDouble));
   if (N == 0 || M == 0) return out;
+  SerialForSmallWork serial(X, N, M);
   Workspace ws[4];  // reused by every segment, group and block pair (fresh memory costs page faults)
   for (int64_t l = 0; l < L; ++l) {
     const int64_t c0 = off[l], c1 = off[l + 1], s = c1 - c0;
