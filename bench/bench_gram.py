@@ -30,16 +30,21 @@ import sys
 import tempfile
 import time
 
-import numpy as np
-import torch
+NUMPY_ENV_DROP = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+if __name__ == "__main__" and any(k in os.environ for k in NUMPY_ENV_DROP):
+    # OpenBLAS reads these when numpy loads: run this script (only) without them
+    os.execve(sys.executable, [sys.executable, *sys.argv],
+              {k: v for k, v in os.environ.items() if k not in NUMPY_ENV_DROP})
 
-from conftest import PAPER_SIZES
-from pylandscape import ops
-from pylandscape import _reference as ref
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from conftest import PAPER_SIZES  # noqa: E402
+from pylandscape import ops  # noqa: E402
+from pylandscape import _reference as ref  # noqa: E402
 
 SIZES = PAPER_SIZES
 CACHE = os.path.join(tempfile.gettempdir(), "pylandscape-bench")
-NUMPY_ENV_DROP = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
 def offsets():
@@ -277,8 +282,6 @@ if __name__ == "__main__":
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    for k in NUMPY_ENV_DROP:  # numpy in this process too (torch uses MKL, unaffected)
-        os.environ.pop(k, None)
     try:
         from threadpoolctl import threadpool_info
         print("BLAS:", [(d.get("internal_api"), d.get("architecture"), d.get("num_threads"))
