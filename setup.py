@@ -4,7 +4,8 @@ CUDA build and a CUDA toolkit is found (no GPU needed to compile).
 Environment:
   PYLANDSCAPE_CUDA=auto|0|1   auto (default): CUDA iff torch.version.cuda and a toolkit exist;
                               1: fail loudly if CUDA is impossible; 0: CPU only.
-  TORCH_CUDA_ARCH_LIST        GPU targets (default "8.0;9.0" when no GPU is visible).
+  TORCH_CUDA_ARCH_LIST        GPU targets (default "8.0;9.0+PTX" when no GPU is visible: PTX lets newer
+                              GPUs JIT-compile the kernels).
   MAX_JOBS                    parallel compile jobs (ninja).
   PYLANDSCAPE_DEBUG=1         -O0 -g.
 """
@@ -92,12 +93,14 @@ def extensions():
                 pass
             if not visible:
                 # torch's own arch detection crashes with no GPU (IndexError in _get_cuda_arch_flags)
-                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+                os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0+PTX"
         sources += _sources("cuda", "cu")
         include_dirs += _torch_nvidia_includes()
         define_macros.append(("PYLANDSCAPE_WITH_CUDA", "1"))
-        # --fmad=false: no FMA contraction anywhere (the noise code also uses explicit __f*_rn intrinsics).
-        nvcc = opt + ["--fmad=false", "--threads", os.environ.get("MAX_JOBS", "2")]
+        # --fmad=false: no FMA contraction in device code (the noise code also uses explicit __f*_rn
+        # intrinsics); -Xcompiler -ffp-contract=off: none in the host code of the .cu files either (the
+        # statistics and sigmas computed on the host must round as in the .cpp files).
+        nvcc = opt + ["--fmad=false", "-Xcompiler", "-ffp-contract=off", "--threads", os.environ.get("MAX_JOBS", "2")]
         ext = cext.CUDAExtension(
             "pylandscape._C", sources, include_dirs=include_dirs, define_macros=define_macros,
             extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=ldflags, py_limited_api=True)

@@ -1,28 +1,50 @@
-"""segment_gram vs plain fp32 X @ X.T vs the fp64 reference vs naive normalise-then-dot.
+"""segment_gram vs torch's X @ X.T (MKL GEMM) and numpy's X @ X.T (OpenBLAS syrk: the CPU floor), time and memory.
 
-Data: one random-walk trajectory of N fp32 snapshots of P = 188,810 parameters in 12 tensors, steps
-shrinking geometrically from 1e-2 to 1e-6 of the weight norm (late pairs have 1 - cos ~ 1e-12).
-Accuracy: worst relative error of 1 - cos (whole model, pairs with 1 - cos >= 1e-10) on sampled pairs
-(all consecutive pairs + random ones) against an fp64 oracle that needs no Gram:
-1 - cos = (d^2 - (n_i - n_j)^2) / (2 n_i n_j), exact fp64 differences.
+Data: one random-walk trajectory of N fp32 snapshots of the paper's net (pylandscape.models.dcnn,
+P = 188,810 in 10 tensors), steps shrinking geometrically from 1e-2 to 1e-6 of the weight norm (late pairs
+have 1 - cos ~ 1e-12). Accuracy: worst relative error of 1 - cos (whole model, pairs with 1 - cos >= 1e-10)
+on sampled pairs against an fp64 oracle that needs no Gram: 1 - cos = (d^2 - (n_i - n_j)^2) / (2 n_i n_j).
 
-    python bench/bench_gram.py --n 500 2000        # one timed run each, prints a table
-    pytest bench/bench_gram.py --benchmark-only    # pytest-benchmark (N = 500 by default)
+Two timings per N, each the best of --repeats:
+  first call  every call in a fresh process (what a CLI run pays: thread pools, page faults, code pages),
+              the competitors alternating;
+  steady      in one process, after one warm-up call each, round-robin.
+Memory: peak RSS during the call minus RSS before it minus the output's bytes (Linux: /proc/self/clear_refs
+resets the peak, VmHWM reads it), as a share of X's bytes. On CUDA: torch.cuda.max_memory_allocated.
+numpy runs with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed (see /work/.library/env/README.md: they slow
+a current OpenBLAS down); the kernel it then uses is printed (threadpoolctl).
 
-These runs take tens of seconds on 2 cores; run them once, on a quiet machine.
+    python bench/bench_gram.py --n 100 256 500 1000 2000 --repeats 3     # prints the table
+    python bench/bench_gram.py --device cuda --n 1000 10000                # on a GPU: vs cuBLAS
+    pytest bench/bench_gram.py --benchmark-only                            # pytest-benchmark (N = 500)
+
+These runs take minutes on 2 cores; say how busy the machine was (uptime) when you quote them.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
 
-import torch
+NUMPY_ENV_DROP = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+if __name__ == "__main__" and any(k in os.environ for k in NUMPY_ENV_DROP):
+    # OpenBLAS reads these when numpy loads: run this script (only) without them
+    os.execve(sys.executable, [sys.executable, *sys.argv],
+              {k: v for k, v in os.environ.items() if k not in NUMPY_ENV_DROP})
 
-from pylandscape import ops
-from pylandscape import _reference as ref
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-SIZES = [1728, 64, 36864, 64, 73728, 128, 65536, 128, 8192, 64, 2304, 10]  # 188,810 parameters
-assert sum(SIZES) == 188_810
+from conftest import PAPER_SIZES  # noqa: E402
+from pylandscape import ops  # noqa: E402
+from pylandscape import _reference as ref  # noqa: E402
+
+SIZES = PAPER_SIZES
+CACHE = os.path.join(tempfile.gettempdir(), "pylandscape-bench")
 
 
 def offsets():
@@ -30,6 +52,10 @@ def offsets():
 
 
 def trajectory(N: int, seed: int = 0) -> torch.Tensor:
+    """[N, P] fp32, cached as .npy under the temp folder (the walk itself takes seconds at N = 2,000)."""
+    path = os.path.join(CACHE, f"walk_{N}_{seed}_{sum(SIZES)}.npy")
+    if os.path.exists(path):
+        return torch.from_numpy(np.load(path))
     g = torch.Generator().manual_seed(seed)
     P = sum(SIZES)
     x = torch.randn(P, generator=g, dtype=torch.float64)
@@ -40,6 +66,10 @@ def trajectory(N: int, seed: int = 0) -> torch.Tensor:
         s = 1e-2 * (1e-4) ** (k / max(N - 1, 1))
         u = torch.randn(P, generator=g, dtype=torch.float64)
         x = X[k].double() + (s * norm / float(u.norm())) * u
+    os.makedirs(CACHE, exist_ok=True)
+    tmp = path + f".{os.getpid()}.tmp.npy"
+    np.save(tmp, X.numpy())
+    os.replace(tmp, path)
     return X
 
 
@@ -73,37 +103,122 @@ def naive(X):
     return (Xn @ Xn.T).double()  # cosines; G with unit diagonal
 
 
-def run_table(Ns, with_ref_up_to=500, repeats=1):
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def call(what: str, X: torch.Tensor, off: torch.Tensor, device: str):
+    """One timed call; returns (seconds, extra bytes beyond X and the output, whole-model Gram or None)."""
+    cuda = device == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            pass
+        base = _rss("VmRSS")
+    t0 = time.perf_counter()
+    if what == "segment_gram":
+        out = ops.segment_gram(X, off)
+    elif what == "torch":
+        out = X @ X.T
+    elif what == "numpy":
+        Xn = X.numpy()
+        out = torch.from_numpy(Xn @ Xn.T)
+    else:
+        raise ValueError(what)
+    if cuda:
+        torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")
+    extra = peak - base - out.numel() * out.element_size()
+    G = out.sum(0) if what == "segment_gram" else out.double()
+    return dt, extra, G
+
+
+def child(N: int, what: str, device: str) -> None:
+    """A fresh process for one first call: prints JSON."""
+    X = trajectory(N)
+    if device == "cuda":
+        X = X.cuda()
+    dt, extra, _ = call(what, X, offsets(), device)
+    print(json.dumps({"t": dt, "extra": extra, "xbytes": X.numel() * X.element_size()}))
+
+
+def first_call(N: int, what: str, device: str) -> dict:
+    env = dict(os.environ)
+    if what == "numpy":
+        for k in NUMPY_ENV_DROP:
+            env.pop(k, None)
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", str(N), what, device],
+                         capture_output=True, text=True, env=env, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_table(Ns, repeats=3, device="cpu", first=True):
     off = offsets()
+    whats = ["segment_gram", "torch"] + (["numpy"] if device == "cpu" else [])
     rows = []
     for N in Ns:
         X = trajectory(N)
         i, j = sample_pairs(N)
         truth = oracle(X, i, j)
-        P = X.shape[1]
-        useful = N * (N + 1) / 2 * P * 2
-        cases = [("X @ X.T fp32", lambda: (X @ X.T).double()),
-                 ("naive normalise+dot fp32", lambda: naive(X)),
-                 ("segment_gram", lambda: ops.segment_gram(X, off).sum(0))]
-        if N <= with_ref_up_to:
-            cases.append(("fp64 reference", lambda: ref.segment_gram(X, off).sum(0)))
-        # round-robin over the cases, best of `repeats` each (the first call also pays page faults): on a
-        # shared machine, slow spells then hit every case alike
-        best, last = {}, {}
+        Xd = X.cuda() if device == "cuda" else X
+        xbytes = X.numel() * X.element_size()
+        fc = {}
+        if first:
+            for _ in range(repeats):
+                for w in whats:
+                    r = first_call(N, w, device)
+                    if w not in fc or r["t"] < fc[w]["t"]:
+                        fc[w] = r
+        best, mem, last = {}, {}, {}
+        for w in whats:  # warm-up call each
+            call(w, Xd, off, device)
         for _ in range(repeats):
-            for name, fn in cases:
-                t0 = time.perf_counter()
-                last[name] = fn()
-                best[name] = min(best.get(name, float("inf")), time.perf_counter() - t0)
-        t_mm = best[cases[0][0]]
-        for name, _ in cases:
-            dt = best[name]
-            err, neg = worst_rel(last[name], i, j, truth)
-            rows.append((N, name, dt, useful / dt / 1e9, dt / t_mm, err, neg))
-            print(f"N={N:5d} {name:26s} {dt:8.2f} s {useful / dt / 1e9:7.1f} GFLOP/s  x{dt / t_mm:5.2f} of X@X.T  "
-                  f"worst rel err {err:.2e}  negatives {neg}", flush=True)
+            for w in whats:
+                dt, extra, G = call(w, Xd, off, device)
+                if dt < best.get(w, float("inf")):
+                    best[w], mem[w] = dt, extra
+                last[w] = G.cpu()
+        err, neg = worst_rel(last["segment_gram"], i, j, truth)
+        errt, negt = worst_rel(last["torch"], i, j, truth)
+        row = {"N": N, "err": err, "neg": neg, "err_torch": errt, "neg_torch": negt}
+        for w in whats:
+            row[f"steady_{w}"] = best[w]
+            row[f"mem_{w}"] = mem[w] / xbytes
+            if first:
+                row[f"first_{w}"] = fc[w]["t"]
+                row[f"fmem_{w}"] = fc[w]["extra"] / fc[w]["xbytes"]
+        rows.append(row)
+        print(fmt_row(row, whats, first), flush=True)
         last.clear()
     return rows
+
+
+def fmt_row(r, whats, first):
+    s = f"N={r['N']:5d}"
+    if first:
+        s += (f" | first call: gram {r['first_segment_gram']:.2f} s = {r['first_segment_gram'] / r['first_torch']:.2f}x"
+              f" torch ({r['first_torch']:.2f} s)")
+        if "numpy" in whats:
+            s += f", {r['first_segment_gram'] / r['first_numpy']:.2f}x numpy ({r['first_numpy']:.2f} s)"
+        s += f", extra mem {100 * r['fmem_segment_gram']:.1f}% of X"
+    s += (f" | steady: gram {r['steady_segment_gram']:.2f} s = "
+          f"{r['steady_segment_gram'] / r['steady_torch']:.2f}x torch ({r['steady_torch']:.2f} s)")
+    if "numpy" in whats:
+        s += f", {r['steady_segment_gram'] / r['steady_numpy']:.2f}x numpy ({r['steady_numpy']:.2f} s)"
+    s += (f", extra mem {100 * r['mem_segment_gram']:.1f}% of X | 1 - cos worst rel err {r['err']:.1e} "
+          f"(torch fp32: {r['err_torch']:.1e}, {r['neg_torch']} negatives)")
+    return s
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -153,13 +268,29 @@ except ImportError:  # pragma: no cover
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Time segment_gram against X @ X.T, the fp64 reference and the "
-                                             "naive fp32 route on a random-walk trajectory (P = 188,810).")
-    ap.add_argument("--n", type=int, nargs="+", default=[500, 2000], help="numbers of snapshots")
-    ap.add_argument("--ref-up-to", type=int, default=500, help="time the fp64 reference only up to this N")
-    ap.add_argument("--repeats", type=int, default=1, help="time each case this many times, keep the best")
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(int(sys.argv[2]), sys.argv[3], sys.argv[4])
+        sys.exit(0)
+    ap = argparse.ArgumentParser(description="Time segment_gram against X @ X.T (torch and numpy) on a random-walk "
+                                             "trajectory of the paper's net (P = 188,810), first call and steady.")
+    ap.add_argument("--n", type=int, nargs="+", default=[100, 256, 500, 1000, 2000], help="numbers of snapshots")
+    ap.add_argument("--repeats", type=int, default=3, help="time each case this many times, keep the best")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--no-first", action="store_true", help="skip the fresh-process (first call) timings")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--json", default=None, help="write the rows here")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    run_table(a.n, a.ref_up_to, a.repeats)
+    try:
+        from threadpoolctl import threadpool_info
+        print("BLAS:", [(d.get("internal_api"), d.get("architecture"), d.get("num_threads"))
+                        for d in threadpool_info()], flush=True)
+    except ImportError:
+        pass
+    print(f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()}", flush=True)
+    rows = run_table(a.n, a.repeats, a.device, not a.no_first)
+    print(f"load average after: {os.getloadavg()}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)

@@ -336,7 +336,7 @@ def segment_gram(X, offsets, *, Y=None, device=None, progress: bool = False,
     device: where to compute (blocks are moved there); the result lives there too.
     memory_budget: bytes of input rows to hold at once for row blocks or for tensors moved to `device`
     (default 1 GiB). A tensor already on the compute device is processed in one call unless a budget is
-    given; the op then needs about one more copy of the largest segment's columns as workspace.
+    given; the op's workspace is then about 5% of X (columns are processed in groups of ~P / 20).
     progress: draw a progress bar; what is computed (and every bit of it) does not depend on it.
     Sum segments into the paper's layers (weight + bias) before taking 1 - cos
     (pylandscape.mds.cosine_distance_from_gram(layer_gram(G, layers))).
@@ -351,8 +351,8 @@ def segment_gram(X, offsets, *, Y=None, device=None, progress: bool = False,
         offsets = check_offsets(offsets, X.shape[1])
         dev = X.device if device is None else torch.device(device)
         tot = X.numel() * X.element_size() + (0 if Y is None else Y.numel() * Y.element_size())
-        # resident on the compute device already: one call (the op's workspace is about one copy of the
-        # largest segment's columns); otherwise only what fits the budget is moved at a time
+        # resident on the compute device already: one call (the op's workspace is ~5% of X); otherwise
+        # only what fits the budget is moved at a time
         resident = X.device == dev and (Y is None or Y.device == dev) and memory_budget is None
         if resident or tot <= budget:
             rows = max(1, X.shape[0])

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from conftest import needs_cuda
 
 from pylandscape import _ext, ops
 from pylandscape import _reference as ref
@@ -157,8 +158,9 @@ def test_multi_block_accuracy_bar(impl, long_walks):
 
 
 @pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
-def test_multi_block_thread_count_invariant(long_walks):
+def test_multi_block_thread_count_invariant(long_walks, monkeypatch):
     X, off, _ = long_walks
+    monkeypatch.setenv("PYLANDSCAPE_GRAM_SERIAL_WORK", "0")  # this size would otherwise run on one thread
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -537,3 +539,44 @@ def test_streamed_sizes_of_a_reiterable_x_with_y():
     G = ops.segment_gram(Blocks(), off, Y=X[:5], memory_budget=4 * 4 * 20 * 8)
     assert G.shape == (1, 37, 5)
     assert torch.equal(G, ops.segment_gram(X, off, Y=X[:5], memory_budget=4 * 4 * 20 * 8))
+
+
+@needs_cuda
+@pytest.mark.parametrize("case", ["fp32_block_boundary", "y_several_blocks", "subblock_refinement",
+                                  "direct_distances", "small_segment_fp64"])
+def test_cuda_gram_matches_the_bar(case):
+    """segment_gram on CUDA: the same certificate, so the same accuracy bar as on the CPU (bits may differ:
+    cuBLAS sums in another order), and the diagonal (the canonical norms) close to the CPU's."""
+    N, M, sizes, eps, _ = PATH_CASES[case]
+    rows = scaled_family(N + (M or 0), sum(sizes), eps, seed=len(case))
+    off = offsets(sizes)
+    X, Y = (rows, None) if M is None else (rows[:N], rows[N:])
+    Gc = ops.segment_gram(X.cuda(), off, Y=None if Y is None else Y.cuda())
+    assert Gc.is_cuda and Gc.dtype == torch.float64
+    G = Gc.cpu()
+    R = fp64_products(X, off, Y)
+    na2 = torch.diagonal(fp64_products(X, off), dim1=1, dim2=2)
+    nb2 = na2 if Y is None else torch.diagonal(fp64_products(Y, off), dim1=1, dim2=2)
+    assert scaled_err(G, R, na2, nb2) <= 2e-6
+    if Y is None:
+        worst, neg = worst_rel_error(G, exact_one_minus_cos(X, off))
+        assert worst <= 1e-3 and neg >= -1e-15
+        assert torch.allclose(torch.diagonal(G, dim1=1, dim2=2), na2, rtol=1e-14, atol=0)
+    Gx = torch.ops.pylandscape.segment_gram(X, off, Y)
+    assert scaled_err(G, Gx, na2, nb2) <= 4e-6
+
+
+@pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
+def test_small_work_runs_on_the_calling_thread(monkeypatch):
+    """Below the work threshold the op runs serially (nothing waits on a busy core) and leaves the caller's
+    thread count as it was; the result is the same as on all threads."""
+    X = scaled_family(64, 3000, 1e-3)
+    off = offsets([1000, 2000])
+    before = torch.get_num_threads()
+    G1 = torch.ops.pylandscape.segment_gram(X, off)
+    assert torch.get_num_threads() == before
+    monkeypatch.setenv("PYLANDSCAPE_GRAM_SERIAL_WORK", "0")
+    G2 = torch.ops.pylandscape.segment_gram(X, off)
+    d = torch.diagonal(G1, dim1=1, dim2=2)
+    assert torch.equal(d, torch.diagonal(G2, dim1=1, dim2=2))
+    assert scaled_err(G1, G2, d, d) <= 1e-9

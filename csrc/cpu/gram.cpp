@@ -24,6 +24,13 @@ using gram::two_sum;
 // baseline clones (PLK_MULTIVERSION) give bit-identical results, whatever the machine.
 constexpr int kLanes = 8;
 
+// Work below this many element operations runs on the calling thread: a parallel region costs a wake-up
+// and a barrier, and on a machine whose other core is busy the barrier waits for a time slice (ms).
+constexpr int64_t kSerialWork = int64_t{1} << 20;
+
+int64_t grain_for(int64_t per_item) { return std::max<int64_t>(1, kSerialWork / std::max<int64_t>(per_item, 1)); }
+
+
 // Longest fp32 k-chunk on CPU (PYLANDSCAPE_GRAM_CHUNK overrides it, for benchmarks): fewer, longer chunks
 // cost less packing and fp64 accumulation; the error bound grows only as sqrt(chunk).
 int64_t max_chunk_cpu() {
@@ -81,7 +88,7 @@ PLK_MULTIVERSION void sumsq_rows_f64(const double* base, int64_t ld, int64_t c0,
 }
 
 template <typename scalar_t>
-double dist2_row(const scalar_t* a, const scalar_t* b, int64_t n) {
+PLK_ALWAYS_INLINE double dist2_row(const scalar_t* a, const scalar_t* b, int64_t n) {
   // for fp32 data the fp64 difference is exact; for fp64 data it rounds relative to |a - b|
   double s[kLanes] = {}, c[kLanes] = {};
   int64_t k = 0;
@@ -93,11 +100,27 @@ double dist2_row(const scalar_t* a, const scalar_t* b, int64_t n) {
   return finish(s, c);
 }
 
+template <typename scalar_t>
+PLK_ALWAYS_INLINE void dist2_rows(const scalar_t* a, int64_t lda, const scalar_t* b, int64_t ldb, const int64_t* pi,
+                                  const int64_t* pj, int64_t c0, int64_t len, int64_t s, int64_t e, double* o) {
+  for (int64_t k = s; k < e; ++k) o[k] = dist2_row(a + pi[k] * lda + c0, b + pj[k] * ldb + c0, len);
+}
+
+PLK_MULTIVERSION void dist2_rows_f32(const float* a, int64_t lda, const float* b, int64_t ldb, const int64_t* pi,
+                                     const int64_t* pj, int64_t c0, int64_t len, int64_t s, int64_t e, double* o) {
+  dist2_rows(a, lda, b, ldb, pi, pj, c0, len, s, e, o);
+}
+
+PLK_MULTIVERSION void dist2_rows_f64(const double* a, int64_t lda, const double* b, int64_t ldb, const int64_t* pi,
+                                     const int64_t* pj, int64_t c0, int64_t len, int64_t s, int64_t e, double* o) {
+  dist2_rows(a, lda, b, ldb, pi, pj, c0, len, s, e, o);
+}
+
 at::Tensor sumsq_cpu(const at::Tensor& rows, int64_t c0, int64_t c1) {
   const int64_t n = rows.size(0), len = c1 - c0, ld = rows.stride(0);
   at::Tensor out = at::empty({n}, rows.options().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
-  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, n, grain_for(len), [&](int64_t b, int64_t e) {
     if (rows.scalar_type() == at::kFloat) {
       sumsq_rows_f32(rows.const_data_ptr<float>(), ld, c0, len, b, e, o);
     } else {
@@ -115,13 +138,12 @@ at::Tensor dist2_cpu(const at::Tensor& A, const at::Tensor& B, const at::Tensor&
   const int64_t* pi = iic.const_data_ptr<int64_t>();
   const int64_t* pj = jjc.const_data_ptr<int64_t>();
   double* o = out.data_ptr<double>();
-  AT_DISPATCH_FLOATING_TYPES(A.scalar_type(), "segment_gram_dist2", [&] {
-    const scalar_t* a = A.const_data_ptr<scalar_t>();
-    const scalar_t* b = B.const_data_ptr<scalar_t>();
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(len, 1));
-    at::parallel_for(0, K, grain, [&](int64_t s, int64_t e) {
-      for (int64_t k = s; k < e; ++k) o[k] = dist2_row(a + pi[k] * lda + c0, b + pj[k] * ldb + c0, len);
-    });
+  at::parallel_for(0, K, grain_for(len * 4), [&](int64_t s, int64_t e) {
+    if (A.scalar_type() == at::kFloat) {
+      dist2_rows_f32(A.const_data_ptr<float>(), lda, B.const_data_ptr<float>(), ldb, pi, pj, c0, len, s, e, o);
+    } else {
+      dist2_rows_f64(A.const_data_ptr<double>(), lda, B.const_data_ptr<double>(), ldb, pi, pj, c0, len, s, e, o);
+    }
   });
   return out;
 }
@@ -206,7 +228,7 @@ void prep_cpu(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::
   at::Tensor qi = qidx.to(at::kCPU).contiguous();
   PrepArgs a{X.stride(0), r0, Q.stride(0), qi.numel(), c0, c1 - c0, D.size(2), D.stride(0), D.stride(1),
              qi.const_data_ptr<int64_t>(), dn2.data_ptr<double>(), T.data_ptr<double>()};
-  at::parallel_for(r0, r1, 1, [&](int64_t b, int64_t e) {
+  at::parallel_for(r0, r1, grain_for(a.s * (2 + a.nq)), [&](int64_t b, int64_t e) {
     if (X.scalar_type() == at::kFloat) {
       const float* x = X.const_data_ptr<float>();
       if (D.scalar_type() == at::kFloat) {
@@ -221,33 +243,41 @@ void prep_cpu(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::
   });
 }
 
-PLK_MULTIVERSION void acc_f32(double* s, const float* t, int64_t n, int64_t nck, int64_t b, int64_t e) {
-  for (int64_t c = 0; c < nck; ++c) {
-    const float* tc = t + c * n;
-    for (int64_t k = b; k < e; ++k) s[k] += static_cast<double>(tc[k]);
+// Rows [b, e) of S (row stride lds) += the nck chunk products T [nck, na, nb], in chunk order.
+PLK_MULTIVERSION void acc_f32(double* s, int64_t lds, const float* t, int64_t na, int64_t nb, int64_t nck,
+                              int64_t b, int64_t e) {
+  for (int64_t i = b; i < e; ++i) {
+    double* si = s + i * lds;
+    for (int64_t c = 0; c < nck; ++c) {
+      const float* tc = t + (c * na + i) * nb;
+      for (int64_t k = 0; k < nb; ++k) si[k] += static_cast<double>(tc[k]);
+    }
   }
 }
 
 void acc_cpu(at::Tensor& S, const at::Tensor& T) {
   // one parallel region for all chunks (a region per chunk costs a barrier each, ruinous on a busy machine)
-  TORCH_CHECK(S.is_contiguous() && T.is_contiguous() && T.dim() == 3, "segment_gram: bad accumulator");
+  TORCH_CHECK(S.dim() == 2 && S.stride(1) == 1 && T.is_contiguous() && T.dim() == 3 &&
+                  T.size(1) == S.size(0) && T.size(2) == S.size(1),
+              "segment_gram: bad accumulator");
   double* s = S.data_ptr<double>();
-  const int64_t n = S.numel(), nck = T.size(0);
+  const int64_t na = S.size(0), nb = S.size(1), lds = S.stride(0), nck = T.size(0);
   if (T.scalar_type() == at::kFloat) {
     const float* t = T.const_data_ptr<float>();
-    at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) { acc_f32(s, t, n, nck, b, e); });
+    at::parallel_for(0, na, grain_for(nb * nck), [&](int64_t b, int64_t e) { acc_f32(s, lds, t, na, nb, nck, b, e); });
     return;
   }
   const double* t = T.const_data_ptr<double>();
-  at::parallel_for(0, n, 4096, [&](int64_t b, int64_t e) {
-    for (int64_t c = 0; c < nck; ++c)
-      for (int64_t k = b; k < e; ++k) s[k] += t[c * n + k];
+  at::parallel_for(0, na, grain_for(nb * nck), [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i)
+      for (int64_t c = 0; c < nck; ++c)
+        for (int64_t k = 0; k < nb; ++k) s[i * lds + k] += t[(c * na + i) * nb + k];
   });
 }
 
 // The fused form of gram::combine_and_check (same operations in the same order, so the same bits): writes
 // the block of G in place and the flags; returns how many entries were flagged in rows [b, e).
-PLK_MULTIVERSION int64_t combine_rows(const double* S, const double* tA, int64_t stA, const double* tB,
+PLK_MULTIVERSION int64_t combine_rows(const double* S, int64_t lds, const double* tA, int64_t stA, const double* tB,
                                       const gram::CombineArgs& a, const double* dnA, const double* dnB,
                                       const double* gdA, const double* gdB, double* G, int64_t ldg, bool* flag,
                                       int64_t nb, int64_t b, int64_t e) {
@@ -255,7 +285,7 @@ PLK_MULTIVERSION int64_t combine_rows(const double* S, const double* tA, int64_t
   int64_t count = 0;
   for (int64_t i = b; i < e; ++i) {
     const double ta = tA[i * stA], da = dnA[i], ga = gdA[i], wa = a.w + a.nq * da;
-    const double* Si = S + i * nb;
+    const double* Si = S + i * lds;
     double* Gi = G + i * ldg;
     bool* fi = flag + i * nb;
     const int64_t j0 = a.upper ? std::min(i + 1, nb) : 0;  // diagonal blocks: only j > i may be flagged
@@ -280,14 +310,15 @@ PLK_MULTIVERSION int64_t combine_rows(const double* S, const double* tA, int64_t
 int64_t combine_cpu(const at::Tensor& S, const at::Tensor& tA, const at::Tensor& tB, const gram::CombineArgs& a,
                     const at::Tensor& dnA, const at::Tensor& dnB, const at::Tensor& gdA, const at::Tensor& gdB,
                     at::Tensor& G, at::Tensor& flag) {
-  TORCH_CHECK(S.is_contiguous() && dnA.is_contiguous() && dnB.is_contiguous() && gdA.is_contiguous() &&
+  TORCH_CHECK(S.stride(1) == 1 && dnA.is_contiguous() && dnB.is_contiguous() && gdA.is_contiguous() &&
                   gdB.is_contiguous() && G.stride(1) == 1 && flag.is_contiguous(),
               "segment_gram: bad combine operands");
   const int64_t na = S.size(0), nb = S.size(1);
   at::Tensor tBc = tB.contiguous();
   std::vector<int64_t> counts(static_cast<size_t>(na), 0);
-  at::parallel_for(0, na, 16, [&](int64_t b, int64_t e) {
-    counts[b] = combine_rows(S.const_data_ptr<double>(), tA.const_data_ptr<double>(), tA.stride(0),
+  // S may be G itself (the accumulator is combined in place): each entry is read before it is written
+  at::parallel_for(0, na, grain_for(nb * 16), [&](int64_t b, int64_t e) {
+    counts[b] = combine_rows(S.const_data_ptr<double>(), S.stride(0), tA.const_data_ptr<double>(), tA.stride(0),
                              tBc.const_data_ptr<double>(), a, dnA.const_data_ptr<double>(),
                              dnB.const_data_ptr<double>(), gdA.const_data_ptr<double>(),
                              gdB.const_data_ptr<double>(), G.data_ptr<double>(), G.stride(0),
@@ -306,7 +337,7 @@ void mirror_cpu(at::Tensor& G, const at::Tensor& gd) {
   double* g = G.data_ptr<double>();
   const double* d = gd.const_data_ptr<double>();
   const int64_t nt = (n + kT - 1) / kT;
-  at::parallel_for(0, nt, 1, [&](int64_t tb, int64_t te) {
+  at::parallel_for(0, nt, grain_for(n * kT), [&](int64_t tb, int64_t te) {
     for (int64_t ti = tb; ti < te; ++ti) {
       const int64_t i0 = ti * kT, i1 = std::min(n, i0 + kT);
       for (int64_t j0 = 0; j0 <= i0; j0 += kT) {

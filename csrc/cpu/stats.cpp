@@ -11,37 +11,17 @@ namespace pylandscape {
 namespace cpu {
 namespace {
 
-// Eight independent accumulators per sum: the compiler vectorises them without reassociating
-// (the order is fixed, so results do not depend on the SIMD width).
+// The lane order of stats.h (eight independent accumulators per sum: the compiler vectorises them without
+// reassociating, so results do not depend on the SIMD width, and equal the CUDA kernel's).
 template <typename T>
 PLK_ALWAYS_INLINE Moments chunk_moments_impl(const T* x, int64_t n) {
-  constexpr int V = 8;
+  constexpr int V = kStatLanes;
   const double K = static_cast<double>(x[0]);
   double s1[V] = {}, s2[V] = {}, sa[V] = {};
-  int64_t i = 0;
-  for (; i + V <= n; i += V) {
-    for (int j = 0; j < V; ++j) {
-      const double v = static_cast<double>(x[i + j]);
-      const double d = v - K;
-      s1[j] += d;
-      s2[j] += d * d;
-      sa[j] += std::fabs(v);
-    }
+  for (int64_t i = 0; i + V <= n; i += V) {
+    for (int j = 0; j < V; ++j) lane_step(s1[j], s2[j], sa[j], static_cast<double>(x[i + j]), K);
   }
-  double t1 = 0, t2 = 0, ta = 0;
-  for (int j = 0; j < V; ++j) {
-    t1 += s1[j];
-    t2 += s2[j];
-    ta += sa[j];
-  }
-  for (; i < n; ++i) {
-    const double v = static_cast<double>(x[i]);
-    const double d = v - K;
-    t1 += d;
-    t2 += d * d;
-    ta += std::fabs(v);
-  }
-  return moments_from_shifted(static_cast<double>(n), K, t1, t2, ta);
+  return chunk_finish(s1, s2, sa, x, n, K);
 }
 
 PLK_MULTIVERSION Moments chunk_moments_f32(const float* x, int64_t n) { return chunk_moments_impl(x, n); }

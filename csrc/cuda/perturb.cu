@@ -70,6 +70,7 @@ void perturb_into(const at::Tensor& flat, const at::Tensor& offs, const at::Tens
   const at::Tensor sig_d = at::tensor(sig, at::TensorOptions().dtype(at::kDouble)).to(flat.device());
   const at::Tensor seeds_d = seeds_cpu.to(flat.device());
   auto stream = c10::cuda::getCurrentCUDAStream();
+  // K * nch > 0 here (checked above): a grid of 1 .. 2^20 blocks, grid-stride over the (copy, chunk) tasks
   const unsigned grid = static_cast<unsigned>(std::min<int64_t>(K * nch, 1 << 20));
   if (flat.scalar_type() == at::kFloat)
     noise_kernel<float><<<grid, kThreads, 0, stream>>>(flat.data_ptr<float>(), out.data_ptr<float>(), P,

@@ -1,5 +1,6 @@
-// layer_stats on CUDA: each block reduces whole chunks (the same chunk layout as the CPU kernel, so the
-// per-segment merge order is identical), then one thread per segment merges its chunks in order.
+// layer_stats on CUDA: kStatLanes threads reduce one chunk in the lane order of stats.h (the same chunks and
+// the same additions as the CPU kernel, so the same bits), then one thread per segment merges its chunks in
+// order.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -18,36 +19,36 @@ namespace {
 
 constexpr int kThreads = 256;
 
+constexpr int kChunksPerBlock = kThreads / kStatLanes;
+
+// kStatLanes threads per chunk, one per lane, each adding its lane in order; the chunk's first thread then
+// adds the lanes and the tail in the order of stats.h: the CPU kernel's bits exactly.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
     chunk_moments_kernel(const T* __restrict__ x, const int64_t* __restrict__ table, int64_t nch, Moments* part) {
   __shared__ double sh[3][kThreads];
-  for (int64_t c = blockIdx.x; c < nch; c += gridDim.x) {
-    const int64_t begin = table[3 * c + 1], end = table[3 * c + 2];
-    const double K = static_cast<double>(x[begin]);
-    double s1 = 0, s2 = 0, sa = 0;
-    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
-      const double v = static_cast<double>(x[i]);
-      const double d = __dsub_rn(v, K);
-      s1 = __dadd_rn(s1, d);
-      s2 = __dadd_rn(s2, __dmul_rn(d, d));
-      sa = __dadd_rn(sa, fabs(v));
+  const int lane = threadIdx.x % kStatLanes, slot = threadIdx.x / kStatLanes;
+  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kChunksPerBlock; base < nch;
+       base += static_cast<int64_t>(gridDim.x) * kChunksPerBlock) {
+    const int64_t c = base + slot;
+    double s1 = 0, s2 = 0, sa = 0, K = 0;
+    int64_t begin = 0, n = 0;
+    if (c < nch) {
+      begin = table[3 * c + 1];
+      n = table[3 * c + 2] - begin;
+      K = static_cast<double>(x[begin]);
+      for (int64_t i = lane; i + (kStatLanes - lane) <= n; i += kStatLanes)
+        lane_step(s1, s2, sa, static_cast<double>(x[begin + i]), K);
     }
     sh[0][threadIdx.x] = s1;
     sh[1][threadIdx.x] = s2;
     sh[2][threadIdx.x] = sa;
     __syncthreads();
-    for (int w = kThreads / 2; w > 0; w >>= 1) {
-      if (threadIdx.x < w) {
-        sh[0][threadIdx.x] += sh[0][threadIdx.x + w];
-        sh[1][threadIdx.x] += sh[1][threadIdx.x + w];
-        sh[2][threadIdx.x] += sh[2][threadIdx.x + w];
-      }
-      __syncthreads();
+    if (c < nch && lane == 0) {
+      const int o = slot * kStatLanes;
+      part[c] = chunk_finish(&sh[0][o], &sh[1][o], &sh[2][o], x + begin, n, K);
     }
-    if (threadIdx.x == 0)
-      part[c] = moments_from_shifted(static_cast<double>(end - begin), K, sh[0][0], sh[1][0], sh[2][0]);
-    __syncthreads();  // sh is reused by the next chunk
+    __syncthreads();  // sh is reused by the next chunks
   }
 }
 
@@ -89,7 +90,7 @@ at::Tensor layer_stats_device(const at::Tensor& flat, const at::Tensor& offs, co
   Moments* pp = reinterpret_cast<Moments*>(part.data_ptr<double>());
   const int64_t* tp = table.data_ptr<int64_t>();
   if (nch > 0) {
-    const unsigned grid = static_cast<unsigned>(std::min<int64_t>(nch, 65536));
+    const unsigned grid = static_cast<unsigned>(std::min<int64_t>((nch + kChunksPerBlock - 1) / kChunksPerBlock, 65536));
     if (flat.scalar_type() == at::kFloat)
       chunk_moments_kernel<float><<<grid, kThreads, 0, stream>>>(flat.data_ptr<float>(), tp, nch, pp);
     else

@@ -19,8 +19,9 @@
 //   so exact duplicates give G_ij == G_ii exactly and 1 - cos == 0 exactly.
 //   fp64 inputs use the same scheme with fp64 GEMMs throughout.
 //
-// Memory (per segment of s columns): the fp32 (fp64 for fp64 input) differences d of all rows of X (and
-// of Y), i.e. one more copy of the segment's slice of the inputs, plus O(N * blocks) fp64 vectors.
+// Memory: the segment's columns go in groups of whole k-chunks (~P / 20 columns), so the workspace of fp32
+// (fp64 for fp64 input) differences d is [rows of X (+ Y), group columns], ~5% of X; the fp64 accumulators
+// of the block products are the output itself; plus O(N * blocks) fp64 vectors.
 //
 // This driver is device-generic (ATen ops + at::bmm, i.e. MKL/OpenBLAS or cuBLAS on the current stream) and
 // compiled once, by the C++ compiler; the compensated reductions are device kernels passed in through
@@ -28,6 +29,7 @@
 #include "pylandscape/gram_driver.h"
 
 #include <ATen/Context.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <chrono>
@@ -49,7 +51,8 @@ constexpr int64_t kLeaf = 32;        // at most this many rows per side: fp64 pa
 constexpr int64_t kDirectCost = 64;  // one direct fp64 distance ~ this many entries of a sub-block pass
 constexpr int64_t kSmallLayer = 512; // segments this small go straight to the fp64 pass (cheap, exact-er)
 constexpr int64_t kSmallBlock = 1024;  // their rows per block: few block pairs (per-pair overhead dominates)
-constexpr int64_t kSplitDiag = 64;   // diagonal blocks of >= 2x this rows: three half-size GEMMs, not four
+constexpr int64_t kSplitDiag = 128;  // diagonal blocks of >= 2x this rows: three half-size GEMMs, not four (smaller
+                                     // GEMMs lose more to BLAS overheads than the skipped quarter saves)
 constexpr double kU32 = 5.9604644775390625e-08;   // 2^-24
 constexpr double kKappa = 0.35;      // probabilistic error constant per sqrt(chunk length), measured ~0.17
 
@@ -99,46 +102,42 @@ struct Prof {
   }
 };
 
-// Chunk-major workspace [nck, n, kc] for n rows of an s-column segment, the padding columns zeroed.
-at::Tensor chunked_workspace(int64_t n, int64_t s, int64_t kc, const at::TensorOptions& opt,
-                                    Workspace* ws = nullptr) {
-  const int64_t nck = n_chunks(s, kc);
-  at::Tensor D = ws ? ws->view({nck, n, kc}, opt) : at::empty({nck, n, kc}, opt);
-  const int64_t tail = nck * kc - s;
-  if (tail > 0) D.select(0, nck - 1).narrow(1, kc - tail, tail).zero_();
-  return D;
+// Columns are processed in groups of whole chunks, so the workspace of rounded differences is [chunks of one
+// group, rows, kc]: about 5% of X's bytes (P / 20 columns), not a copy of the largest segment (which was
+// ~46% of X for the paper's net, and cost its first-touch page faults on every first call).
+int64_t group_chunks(int64_t P, int64_t kc) {
+  const int64_t want = std::max<int64_t>(1, P / 20 / std::max<int64_t>(kc, 1));
+  return std::min<int64_t>(want, 64);
 }
 
-// sum over chunks of DA[c] @ DB[c]^T, fp32 products summed in fp64 (fp64 workspaces: fp64 GEMMs).
+// S (fp64, a strided view: rows of G or a scratch block) += sum over chunks of DA[c] @ DB[c]^T, fp32
+// products summed in fp64 in chunk order (fp64 workspaces: fp64 GEMMs).
 // upper: DB is DA and only the upper triangle (with the diagonal) is needed: the block is cut in halves and
-// the lower-left quarter skipped (three GEMMs of a quarter's size instead of four; that quarter stays zero),
-// recursively down to kSplitDiag rows.
-at::Tensor chunked_gemm(const at::Tensor& DA, const at::Tensor& DB, const GramKernels& kern,
-                               Workspace* ws = nullptr, Prof* prof = nullptr, bool upper = false) {
+// the lower-left quarter skipped (three GEMMs of a quarter's size instead of four; that quarter is left as
+// it was), recursively down to kSplitDiag rows.
+void gemm_acc(at::Tensor S, const at::Tensor& DA, const at::Tensor& DB, const GramKernels& kern,
+              Workspace* ws = nullptr, Prof* prof = nullptr, bool upper = false) {
   const int64_t nck = DA.size(0), na = DA.size(1), nb = DB.size(1);
   if (upper && na == nb && na >= 2 * kSplitDiag && DA.scalar_type() == at::kFloat) {
     const int64_t h = na / 2;
     if (prof) ++prof->n_split;
-    at::Tensor S = at::zeros({na, nb}, DA.options().dtype(at::kDouble));
     at::Tensor top = DA.narrow(1, 0, h), bot = DA.narrow(1, h, na - h);
-    S.narrow(0, 0, h).narrow(1, 0, h).copy_(chunked_gemm(top, top, kern, ws, prof, true));
-    S.narrow(0, 0, h).narrow(1, h, na - h).copy_(chunked_gemm(top, bot, kern, ws, prof));
-    S.narrow(0, h, na - h).narrow(1, h, na - h).copy_(chunked_gemm(bot, bot, kern, ws, prof, true));
-    return S;
+    gemm_acc(S.narrow(0, 0, h).narrow(1, 0, h), top, top, kern, ws, prof, true);
+    gemm_acc(S.narrow(0, 0, h).narrow(1, h, na - h), top, bot, kern, ws, prof);
+    gemm_acc(S.narrow(0, h, na - h).narrow(1, h, na - h), bot, bot, kern, ws, prof, true);
+    return;
   }
-  at::Tensor S = at::zeros({na, nb}, DA.options().dtype(at::kDouble));
   if (DA.scalar_type() == at::kDouble) {
     for (int64_t c = 0; c < nck; ++c) S.addmm_(DA.select(0, c), DB.select(0, c).t());
-    return S;
+    return;
   }
-  // one batched GEMM over all chunks (as fast as a single long GEMM, unlike a loop of short ones), then
-  // the chunk products summed in fp64, always in chunk order
+  // one batched GEMM over the group's chunks (as fast as a single long GEMM, unlike a loop of short ones),
+  // then the chunk products summed in fp64, always in chunk order
   at::Tensor prod = ws ? ws->view({nck, na, nb}, DA.options()) : at::empty({nck, na, nb}, DA.options());
   at::bmm_out(prod, DA, DB.transpose(1, 2));
   if (prof) prof->lap(3);
   kern.acc(S, prod);
   if (prof) prof->lap(4);
-  return S;
 }
 
 // fp32 GEMMs must not silently become TF32/bf16 (torch.set_float32_matmul_precision): force "highest".
@@ -153,6 +152,25 @@ struct HighestMatmulPrecision {
   }
 };
 
+// Small problems run on the calling thread alone: with the other core busy (a training job beside this),
+// every parallel region's barrier waits for a descheduled thread, and a call of ~100 ms took 2.7 s on 2
+// threads vs 0.15 s on one (measured, libgomp's default spinning wait). Threshold: N * M * P products
+// (PYLANDSCAPE_GRAM_SERIAL_WORK overrides it; 0 keeps every thread).
+struct SerialForSmallWork {
+  int prev = 0;
+  explicit SerialForSmallWork(const at::Tensor& X, int64_t N, int64_t M) {
+    const char* env = std::getenv("PYLANDSCAPE_GRAM_SERIAL_WORK");
+    const double limit = env ? std::atof(env) : 2.5e9;
+    if (!X.device().is_cpu() || static_cast<double>(N) * M * X.size(1) > limit) return;
+    prev = at::get_num_threads();
+    if (prev > 1) at::set_num_threads(1);
+    else prev = 0;
+  }
+  ~SerialForSmallWork() {
+    if (prev > 0) at::set_num_threads(prev);
+  }
+};
+
 struct LayerCtx {
   at::Tensor A, B;        // [N, P], [M, P] inputs (B may alias A)
   int64_t c0, c1;         // the segment's columns
@@ -161,6 +179,7 @@ struct LayerCtx {
   bool sym;               // B is A and only the upper triangle is wanted
   bool in64;              // fp64 input: every GEMM in fp64
   const GramKernels* k;
+  Workspace* ws;          // [4]: rounded differences of A and B, GEMM products, small fp64 temporaries
   // statistics (PYLANDSCAPE_GRAM_STATS=1): which paths ran
   int64_t n_pairs = 0;    // top-level block pairs
   int64_t n_refined = 0;  // entries recomputed in sub-blocks
@@ -181,44 +200,157 @@ void combine_and_check(const at::Tensor& S, const at::Tensor& tA, const at::Tens
   flag = bound > est * kTau;
 }
 
-// One pass over rows [a0,a1) x [b0,b1) with the sub-blocks' middle rows as references, computed from
-// scratch in column chunks (used by refinement, so small blocks; fp64 GEMM when use64).
-void local_pass(LayerCtx& ctx, int64_t a0, int64_t a1, int64_t b0, int64_t b1, bool use64,
-                       at::Tensor& Gout, at::Tensor& flag) {
-  const int64_t s = ctx.c1 - ctx.c0;
-  const int64_t p = (a0 + a1 - 1) / 2, q = (b0 + b1 - 1) / 2;
-  auto f64 = ctx.A.options().dtype(at::kDouble);
-  auto dopt = ctx.A.options().dtype(use64 ? at::kDouble : at::kFloat);
-  const int64_t na = a1 - a0, nb = b1 - b0;
-  const int64_t kc = chunk_width(s, ctx.k->max_chunk);
-  auto iopt = ctx.A.options().dtype(at::kLong);
-  at::Tensor DA = chunked_workspace(na, s, kc, dopt), dnA2 = at::empty({na}, f64), tA = at::empty({na, 1}, f64);
-  ctx.k->prep(ctx.A, a0, a1, p, ctx.B, at::full({1}, q, iopt), ctx.c0, ctx.c1, DA, dnA2, tA);
-  at::Tensor DB, dnB2, tB;
-  if (ctx.sym && a0 == b0 && a1 == b1) {
-    DB = DA;
-    dnB2 = dnA2;
-    tB = tA;
-  } else {
-    DB = chunked_workspace(nb, s, kc, dopt);
-    dnB2 = at::empty({nb}, f64);
-    tB = at::empty({nb, 1}, f64);
-    ctx.k->prep(ctx.B, b0, b1, q, ctx.A, at::full({1}, p, iopt), ctx.c0, ctx.c1, DB, dnB2, tB);
+// One side of a pass: rows [starts.front(), starts.back()) of X in blocks, each with its reference row.
+struct Side {
+  std::vector<int64_t> starts;  // block boundaries (absolute rows), size nblk + 1
+  std::vector<int64_t> refs;    // reference row of each block (absolute)
+  at::Tensor refs_t;            // refs as an int64 tensor on X's device
+  at::Tensor dn2;               // [n] fp64 |x_i - ref(i)|^2 (exact differences), summed over column groups
+  at::Tensor T;                 // [n, nblk_other] fp64 ref_other_J . (x_i - ref(i)), summed over groups
+  int64_t first() const { return starts.front(); }
+  int64_t rows() const { return starts.back() - starts.front(); }
+  int64_t nblk() const { return static_cast<int64_t>(refs.size()); }
+};
+
+std::vector<int64_t> block_starts(int64_t r0, int64_t r1, int64_t block) {
+  std::vector<int64_t> st;
+  const int64_t n = r1 - r0;
+  const int64_t nblk = std::max<int64_t>(1, (n + block - 1) / block);
+  // equal-ish blocks (no tiny last block)
+  for (int64_t b = 0; b <= nblk; ++b) st.push_back(r0 + n * b / nblk);
+  return st;
+}
+
+Side make_side(int64_t r0, int64_t r1, int64_t block, const at::Device& dev) {
+  Side sd;
+  sd.starts = block_starts(r0, r1, block);
+  for (size_t b = 0; b + 1 < sd.starts.size(); ++b) sd.refs.push_back((sd.starts[b] + sd.starts[b + 1] - 1) / 2);
+  sd.refs_t = at::tensor(sd.refs, at::TensorOptions().dtype(at::kLong)).to(dev);
+  return sd;
+}
+
+// One block pair's accumulator and where its result goes.
+struct Pair {
+  int64_t I, J;
+  at::Tensor S;  // fp64 [na, nb] view (of G, or scratch): d_i . e_j summed over column groups
+};
+
+// The fp32 (fp64 when use64) products of a pass over the segment's columns [c0, c1), in column groups:
+// per group, the rounded differences of both sides' rows from their block references (one fused kernel
+// pass per block), then every pair's GEMM into its accumulator. dn2 and T of both sides are summed too.
+void accumulate(const at::Tensor& A, const at::Tensor& B, int64_t c0, int64_t c1, Side& sa, Side* sb_in,
+                std::vector<Pair>& pairs, bool use64, int64_t kc, const GramKernels& kern, Workspace& wsA,
+                Workspace& wsB, Workspace& wsProd, Workspace& wsTmp, Prof* prof) {
+  const bool sym = sb_in == nullptr;
+  Side& sb = sym ? sa : *sb_in;
+  const int64_t s = c1 - c0, nck = n_chunks(s, kc), gck = group_chunks(A.size(1), kc);
+  auto f64 = A.options().dtype(at::kDouble);
+  auto dopt = A.options().dtype(use64 ? at::kDouble : at::kFloat);
+  sa.dn2 = at::zeros({sa.rows()}, f64);
+  sa.T = at::zeros({sa.rows(), sb.nblk()}, f64);
+  if (!sym) {
+    sb.dn2 = at::zeros({sb.rows()}, f64);
+    sb.T = at::zeros({sb.rows(), sa.nblk()}, f64);
   }
-  at::Tensor S = chunked_gemm(DA, DB, *ctx.k);
-  tA = tA.select(1, 0);
-  tB = tB.select(1, 0);
-  auto opt_i = ctx.A.options().dtype(at::kLong);
-  at::Tensor w_t = ctx.k->dist2(ctx.A, ctx.B, at::full({1}, p, opt_i), at::full({1}, q, opt_i), ctx.c0, ctx.c1);
-  const double w = w_t.item<double>();
-  const double gp = ctx.gdA[p].item<double>(), gq = ctx.gdB[q].item<double>();
-  const double c0 = 0.5 * ((gp + gq) - w);
+  for (auto& pr : pairs) pr.S.zero_();
+  for (int64_t g0 = 0; g0 < nck; g0 += gck) {
+    const int64_t ng = std::min(gck, nck - g0);
+    const int64_t gc0 = c0 + g0 * kc, gc1 = std::min(c1, gc0 + ng * kc);
+    auto prep_side = [&](const at::Tensor& X, Side& sd, const at::Tensor& other, const Side& so, Workspace& ws) {
+      at::Tensor D = ws.view({ng, sd.rows(), kc}, dopt);
+      const int64_t tail = ng * kc - (gc1 - gc0);
+      if (tail > 0) D.select(0, ng - 1).narrow(1, kc - tail, tail).zero_();
+      at::Tensor dn = wsTmp.view({sd.rows() * (1 + so.nblk())}, f64);
+      at::Tensor dn2 = dn.narrow(0, 0, sd.rows()), T = dn.narrow(0, sd.rows(), sd.rows() * so.nblk())
+                                                            .view({sd.rows(), so.nblk()});
+      for (int64_t b = 0; b < sd.nblk(); ++b) {
+        const int64_t r0 = sd.starts[b], r1 = sd.starts[b + 1];
+        if (r1 == r0) continue;
+        const int64_t o = r0 - sd.first();
+        at::Tensor Db = D.narrow(1, o, r1 - r0), dnb = dn2.narrow(0, o, r1 - r0), Tb = T.narrow(0, o, r1 - r0);
+        kern.prep(X, r0, r1, sd.refs[b], other, so.refs_t, gc0, gc1, Db, dnb, Tb);
+      }
+      sd.dn2.add_(dn2);
+      sd.T.add_(T);
+      return D;
+    };
+    at::Tensor DA = prep_side(A, sa, B, sb, wsA);
+    at::Tensor DB = sym ? DA : prep_side(B, sb, A, sa, wsB);
+    if (prof) prof->lap(1);
+    for (auto& pr : pairs) {
+      const int64_t a0 = sa.starts[pr.I] - sa.first(), na = sa.starts[pr.I + 1] - sa.starts[pr.I];
+      const int64_t b0 = sb.starts[pr.J] - sb.first(), nb = sb.starts[pr.J + 1] - sb.starts[pr.J];
+      if (prof) prof->lap(2);
+      gemm_acc(pr.S, DA.narrow(1, a0, na), DB.narrow(1, b0, nb), kern, &wsProd, prof, sym && pr.I == pr.J);
+    }
+  }
+}
+
+// Error-bound constants of a pass (see the header comment).
+struct Bounds {
+  double C, u, C64;
+};
+
+Bounds bounds(int64_t s, bool use64, int64_t kc) {
   const double C = use64 ? (1.0 + kKappa * std::sqrt(static_cast<double>(std::max<int64_t>(s, 1))))
                          : gemm_const(s, kc);
-  const double u = use64 ? kU64 : kU32;
-  combine_and_check(S, tA, tB, c0, w, std::sqrt(gp), std::sqrt(gq), at::sqrt(dnA2), at::sqrt(dnB2),
-                    ctx.gdA.narrow(0, a0, na), ctx.gdB.narrow(0, b0, nb), C, u,
-                    1.0 + std::sqrt(static_cast<double>(s)), Gout, flag);
+  return {C, use64 ? kU64 : kU32, 1.0 + std::sqrt(static_cast<double>(s))};
+}
+
+// Combine one pair's accumulator (in place: pr.S becomes the pair's Gram block) with the fp64 terms, and
+// flag the entries whose certificate fails. w = |p - q|^2, gp, gq the references' squared norms.
+// Returns the number flagged as an int64 tensor on the data's device (no host synchronisation).
+at::Tensor combine_pair(const LayerCtx& ctx, const Side& sa, const Side& sb, const Pair& pr, double w, double gp,
+                        double gq, const Bounds& bd, bool upper, at::Tensor& flag) {
+  const int64_t a0 = sa.starts[pr.I], na = sa.starts[pr.I + 1] - a0;
+  const int64_t b0 = sb.starts[pr.J], nb = sb.starts[pr.J + 1] - b0;
+  const double cc = 0.5 * ((gp + gq) - w);
+  at::Tensor tA = sa.T.narrow(0, a0 - sa.first(), na).select(1, pr.J);
+  at::Tensor tB = sb.T.narrow(0, b0 - sb.first(), nb).select(1, pr.I);
+  at::Tensor dnA = at::sqrt(sa.dn2.narrow(0, a0 - sa.first(), na));
+  at::Tensor dnB = at::sqrt(sb.dn2.narrow(0, b0 - sb.first(), nb));
+  at::Tensor gA = ctx.gdA.narrow(0, a0, na), gB = ctx.gdB.narrow(0, b0, nb);
+  at::Tensor G = pr.S;
+  if (ctx.k->combine) {
+    flag = at::empty({na, nb}, ctx.A.options().dtype(at::kBool));
+    const CombineArgs ca{cc, w, std::sqrt(gp), std::sqrt(gq), bd.C, bd.u, bd.C64, upper};
+    return at::scalar_tensor(ctx.k->combine(pr.S, tA, tB, ca, dnA, dnB, gA, gB, G, flag),
+                             at::TensorOptions().dtype(at::kLong));
+  }
+  at::Tensor Gb;
+  combine_and_check(pr.S, tA, tB, cc, w, std::sqrt(gp), std::sqrt(gq), dnA, dnB, gA, gB, bd.C, bd.u, bd.C64, Gb,
+                    flag);
+  if (upper) flag = at::triu(flag, 1);
+  G.copy_(Gb);
+  return flag.sum(at::kLong);
+}
+
+// One pass over rows [a0,a1) x [b0,b1) with the sub-blocks' middle rows as references, computed from
+// scratch in column groups (used by refinement, so small blocks; fp64 GEMM when use64): the new values
+// where `mask` is set are written to G; returns the entries (within mask) still flagged.
+at::Tensor local_pass(LayerCtx& ctx, int64_t a0, int64_t a1, int64_t b0, int64_t b1, bool use64,
+                      const at::Tensor& mask) {
+  const int64_t s = ctx.c1 - ctx.c0, na = a1 - a0, nb = b1 - b0;
+  const bool same = ctx.sym && a0 == b0 && a1 == b1;
+  const at::Device dev = ctx.A.device();
+  Side sa = make_side(a0, a1, na, dev);
+  Side sb = same ? Side() : make_side(b0, b1, nb, dev);
+  std::vector<Pair> pairs{{0, 0, at::empty({na, nb}, ctx.A.options().dtype(at::kDouble))}};
+  const int64_t kc = chunk_width(s, ctx.k->max_chunk);
+  accumulate(ctx.A, ctx.B, ctx.c0, ctx.c1, sa, same ? nullptr : &sb, pairs, use64, kc, *ctx.k, ctx.ws[0],
+             ctx.ws[1], ctx.ws[2], ctx.ws[3], nullptr);
+  const Side& B = same ? sa : sb;
+  const int64_t p = sa.refs[0], q = B.refs[0];
+  auto iopt = ctx.A.options().dtype(at::kLong);
+  const double w =
+      ctx.k->dist2(ctx.A, ctx.B, at::full({1}, p, iopt), at::full({1}, q, iopt), ctx.c0, ctx.c1).item<double>();
+  const double gp = ctx.gdA[p].item<double>(), gq = ctx.gdB[q].item<double>();
+  at::Tensor fl;
+  combine_pair(ctx, sa, B, pairs[0], w, gp, gq, bounds(s, use64, kc), same, fl);
+  at::Tensor Gv = ctx.G.narrow(0, a0, na).narrow(1, b0, nb);
+  Gv.copy_(at::where(mask, pairs[0].S, Gv));
+  ctx.n_refined += mask.sum().item<int64_t>();
+  return mask.logical_and(fl);
 }
 
 // Direct fp64 distance for the flagged entries: G = (|a|^2 + |b|^2 - |a - b|^2) / 2 (duplicates -> G_ii).
@@ -249,13 +381,8 @@ void refine(LayerCtx& ctx, int64_t a0, int64_t a1, int64_t b0, int64_t b1, const
     return;
   }
   if (std::max(na, nb) <= kLeaf) {
-    at::Tensor Gn, fl;
     ++ctx.n_leaf64;
-    local_pass(ctx, a0, a1, b0, b1, /*use64=*/true, Gn, fl);
-    at::Tensor Gv = ctx.G.narrow(0, a0, na).narrow(1, b0, nb);
-    Gv.copy_(at::where(mask, Gn, Gv));
-    ctx.n_refined += mask.sum().item<int64_t>();
-    direct_entries(ctx, a0, b0, mask.logical_and(fl));
+    direct_entries(ctx, a0, b0, local_pass(ctx, a0, a1, b0, b1, /*use64=*/true, mask));
     return;
   }
   const int64_t am = a0 + (na + 1) / 2, bm = b0 + (nb + 1) / 2;
@@ -270,63 +397,16 @@ void refine(LayerCtx& ctx, int64_t a0, int64_t a1, int64_t b0, int64_t b1, const
         refine(ctx, sa0, sa1, sb0, sb1, m, false);
         continue;
       }
-      at::Tensor Gn, fl;
       ++ctx.n_subpass;
-      local_pass(ctx, sa0, sa1, sb0, sb1, /*use64=*/ctx.in64, Gn, fl);
-      at::Tensor Gv = ctx.G.narrow(0, sa0, sa1 - sa0).narrow(1, sb0, sb1 - sb0);
-      Gv.copy_(at::where(m, Gn, Gv));
-      ctx.n_refined += m.sum().item<int64_t>();
-      at::Tensor still = m.logical_and(fl);
+      at::Tensor still = local_pass(ctx, sa0, sa1, sb0, sb1, /*use64=*/ctx.in64, m);
       if (still.any().item<bool>()) refine(ctx, sa0, sa1, sb0, sb1, still, false);
     }
   }
 }
 
-struct Side {  // per-block precomputation of one side (A or B) for one segment
-  std::vector<int64_t> starts;  // block boundaries, size nblk + 1
-  std::vector<int64_t> refs;    // reference row of each block
-  at::Tensor D;                 // [n, s] rounded differences x_i - ref(i) (fp32, or fp64 for fp64 input)
-  at::Tensor dn;                // [n] fp64 |x_i - ref(i)| (exact differences)
-  at::Tensor T;                 // [n, nblk_other] fp64: ref_other_J . (x_i - ref(i))
-};
-
-std::vector<int64_t> block_starts(int64_t n, int64_t block = kBlock) {
-  std::vector<int64_t> st;
-  const int64_t nblk = std::max<int64_t>(1, (n + block - 1) / block);
-  // equal-ish blocks (no tiny last block)
-  for (int64_t b = 0; b <= nblk; ++b) st.push_back(n * b / nblk);
-  return st;
-}
-
-std::vector<int64_t> block_refs(const std::vector<int64_t>& st) {
-  std::vector<int64_t> r;
-  for (size_t b = 0; b + 1 < st.size(); ++b) r.push_back((st[b] + st[b + 1] - 1) / 2);
-  return r;
-}
-
-// D, dn and T = (x_i - ref(i)) . other_refs for one side, block by block (fused kernel pass).
-void prepare_side(const at::Tensor& X, int64_t c0, int64_t c1, Side& sd, const at::Tensor& other,
-                         const at::Tensor& other_refs, bool in64, const GramKernels& kern,
-                         Workspace* ws = nullptr) {
-  const int64_t n = X.size(0), s = c1 - c0;
-  auto f64 = X.options().dtype(at::kDouble);
-  sd.D = chunked_workspace(n, s, chunk_width(s, kern.max_chunk), X.options().dtype(in64 ? at::kDouble : at::kFloat),
-                           ws);
-  at::Tensor dn2 = at::empty({n}, f64);
-  sd.T = at::empty({n, other_refs.size(0)}, f64);
-  const int64_t nblk = static_cast<int64_t>(sd.refs.size());
-  for (int64_t b = 0; b < nblk; ++b) {
-    const int64_t r0 = sd.starts[b], r1 = sd.starts[b + 1];
-    if (r1 == r0) continue;
-    at::Tensor D = sd.D.narrow(1, r0, r1 - r0), dn = dn2.narrow(0, r0, r1 - r0), T = sd.T.narrow(0, r0, r1 - r0);
-    kern.prep(X, r0, r1, sd.refs[b], other, other_refs, c0, c1, D, dn, T);
-  }
-  sd.dn = at::sqrt(dn2);
-}
-
 // The whole op: X [N, P], offsets [L+1] (CPU int64 values), Y [M, P] or undefined. Returns [L, N, M].
-at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off,
-                                    const at::Tensor& Y_in, const GramKernels& kern) {
+at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at::Tensor& Y_in,
+               const GramKernels& kern) {
   HighestMatmulPrecision precision_guard;
   const bool sym = !Y_in.defined();
   at::Tensor X = X_in.stride(1) == 1 ? X_in : X_in.contiguous();
@@ -337,21 +417,8 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off,
   // every entry is written below (blocks, then the mirror), except for empty segments
   at::Tensor out = at::empty({L, N, M}, X.options().dtype(at::kDouble));
   if (N == 0 || M == 0) return out;
-  Workspace wsA, wsB, wsProd, wsMirror;  // large buffers, reused by every segment and block pair
-  int64_t max_cols = 0, max_nck = 0;  // padded columns and chunks of the largest segment
-  for (int64_t l = 0; l < L; ++l) {
-    const int64_t s = off[l + 1] - off[l];
-    if (s <= kSmallLayer || in64) continue;
-    const int64_t kc = chunk_width(s, kern.max_chunk);
-    max_cols = std::max(max_cols, n_chunks(s, kc) * kc);
-    max_nck = std::max(max_nck, n_chunks(s, kc));
-  }
-  if (max_nck > 0) {  // sized once for the largest segment: growing them segment by segment re-faults every page
-    const auto fopt = X.options().dtype(at::kFloat);
-    wsA.view({N, max_cols}, fopt);
-    if (!sym) wsB.view({M, max_cols}, fopt);
-    wsProd.view({max_nck, std::min(N, kBlock), std::min(M, kBlock)}, fopt);
-  }
+  SerialForSmallWork serial(X, N, M);
+  Workspace ws[4];  // reused by every segment, group and block pair (fresh memory costs page faults)
   for (int64_t l = 0; l < L; ++l) {
     const int64_t c0 = off[l], c1 = off[l + 1], s = c1 - c0;
     if (s == 0) {
@@ -366,6 +433,7 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off,
     ctx.sym = sym;
     ctx.in64 = in64;
     ctx.k = &kern;
+    ctx.ws = ws;
     ctx.G = out.select(0, l);
     prof.lap(7);
     ctx.gdA = kern.sumsq(X, c0, c1);
@@ -378,68 +446,49 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off,
                           "(or overflows) in segment ", l, " (columns ", c0, ":", c1, ")");
       }
     }
-    Side sa, sb;
-    const bool small = s <= kSmallLayer || in64;
+    const bool small = s <= kSmallLayer || in64;  // fp64 differences and GEMMs
     const int64_t blk = s <= kSmallLayer ? kSmallBlock : kBlock;
-    sa.starts = block_starts(N, blk);
-    sa.refs = block_refs(sa.starts);
-    sb.starts = sym ? sa.starts : block_starts(M, blk);
-    sb.refs = sym ? sa.refs : block_refs(sb.starts);
-    at::Tensor refsA = at::tensor(sa.refs, at::TensorOptions().dtype(at::kLong)).to(X.device());
-    at::Tensor refsB = at::tensor(sb.refs, at::TensorOptions().dtype(at::kLong)).to(X.device());
-    prof.lap(0);
-    prepare_side(X, c0, c1, sa, Y, refsB, small, kern, small ? nullptr : &wsA);
-    if (!sym) prepare_side(Y, c0, c1, sb, X, refsA, small, kern, small ? nullptr : &wsB);
-    prof.lap(1);
+    Side sa = make_side(0, N, blk, X.device());
+    Side sb = sym ? Side() : make_side(0, M, blk, X.device());
     const Side& B = sym ? sa : sb;
-    // |p_I - q_J|^2 for every block pair, and the reference norms
-    const int64_t nA = static_cast<int64_t>(sa.refs.size()), nB = static_cast<int64_t>(B.refs.size());
-    at::Tensor pi = refsA.repeat_interleave(nB), qj = refsB.repeat({nA});
-    at::Tensor W = kern.dist2(X, Y, pi, qj, c0, c1).view({nA, nB}).cpu();
-    at::Tensor gdp = ctx.gdA.index_select(0, refsA).cpu(), gdq = ctx.gdB.index_select(0, refsB).cpu();
-    const double C = small ? (1.0 + kKappa * std::sqrt(static_cast<double>(s)))
-                           : gemm_const(s, chunk_width(s, kern.max_chunk));
-    const double u = small ? kU64 : kU32;
-    const double C64 = 1.0 + std::sqrt(static_cast<double>(s));
-    const int64_t split0 = prof.n_split;
+    const int64_t nA = sa.nblk(), nB = B.nblk();
+    std::vector<Pair> pairs;
     for (int64_t I = 0; I < nA; ++I) {
-      const int64_t a0 = sa.starts[I], na = sa.starts[I + 1] - a0;
       for (int64_t J = sym ? I : 0; J < nB; ++J) {
-        const int64_t b0 = B.starts[J], nb = B.starts[J + 1] - b0;
-        if (na == 0 || nb == 0) continue;
-        prof.lap(2);
-        ++ctx.n_pairs;
-        at::Tensor S =
-            chunked_gemm(sa.D.narrow(1, a0, na), B.D.narrow(1, b0, nb), kern, small ? nullptr : &wsProd, &prof,
-                         sym && I == J);
-        const double w = W[I][J].item<double>();
-        const double gp = gdp[I].item<double>(), gq = gdq[J].item<double>();
-        const double cc = 0.5 * ((gp + gq) - w);
-        at::Tensor tA = sa.T.narrow(0, a0, na).select(1, J);
-        at::Tensor tB = (sym ? sa.T : sb.T).narrow(0, b0, nb).select(1, I);
-        at::Tensor Gv = ctx.G.narrow(0, a0, na).narrow(1, b0, nb);
-        at::Tensor dnA = sa.dn.narrow(0, a0, na), dnB = B.dn.narrow(0, b0, nb);
-        at::Tensor gA = ctx.gdA.narrow(0, a0, na), gB = ctx.gdB.narrow(0, b0, nb);
-        at::Tensor flag;
-        bool any;
-        if (kern.combine) {
-          flag = at::empty({na, nb}, X.options().dtype(at::kBool));
-          const CombineArgs ca{cc, w, std::sqrt(gp), std::sqrt(gq), C, u, C64, sym && I == J};
-          any = kern.combine(S, tA, tB, ca, dnA, dnB, gA, gB, Gv, flag) > 0;
-        } else {
-          at::Tensor Gb;
-          combine_and_check(S, tA, tB, cc, w, std::sqrt(gp), std::sqrt(gq), dnA, dnB, gA, gB, C, u, C64, Gb, flag);
-          if (sym && I == J) flag = at::triu(flag, 1);
-          Gv.copy_(Gb);
-          any = flag.any().item<bool>();
-        }
-        prof.lap(5);
-        if (any) refine(ctx, a0, a0 + na, b0, b0 + nb, flag, small && !in64);
-        prof.lap(6);
+        const int64_t a0 = sa.starts[I], na = sa.starts[I + 1] - a0, b0 = B.starts[J], nb = B.starts[J + 1] - b0;
+        if (na > 0 && nb > 0) pairs.push_back({I, J, ctx.G.narrow(0, a0, na).narrow(1, b0, nb)});
       }
     }
-    if (std::getenv("PYLANDSCAPE_GRAM_STATS") != nullptr) {
-      // diagnostics: how much refinement this segment needed
+    ctx.n_pairs = static_cast<int64_t>(pairs.size());
+    prof.lap(0);
+    const int64_t kc = chunk_width(s, kern.max_chunk);
+    const int64_t split0 = prof.n_split;
+    accumulate(X, Y, c0, c1, sa, sym ? nullptr : &sb, pairs, small, kc, kern, ws[0], ws[1], ws[2], ws[3], &prof);
+    // |p_I - q_J|^2 for every block pair, and the reference norms (one host copy per segment)
+    at::Tensor pi = sa.refs_t.repeat_interleave(nB), qj = B.refs_t.repeat({nA});
+    at::Tensor W = kern.dist2(X, Y, pi, qj, c0, c1).view({nA, nB}).cpu();
+    at::Tensor gdp = ctx.gdA.index_select(0, sa.refs_t).cpu(), gdq = ctx.gdB.index_select(0, B.refs_t).cpu();
+    const double* w = W.const_data_ptr<double>();
+    const Bounds bd = bounds(s, small, kc);
+    std::vector<at::Tensor> flags, counts;
+    for (const Pair& pr : pairs) {
+      prof.lap(2);
+      at::Tensor flag;
+      counts.push_back(combine_pair(ctx, sa, B, pr, w[pr.I * nB + pr.J], gdp[pr.I].item<double>(),
+                                    gdq[pr.J].item<double>(), bd, sym && pr.I == pr.J, flag));
+      flags.push_back(flag);
+      prof.lap(5);
+    }
+    // one host synchronisation per segment: which pairs need refinement
+    at::Tensor cnt = at::stack(counts).cpu();
+    for (size_t k = 0; k < pairs.size(); ++k) {
+      if (cnt[k].item<int64_t>() == 0) continue;
+      const Pair& pr = pairs[k];
+      refine(ctx, sa.starts[pr.I], sa.starts[pr.I + 1], B.starts[pr.J], B.starts[pr.J + 1], flags[k],
+             small && !in64);
+    }
+    prof.lap(6);
+    if (prof.on) {
       // diagnostics (tests read these counters to show that each path ran): the top-level path (fp64 for
       // small segments and fp64 input, else fp32), its blocks and block pairs, split diagonal GEMMs, and
       // the refinement: sub-block passes, fp64 leaf passes, entries refined, entries given the direct
@@ -453,12 +502,10 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off,
     }
     if (sym && kern.mirror) {
       kern.mirror(ctx.G, ctx.gdA);
-    } else if (sym) {  // mirror the upper triangle, through a reused buffer (no fresh N x N temporaries)
+    } else if (sym) {  // mirror the upper triangle (lower-triangle entries are overwritten)
       at::Tensor g = ctx.G;
       g.triu_(1);
-      at::Tensor low = wsMirror.view({N, N}, g.options());
-      low.copy_(g.t());
-      g.add_(low);
+      g.add_(g.t().clone());
       g.diagonal().copy_(ctx.gdA);
     }
   }

@@ -64,6 +64,33 @@ PLK_HD Moments moments_from_shifted(double n, double K, double s1, double s2, do
   return m;
 }
 
+// The summation order of one chunk, shared by the CPU (eight SIMD lanes) and CUDA (eight threads) kernels so
+// that both give the same bits: lane j (of kStatLanes) adds the shifted values of elements j, j + 8, ... of the
+// chunk's whole 8-element groups, in order (lane_step); the lanes are then added in order 0..7, and the
+// tail elements after them, one by one (chunk_finish). Statistics, sigmas and hence the noise of a
+// perturbation are then bit-identical on CPU and CUDA.
+constexpr int kStatLanes = 8;
+
+PLK_HD void lane_step(double& s1, double& s2, double& sa, double v, double K) {
+  const double d = v - K;
+  s1 = s1 + d;
+  s2 = s2 + d * d;
+  sa = sa + fabs(v);
+}
+
+// s1, s2, sa: the kStatLanes lane sums of the chunk x[0, n) with shift K.
+template <typename T>
+PLK_HD Moments chunk_finish(const double* s1, const double* s2, const double* sa, const T* x, int64_t n, double K) {
+  double t1 = 0, t2 = 0, ta = 0;
+  for (int j = 0; j < kStatLanes; ++j) {
+    t1 = t1 + s1[j];
+    t2 = t2 + s2[j];
+    ta = ta + sa[j];
+  }
+  for (int64_t i = n / kStatLanes * kStatLanes; i < n; ++i) lane_step(t1, t2, ta, static_cast<double>(x[i]), K);
+  return moments_from_shifted(static_cast<double>(n), K, t1, t2, ta);
+}
+
 // Chan, Golub, LeVeque (1979): merge b into a.
 PLK_HD void moments_merge(Moments& a, const Moments& b) {
   if (b.n == 0) return;
