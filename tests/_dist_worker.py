@@ -17,7 +17,8 @@ if __name__ == "__main__":
         try:
             G, info = distributed_gram(sset, rows, panel_rows=panel_rows, cols=cols)
         except SnapshotError as e:
-            print(f"rank {dist.get_rank()} error: {e}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"rank {dist.get_rank()} error: {e}\n")  # one write: ranks share stderr
+            sys.stderr.flush()
             # every rank raised (or this barrier would time out): wait until all have printed, since
             # torchrun stops the others as soon as one exits
             dist.barrier()
