@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pylandscape
-from conftest import DEVICES, P, PAPER_SIZES, PURE_TIMES, sync
+from conftest import DEVICES, P, PURE_TIMES, sync
 from pylandscape import ops
 
 if not pylandscape.has_extension():

@@ -12,7 +12,7 @@ input), plus the op's own workspace (~5% of the panels: columns go in groups of 
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterator
 
 import torch
 

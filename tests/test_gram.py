@@ -6,7 +6,6 @@ The oracle for 1 - cos is independent of any Gram: with exact fp64 differences o
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch

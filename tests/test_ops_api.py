@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-import pylandscape
 from conftest import PAPER_SIZES, needs_cuda, needs_ext, offsets_of
 from pylandscape import _ext
 from pylandscape import _reference as ref

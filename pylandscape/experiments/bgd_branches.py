@@ -154,14 +154,8 @@ def _by_epoch(store) -> dict[int, int]:
 
 def run(config: Config, out_dir: Path) -> dict:
     _check(config)
-    training.set_threads(config.threads)
-    out = Path(out_dir)
-    prog = outdir.Progress(out)
-    data = training.load_data(config)
-    make = training.model_fn(config, data)
-    _, flat0, spec = training.init_flat(make, config.seed)
+    out, prog, data, make, flat0, spec, frozen = training.start(config, out_dir)
     offsets = spec.offsets
-    frozen = training.frozen_biases(config, make)
     snaps = snapshot_epochs(config)
 
     # 1. the main GD trajectory

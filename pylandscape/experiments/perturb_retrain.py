@@ -189,13 +189,7 @@ def source_model(out: Path, config: Config, src: str, tag: str = "base") -> torc
 
 def run(config: Config, out_dir: Path) -> dict:
     _check(config)
-    training.set_threads(config.threads)
-    out = Path(out_dir)
-    prog = outdir.Progress(out)
-    data = training.load_data(config)
-    make = training.model_fn(config, data)
-    _, flat0, spec = training.init_flat(make, config.seed)
-    frozen = training.frozen_biases(config, make)
+    out, prog, data, make, flat0, spec, frozen = training.start(config, out_dir)
     train_base(config, out, prog, make, data, flat0, "base", config.seed)
     if config.reference:
         _, ref0, _ = training.init_flat(make, config.seed + 100)

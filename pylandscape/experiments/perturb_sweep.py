@@ -147,13 +147,7 @@ def sweep_row(loss0: float, err0: float, losses: torch.Tensor, errors: torch.Ten
 
 def run(config: Config, out_dir: Path) -> dict:
     _check(config)
-    training.set_threads(config.threads)
-    out = Path(out_dir)
-    prog = outdir.Progress(out)
-    data = training.load_data(config)
-    make = training.model_fn(config, data)
-    _, flat0, spec = training.init_flat(make, config.seed)
-    frozen = training.frozen_biases(config, make)
+    out, prog, data, make, flat0, spec, frozen = training.start(config, out_dir)
 
     if "sgd" not in prog:
         outdir.log(f"{config.sgd_epochs} SGD epochs (snapshot at epoch {config.early_epoch})")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
@@ -15,7 +15,7 @@ from ..flat import ParamSpec, flatten_module, load_flat_
 from ..models import biases_before_batchnorm, dcnn
 from ..store import SnapshotStore
 from ..train import TrainConfig, train, train_many
-from .outdir import fresh_store, log
+from .outdir import Progress, fresh_store, log
 
 
 def set_threads(n: int | None) -> None:
@@ -72,6 +72,29 @@ def init_flat(make, seed: int):
     model = make()
     flat, spec = flatten_module(model)
     return model, flat.clone(), spec
+
+
+class Start(NamedTuple):
+    """What a training experiment's run() starts from."""
+    out: Path
+    prog: Progress
+    data: Any
+    make: Any
+    flat0: torch.Tensor
+    spec: ParamSpec
+    frozen: list[str]
+
+
+def start(config: Any, out_dir) -> Start:
+    """Threads, output folder progress, data, model factory, the seeded initial weights and the biases a
+    BatchNorm cancels, in this order (the order fixes the random streams, so runs stay bit-identical)."""
+    set_threads(config.threads)
+    out = Path(out_dir)
+    prog = Progress(out)
+    data = load_data(config)
+    make = model_fn(config, data)
+    _, flat0, spec = init_flat(make, config.seed)
+    return Start(out, prog, data, make, flat0, spec, frozen_biases(config, make))
 
 
 def train_config(config: Any, **kw: Any):
