@@ -14,8 +14,10 @@ directions and the same grid points, loss and error on the digits training set (
 - "copy+forward, batches of B": the same loop with the data in batches of B (what a DataLoader loop
   such as tomgoldstein/loss-landscape does, at our batch size).
 - "ours keep" / "ours reestimate": `landscape.evaluate_points` on `CombinationPoints` (grid points
-  formed by the combine kernel), route auto (one model at a time on CPU), bn keep / reestimate
-  (statistics recomputed exactly for every point; for nn.Sequential in the same single pass).
+  formed by the combine kernel), route auto (one model per core on CPU, forwards in oneDNN's layout
+  with BatchNorm folded: landscape/onednn.py), bn keep / reestimate (statistics recomputed exactly for
+  every point; for nn.Sequential in the same single pass). "ours keep, eager forwards": the same
+  with forward="eager" (plain PyTorch modules), to show what the oneDNN plan adds.
 - "ours grouped" / "ours vmap": K models per pass, the other routes (slower for convolutions on CPU).
 Times per grid point are the best of --repeats rounds, the competitors alternating round-robin so a
 slow spell of the shared machine hits them alike; "51x51 s" extrapolates the per-point time to 2,601
@@ -83,9 +85,9 @@ def loss_landscapes_plane(m, x, y, steps: int):
                                             deepcopy_model=True)
 
 
-def ours(m, x, y, theta, D, coeffs, bn="keep", route="auto", batch=256):
+def ours(m, x, y, theta, D, coeffs, bn="keep", route="auto", batch=256, forward="auto"):
     pts = CombinationPoints(torch.stack([theta, D[0], D[1]]), coeffs)
-    return evaluate_points(m, pts, (x, y), bn=bn, route=route, batch_size=batch)
+    return evaluate_points(m, pts, (x, y), bn=bn, route=route, batch_size=batch, forward=forward)
 
 
 def competitors(m, x, y, theta, D, coeffs, batch: int):
@@ -96,6 +98,7 @@ def competitors(m, x, y, theta, D, coeffs, batch: int):
     c["copy+forward (all images per forward)"] = lambda: copy_forward(m, x, y, theta, D, coeffs)
     c[f"copy+forward, batches of {batch}"] = lambda: copy_forward(m, x, y, theta, D, coeffs, batch)
     c["ours keep"] = lambda: ours(m, x, y, theta, D, coeffs, "keep", batch=batch)
+    c["ours keep, eager forwards"] = lambda: ours(m, x, y, theta, D, coeffs, "keep", batch=batch, forward="eager")
     c["ours reestimate"] = lambda: ours(m, x, y, theta, D, coeffs, "reestimate", batch=batch)
     c["ours grouped keep (K per pass)"] = lambda: ours(m, x, y, theta, D, coeffs[:8], "keep", "grouped", batch)
     c["ours vmap keep (K per pass)"] = lambda: ours(m, x, y, theta, D, coeffs[:8], "keep", "vmap", batch)

@@ -48,11 +48,12 @@ from ..evaluate import (
 )
 from ..flat import ParamSpec, load_flat_
 from ..models import GroupedNet
-from . import bn_sweep
+from . import bn_sweep, onednn
 from .points import PointSet, as_points
 
 BN_CHOICES = ("reestimate", "keep", "train")
 ROUTES = ("auto", "loop", "grouped", "vmap")
+FORWARDS = ("auto", "eager", "onednn")
 DEFAULT_MAX_MEMORY = 512 * 2**20
 BN_DESCRIPTIONS = {
     "reestimate": "BatchNorm statistics re-estimated exactly on the training images for every weight vector",
@@ -77,7 +78,8 @@ class BatchedResult:
 
     def describe(self) -> str:
         return (f"{BN_DESCRIPTIONS[self.bn]}; route {self.route}, {self.models_per_pass} models per pass, "
-                f"{self.info.get('workers', 1)} worker(s), batches of {self.batch_size} images")
+                f"{self.info.get('workers', 1)} worker(s), batches of {self.batch_size} images, "
+                f"{self.info.get('forward', 'eager')} forwards")
 
 
 def bn_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -171,11 +173,21 @@ class _LoopRoute:
     activations on bn_x fit in memory, one layer-by-layer sweep re-estimates the statistics and yields
     the logits on bn_x at once (bn_sweep); otherwise evaluate.reestimate_bn_ (one pass per BatchNorm)."""
 
-    def __init__(self, model, bn, bn_x, batch_size, act_bytes, max_memory):
+    def __init__(self, model, bn, bn_x, batch_size, act_bytes, max_memory, forward="auto"):
         self.m = copy.deepcopy(model).eval()
         if bn == "train":
             use_batch_statistics_(self.m)
         self.bn, self.bn_x, self.batch_size = bn, bn_x, batch_size
+        device = next(self.m.parameters()).device
+        # eval-mode forwards in oneDNN's layout with BatchNorm folded (landscape/onednn.py); batch
+        # statistics ("train") cannot be folded
+        self.plan = None
+        if forward != "eager" and bn != "train":
+            self.plan = onednn.plan_for(self.m, device)
+            if forward == "onednn" and self.plan is None:
+                raise ValueError(f"forward 'onednn' needs a float32 CPU nn.Sequential of Conv2d/BatchNorm2d/ReLU/"
+                                 f"Flatten/Linear; {type(model).__name__} on {device} is not one (use 'eager')")
+        self.forward = "oneDNN, BatchNorm folded" if self.plan is not None else "eager"
         self.sweep = None
         if (bn == "reestimate" and bn_sweep.sweepable(self.m)
                 and bn_sweep.bytes_needed(self.m, bn_x) <= max_memory):
@@ -187,6 +199,7 @@ class _LoopRoute:
         res = {n: (torch.zeros(k, dtype=torch.float64), torch.zeros(k, dtype=torch.float64)) for n in sets}
         for i in range(k):
             load_flat_(self.m, rows[i])
+            self._plan_loaded = False
             logits = None
             if self.sweep is not None:
                 logits = self.sweep()
@@ -197,10 +210,23 @@ class _LoopRoute:
                 if logits is not None and _same_tensor(x, self.bn_x):
                     w, c = _metrics_from_logits(logits.unsqueeze(0), y)
                     e, l = float(w[0]) / x.shape[0], float(c[0]) / x.shape[0]
+                elif self.plan is not None:
+                    e, l = self._plan_metrics(x, y)
                 else:
                     e, l = model_metrics(self.m, x, y, self.batch_size)
                 res[n][0][i], res[n][1][i] = e, l
         return res
+
+    def _plan_metrics(self, x, y):
+        if not self._plan_loaded:
+            self.plan.load()
+            self._plan_loaded = True
+        wrong, ce = 0.0, 0.0
+        for s in range(0, x.shape[0], self.batch_size):
+            w, c = _metrics_from_logits(self.plan(x[s:s + self.batch_size]).unsqueeze(0), y[s:s + self.batch_size])
+            wrong += float(w[0])
+            ce += float(c[0])
+        return wrong / x.shape[0], ce / x.shape[0]
 
 
 class _GroupedRoute:
@@ -287,7 +313,8 @@ def models_per_pass(route: str, num_params: int, itemsize: int, act_bytes: int, 
 
 def evaluate_points(model: nn.Module, points, sets, *, bn: str = "reestimate", bn_x: torch.Tensor | None = None,
                     route: str = "auto", batch_size: int | None = None, max_memory: int | None = None,
-                    chunk: int | None = None, workers: int | None = None, progress: bool = False) -> BatchedResult:
+                    chunk: int | None = None, workers: int | None = None, progress: bool = False,
+                    forward: str = "auto") -> BatchedResult:
     """Error and mean cross-entropy of K weight vectors on each data set (see the module docstring).
 
     model: the architecture (its weights are ignored; its BatchNorm buffers are used by bn="keep").
@@ -300,6 +327,9 @@ def evaluate_points(model: nn.Module, points, sets, *, bn: str = "reestimate", b
     single-threaded (default torch.get_num_threads()); independent models need no synchronisation,
     whereas one model's convolutions split over threads wait at every layer (and stall when other
     processes share the cores). The intra-op thread count is set to 1 meanwhile and restored.
+    forward: route "loop" only: "auto" runs eval-mode forwards of a plain conv nn.Sequential on the CPU in
+    oneDNN's layout with BatchNorm folded (landscape/onednn.py), other models eagerly; "eager" always
+    eagerly; "onednn" insists (an error when the model does not qualify).
     """
     if bn not in BN_CHOICES:
         raise ValueError(f"bn must be one of {BN_CHOICES}, got {bn!r}")
@@ -316,6 +346,8 @@ def evaluate_points(model: nn.Module, points, sets, *, bn: str = "reestimate", b
     if bn_eff == "reestimate" and bn_x is None:
         bn_x = first_x
     rname = choose_route(model, device, route)
+    if forward not in FORWARDS:
+        raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
     batch_size = int(batch_size or (1024 if device.type == "cuda" else 256))
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -327,7 +359,8 @@ def evaluate_points(model: nn.Module, points, sets, *, bn: str = "reestimate", b
     if workers is None:
         workers = torch.get_num_threads() if (rname == "loop" and device.type == "cpu") else 1
     workers = max(1, min(int(workers), max(len(pts), 1))) if rname == "loop" and device.type == "cpu" else 1
-    runners = [_ROUTE_CLASSES[rname](model, bn_eff, bn_x, batch_size, act, max_memory / workers)
+    kw = {"forward": forward} if rname == "loop" else {}
+    runners = [_ROUTE_CLASSES[rname](model, bn_eff, bn_x, batch_size, act, max_memory / workers, **kw)
                for _ in range(workers)]
     K = len(pts)
     errors = {n: torch.empty(K, dtype=torch.float64) for n in sets}
@@ -366,6 +399,7 @@ def evaluate_points(model: nn.Module, points, sets, *, bn: str = "reestimate", b
         if bar is not None:
             bar.close()
     info = {"num_vectors": K, "num_params": P, "workers": workers,
+            "forward": getattr(runners[0], "forward", "eager"),
             "set_sizes": {n: int(x.shape[0]) for n, (x, _) in sets.items()}}
     if bn_eff == "reestimate":
         info["bn_method"] = getattr(runners[0], "bn_method", "per-layer passes (evaluate.reestimate_bn_)")
