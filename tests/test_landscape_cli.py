@@ -176,3 +176,17 @@ def test_bad_input_gives_one_line_errors(tmp_path, capsys):
     with pytest.raises(InputError, match="LOW must be below HIGH"):
         parse_range("1:-1")
     assert parse_grid("51") == (51,) and parse_grid("51x31") == (51, 31)
+
+
+def test_trajectory_heights_on_the_3d_surface_interpolate_the_grid():
+    from types import SimpleNamespace
+
+    from pylandscape.landscape.figures import lift
+    xs, ys = np.linspace(-1, 1, 7), np.linspace(-2, 2, 5)
+    X, Y = np.meshgrid(xs, ys)
+    z = 2 * X + 3 * Y + X * Y + 1  # bilinear: reproduced exactly between grid nodes
+    pts = np.array([[0.13, -1.7], [-1.0, 2.0], [0.99, 0.01], [1.5, 0.0], [0.0, -2.5]])
+    got = lift(SimpleNamespace(xs=xs, ys=ys), z, pts)
+    want = 2 * pts[:, 0] + 3 * pts[:, 1] + pts[:, 0] * pts[:, 1] + 1
+    np.testing.assert_allclose(got[:3], want[:3], rtol=1e-12)
+    assert np.isnan(got[3:]).all()  # outside the grid: not drawn

@@ -116,3 +116,30 @@ def test_network_with_batchnorm_matches_torch_func_hessian():
     np.testing.assert_allclose(rep.top.values, ev[:2], rtol=1e-6)
     lam_block = np.linalg.eigvalsh(H[a:b, a:b])[-1]
     assert rep.layers[1]["lambda_1"] == pytest.approx(lam_block, rel=1e-6)
+
+
+def test_batched_products_and_lockstep_lanczos_equal_one_at_a_time():
+    """matmat shares one forward pass and gradient graph per batch among k vectors: each row must equal
+    the single product; SLQ's lockstep runs must equal linalg.lanczos run by run; the trace must not
+    depend on how many probes share a pass."""
+    from pylandscape.landscape.hessian import lanczos_lockstep, rademacher
+    from pylandscape.linalg import lanczos
+
+    torch.manual_seed(0)
+    m = dcnn(0.125, image_size=8).double()
+    x, y = torch.randn(24, 3, 8, 8, dtype=torch.float64), torch.randint(0, 10, (24,))
+    op = HessianOperator(m, x, y, batch_size=10)
+    V = torch.randn(3, op.dim, dtype=torch.float64)
+    HV = op.matmat(V)
+    for i in range(3):
+        torch.testing.assert_close(HV[i], op(V[i]), rtol=1e-12, atol=1e-14)
+    gen = torch.Generator().manual_seed(5)
+    starts = torch.stack([rademacher(op.dim, gen) for _ in range(3)])
+    runs = lanczos_lockstep(op, starts, 12)
+    for r in range(3):
+        ref = lanczos(op, op.dim, 12, v0=starts[r], dtype=torch.float64)
+        torch.testing.assert_close(runs[r][0], ref.alpha, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(runs[r][1], ref.beta, rtol=1e-10, atol=1e-12)
+    t1 = hutchinson_trace(op, 6, seed=3, probes_per_pass=1)
+    t4 = hutchinson_trace(op, 6, seed=3, probes_per_pass=4)
+    np.testing.assert_allclose(t4.samples, t1.samples, rtol=1e-10)

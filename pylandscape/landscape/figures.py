@@ -74,21 +74,37 @@ def _levels(z: np.ndarray, n: int = 25) -> np.ndarray:
 
 
 def _overlay(ax, s: Surface) -> None:
+    # stars first, the trajectory on top: its end is usually the origin star, and a hollow ring around
+    # the star shows both
+    for name, pt in s.anchors.items():
+        ax.plot(pt[0], pt[1], "*", color="red", ms=11, mec="k", zorder=3)
+        ax.annotate(name, (pt[0], pt[1]), textcoords="offset points", xytext=(6, 6), fontsize=9)
     if s.trajectory is not None and s.trajectory.shape[1] >= 2:
         t = s.trajectory
-        ax.plot(t[:, 0], t[:, 1], "-", color="k", lw=1.2, alpha=0.8)
-        ax.plot(t[:, 0], t[:, 1], "o", color="white", mec="k", ms=3.5)
-        ax.plot(t[0, 0], t[0, 1], "s", color="k", ms=6, label="trajectory start")
-        ax.plot(t[-1, 0], t[-1, 1], "D", color="k", ms=5, label="trajectory end")
+        ax.plot(t[:, 0], t[:, 1], "-", color="k", lw=1.2, alpha=0.8, zorder=4)
+        ax.plot(t[:, 0], t[:, 1], "o", color="white", mec="k", ms=3.5, zorder=4)
+        ax.plot(t[0, 0], t[0, 1], "s", color="k", ms=6, label="trajectory start", zorder=5)
+        ax.plot(t[-1, 0], t[-1, 1], "o", mfc="none", mec="orange", mew=2, ms=14, label="trajectory end", zorder=5)
         extent = float(np.abs(t).max())
         span = float(max(np.ptp(s.xs), np.ptp(s.ys)))
         if span > 0 and extent < 0.03 * span:
             ax.text(0.02, 0.98, f"trajectory within {extent:.2g} of the origin:\nrandom directions are nearly "
                     "orthogonal to it\n(use --directions pca)", transform=ax.transAxes, va="top", fontsize=7,
                     color="white")
-    for name, pt in s.anchors.items():
-        ax.plot(pt[0], pt[1], "*", color="red", ms=11, mec="k")
-        ax.annotate(name, (pt[0], pt[1]), textcoords="offset points", xytext=(6, 6), fontsize=9)
+
+
+def lift(s: Surface, z: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Bilinear interpolation of the grid values z [ny, nx] at points [n, 2] (NaN outside the grid)."""
+    xs, ys = np.asarray(s.xs, float), np.asarray(s.ys, float)
+    px, py = points[:, 0], points[:, 1]
+    inside = (px >= xs[0]) & (px <= xs[-1]) & (py >= ys[0]) & (py <= ys[-1])
+    i = np.clip(np.searchsorted(xs, px) - 1, 0, len(xs) - 2)
+    j = np.clip(np.searchsorted(ys, py) - 1, 0, len(ys) - 2)
+    fx = np.clip((px - xs[i]) / (xs[i + 1] - xs[i]), 0, 1)
+    fy = np.clip((py - ys[j]) / (ys[j + 1] - ys[j]), 0, 1)
+    v = ((1 - fx) * (1 - fy) * z[j, i] + fx * (1 - fy) * z[j, i + 1]
+         + (1 - fx) * fy * z[j + 1, i] + fx * fy * z[j + 1, i + 1])
+    return np.where(inside, v, np.nan)
 
 
 def contour(s: Surface, path: str | Path, quantities: list[str] | None = None) -> Path:
@@ -123,8 +139,9 @@ def contour(s: Surface, path: str | Path, quantities: list[str] | None = None) -
 
 
 def surface3d(s: Surface, path: str | Path, quantity: str | None = None) -> Path:
-    """3-D surface of one quantity (default the training loss); values above the 98th percentile are
-    clipped so one blown-up corner does not flatten the rest (said in the title)."""
+    """3-D surface of one quantity (default the training loss), with the projected trajectory on it when
+    there is one; values above the 98th percentile are clipped so one blown-up corner does not flatten
+    the rest (said in the title)."""
     if s.ys is None:
         raise ValueError("a 3-D surface needs a 2-D surface")
     path = Path(path)
@@ -136,7 +153,19 @@ def surface3d(s: Surface, path: str | Path, quantity: str | None = None) -> Path
     X, Y = np.meshgrid(s.xs, s.ys)
     fig = Figure(figsize=(7.5, 6))
     ax = fig.add_subplot(1, 1, 1, projection="3d")
-    ax.plot_surface(X, Y, z, cmap="viridis", linewidth=0, antialiased=True, rcount=100, ccount=100)
+    ax.plot_surface(X, Y, z, cmap="viridis", linewidth=0, antialiased=True, rcount=100, ccount=100, alpha=0.85)
+    if s.trajectory is not None and s.trajectory.shape[1] >= 2:
+        # the projected trajectory drawn on the surface (heights interpolated from the grid, not evaluated
+        # at the snapshots themselves: the plane passes near them, not through them)
+        t = s.trajectory
+        h = lift(s, z, t[:, :2])
+        ok = ~np.isnan(h)
+        if ok.any():
+            ax.plot(t[ok, 0], t[ok, 1], h[ok], "-o", color="k", lw=1.5, ms=2.5, zorder=10,
+                    label="trajectory (projected; height from the grid)")
+            ax.plot([t[ok, 0][-1]], [t[ok, 1][-1]], [h[ok][-1]], "o", mfc="none", mec="orange", mew=2, ms=10,
+                    zorder=11, label="trajectory end")
+            ax.legend(fontsize=7, loc="upper left")
     names = axis_names(s)
     ax.set_xlabel(names[0], fontsize=8)
     ax.set_ylabel(names[1], fontsize=8)

@@ -83,20 +83,28 @@ class HessianOperator:
         return tot / self.x.shape[0]
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
+        return self.matmat(v.reshape(1, -1))[0]
+
+    def matmat(self, V: torch.Tensor) -> torch.Tensor:
+        """H V^T for k vectors V [k, dim] -> [k, dim]. Per batch of images, the forward pass and the
+        gradient's graph are built once and every vector reuses them (one more backward pass each):
+        k products cost about one forward, one first-order backward and k second-order backwards
+        instead of k of each. Each row equals op(V[i]) (the same operations in the same order)."""
         a, b = self.block if self.block is not None else (0, self.theta.numel())
-        v = v.reshape(-1).to(self.dtype)
-        if v.numel() != self.dim:
-            raise ValueError(f"vector has {v.numel()} entries, the operator acts on {self.dim}")
-        n = self.x.shape[0]
-        out = torch.zeros(self.dim, dtype=self.dtype, device=self.theta.device)
+        V = V.to(self.dtype)
+        if V.dim() != 2 or V.shape[1] != self.dim:
+            raise ValueError(f"vectors have shape {tuple(V.shape)}, the operator acts on [k, {self.dim}]")
+        k, n = V.shape[0], self.x.shape[0]
+        out = torch.zeros(k, self.dim, dtype=self.dtype, device=self.theta.device)
         for s in range(0, n, self.batch_size):
             theta = self.theta.detach().clone().requires_grad_(True)
             logits = functional_call(self.m, (self._params(theta), self.buffers), (self.x[s:s + self.batch_size],))
             loss = F.cross_entropy(logits, self.y[s:s + self.batch_size], reduction="sum") / n
             (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-            (hv,) = torch.autograd.grad(torch.dot(g[a:b], v), theta)
-            out += hv[a:b].detach()
-        self.num_products += 1
+            for i in range(k):
+                (hv,) = torch.autograd.grad(torch.dot(g[a:b], V[i]), theta, retain_graph=i < k - 1)
+                out[i] += hv[a:b].detach()
+        self.num_products += k
         return out
 
 
@@ -146,9 +154,10 @@ def top_eigen(op, k: int = 1, *, steps: int | None = None, seed: int = 0, residu
     V = (vecs[:, order].T.to(res.basis.dtype) @ res.basis)  # [k, dim]
     lam = vals[order].numpy()
     r = np.full(len(lam), np.nan)
-    if residuals:
+    if residuals and len(lam):
+        HV = _matmat(op, V).double()
         for i in range(len(lam)):
-            r[i] = float(torch.linalg.vector_norm(op(V[i]).double() - lam[i] * V[i].double()))
+            r[i] = float(torch.linalg.vector_norm(HV[i] - lam[i] * V[i].double()))
     return TopEigen(lam, V, r, len(res.alpha))
 
 
@@ -164,16 +173,69 @@ def rademacher(n: int, gen: torch.Generator, dtype=torch.float64) -> torch.Tenso
     return (torch.randint(0, 2, (n,), generator=gen) * 2 - 1).to(dtype)
 
 
-def hutchinson_trace(op, probes: int = 100, *, seed: int = 0) -> TraceEstimate:
-    """trace(H) ~ mean of z^T H z over Rademacher probes z; stderr = sample std / sqrt(probes)."""
+def _matmat(op, V: torch.Tensor) -> torch.Tensor:
+    """op.matmat(V) when the operator has one (HessianOperator), else one product per row."""
+    if hasattr(op, "matmat"):
+        return op.matmat(V)
+    return torch.stack([op(v) for v in V])
+
+
+def hutchinson_trace(op, probes: int = 100, *, seed: int = 0, probes_per_pass: int = 8) -> TraceEstimate:
+    """trace(H) ~ mean of z^T H z over Rademacher probes z; stderr = sample std / sqrt(probes).
+    probes_per_pass probes share one forward pass and gradient graph (HessianOperator.matmat); the
+    probes and the estimate do not depend on it."""
     if probes < 2:
         raise ValueError(f"probes must be >= 2 to state a standard error, got {probes}")
+    if probes_per_pass < 1:
+        raise ValueError(f"probes_per_pass must be >= 1, got {probes_per_pass}")
     gen = torch.Generator().manual_seed(int(seed))
     s = np.empty(probes)
-    for i in range(probes):
-        z = rademacher(op.dim, gen).to(op.theta.device)
-        s[i] = float(torch.dot(z.double(), op(z).double()))
+    for c in range(0, probes, probes_per_pass):
+        Z = torch.stack([rademacher(op.dim, gen) for _ in range(min(probes_per_pass, probes - c))])
+        Z = Z.to(op.theta.device)
+        HZ = _matmat(op, Z).double()
+        for i in range(Z.shape[0]):
+            s[c + i] = float(torch.dot(Z[i].double(), HZ[i]))
     return TraceEstimate(float(s.mean()), float(s.std(ddof=1) / math.sqrt(probes)), probes, s)
+
+
+def lanczos_lockstep(op, starts: torch.Tensor, steps: int, *, breakdown_rtol: float = 1e-10) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Independent Lanczos runs from the rows of `starts` [R, dim], advanced together so that each step's
+    R products share one pass over the data (op.matmat). Each run is `linalg.lanczos` (full
+    reorthogonalisation, twice; the same breakdown rule): returns (alpha, beta) float64 per run."""
+    R, dim = starts.shape
+    k = min(int(steps), int(dim))
+    dev = op.theta.device
+    Q = torch.empty(R, k, dim, dtype=torch.float64, device=dev)
+    q = starts.to(device=dev, dtype=torch.float64)
+    q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
+    alphas: list[list[float]] = [[] for _ in range(R)]
+    betas: list[list[float]] = [[] for _ in range(R)]
+    scale = [0.0] * R
+    live = list(range(R))
+    for j in range(k):
+        for r in live:
+            Q[r, j] = q[r]
+        W = _matmat(op, q[live]).to(torch.float64)
+        still = []
+        for i, r in enumerate(live):
+            w = W[i]
+            a = torch.dot(q[r], w)
+            alphas[r].append(float(a))
+            scale[r] = max(scale[r], abs(float(a)))
+            for _ in range(2):
+                w = w - Q[r, : j + 1].T @ (Q[r, : j + 1] @ w)
+            b = float(torch.linalg.vector_norm(w))
+            if j == k - 1 or b <= breakdown_rtol * max(scale[r], b, 1e-300):
+                continue
+            betas[r].append(b)
+            q[r] = w / b
+            still.append(r)
+        live = still
+        if not live:
+            break
+    return [(torch.tensor(al, dtype=torch.float64), torch.tensor(be[: len(al) - 1], dtype=torch.float64))
+            for al, be in zip(alphas, betas)]
 
 
 @dataclass
@@ -197,15 +259,15 @@ class SpectralDensity:
 
 def spectral_density(op, *, runs: int = 4, steps: int = 80, seed: int = 0, sigma: float | None = None) -> SpectralDensity:
     """Stochastic Lanczos quadrature (Ubaru et al. 2017; PyHessian's `density`): `runs` Lanczos runs of
-    `steps` steps from normalised Rademacher starts. sigma defaults to 1% of the spectrum's span."""
+    `steps` steps from normalised Rademacher starts, advanced in lockstep (lanczos_lockstep: one data
+    pass per step for all runs). sigma defaults to 1% of the spectrum's span."""
     gen = torch.Generator().manual_seed(int(seed))
+    starts = torch.stack([rademacher(op.dim, gen) for _ in range(runs)])
     nodes, weights = [], []
-    for _ in range(runs):
-        z = rademacher(op.dim, gen)
-        res = lanczos(op, op.dim, steps, v0=z, dtype=torch.float64, device=op.theta.device)
-        T = torch.diag(res.alpha)
-        if res.beta.numel():
-            T = T + torch.diag(res.beta, 1) + torch.diag(res.beta, -1)
+    for alpha, beta in lanczos_lockstep(op, starts, steps):
+        T = torch.diag(alpha)
+        if beta.numel():
+            T = T + torch.diag(beta, 1) + torch.diag(beta, -1)
         vals, vecs = torch.linalg.eigh(T)
         nodes.append(vals.numpy())
         weights.append((vecs[0, :] ** 2).numpy())
