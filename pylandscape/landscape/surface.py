@@ -94,7 +94,7 @@ def around(model: nn.Module, sets, *, theta: torch.Tensor | None = None, directi
     "none" (raw Gaussian), "pca" (top PCA axes of `trajectory` [N, P] around theta), or a [k, P]
     tensor. trajectory: snapshots projected onto the plane (least squares) for the contour plot.
     ranges None: the projected trajectory's extent (with the origin) plus 25% on each side.
-    eval_kw: bn, bn_x, route, batch_size, max_memory, chunk, progress (see evaluate_points).
+    eval_kw: bn, bn_x, route, forward, batch_size, max_memory, chunk, progress (see evaluate_points).
     """
     dims = len(grid)
     if ranges is None and trajectory is None:

@@ -13,7 +13,7 @@ from ..devices import resolve_device
 from ..mds import parse_memory
 from . import outputs, runs
 from . import surface as surf
-from .batched import BN_CHOICES, ROUTES
+from .batched import BN_CHOICES, FORWARDS, ROUTES
 from .directions import BIAS_MODES
 from .inputs import (
     InputError,
@@ -101,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "default), keep (the checkpoint's), train (each batch's own statistics)")
     ev.add_argument("--route", default="auto", choices=ROUTES,
                     help="how many models run at once: auto (default), loop, grouped, vmap")
+    ev.add_argument("--forward", default="auto", choices=FORWARDS,
+                    help="CPU loop route: auto (default: plain conv nets run in oneDNN's layout with BatchNorm "
+                         "folded, others eagerly), eager (plain PyTorch modules), onednn (insist)")
     ev.add_argument("--batch-size", type=int, help="images per forward pass (default 256 on CPU, 1024 on GPU)")
     ev.add_argument("--max-memory", default="512M", help="memory for grid points and activations (default 512M)")
     ev.add_argument("--device", default="auto", help="auto (GPU if available), cpu, cuda, cuda:1 ...")
@@ -153,7 +156,7 @@ def run(args: argparse.Namespace) -> surf.Surface:
         traj, traj_meta = tw.flats.to(device=device, dtype=dtype), tw.meta
 
     model = model.to(device=device, dtype=dtype)
-    eval_kw = {"bn": args.bn, "route": args.route, "batch_size": args.batch_size,
+    eval_kw = {"bn": args.bn, "route": args.route, "forward": args.forward, "batch_size": args.batch_size,
                "max_memory": parse_memory(args.max_memory), "progress": not args.quiet}
     sets = {k: (x.to(device=device, dtype=dtype), y.to(device)) for k, (x, y) in sets.items()}
     bn_x = data.sets["train"][0].to(device=device, dtype=dtype) if "train" in data.sets else None
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     origin = s.anchors.get("origin") or next(iter(s.anchors.values()))
     at = surf.values_at(s, origin)
     print(f"{s.info['num_points']} grid points in {s.info['evaluation_seconds']:.1f} s "
-          f"({s.info['route']}, {s.info['bn_description']}); total {time.perf_counter() - t0:.1f} s")
+          f"({s.info['route']}, {s.info.get('forward', 'eager')} forwards, {s.info['bn_description']}); total {time.perf_counter() - t0:.1f} s")
     print("at " + ("the centre" if s.kind == "around" else next(iter(s.anchors))) + ": " +
           json.dumps({k: round(v, 5) for k, v in at.items()}))
     for p in paths:
