@@ -70,7 +70,7 @@ def test_evaluate_points_same_losses_as_eager():
     for bn in ("keep", "reestimate"):
         eager = evaluate_points(m, rows, sets, bn=bn, forward="eager", batch_size=32)
         fast = evaluate_points(m, rows, sets, bn=bn, forward="onednn", batch_size=32)
-        assert fast.info["forward"].startswith("oneDNN") and eager.info["forward"] == "eager"
+        assert "oneDNN" in fast.info["forward"] and eager.info["forward"] == "eager"
         for n in sets:
             assert torch.allclose(fast.losses[n], eager.losses[n], rtol=1e-5)
             assert torch.equal(fast.errors[n], eager.errors[n])

@@ -193,6 +193,9 @@ class _LoopRoute:
                 and bn_sweep.bytes_needed(self.m, bn_x) <= max_memory):
             self.sweep = bn_sweep.Sweeper(self.m, bn_x, batch_size)
             self.bn_method = "one pass, layer by layer (bn_sweep)"
+            if self.plan is not None:
+                self.forward = ("eager sweep on the BatchNorm images (statistics and their logits at once), "
+                                "oneDNN with BatchNorm folded on other images")
 
     def run(self, rows, sets):
         k = rows.shape[0]
