@@ -46,7 +46,7 @@ except ImportError:  # pragma: no cover - depends on the environment
     loss_landscapes = None
 
 
-def setup(train_size: int = 1500, points: int = 49, width: float = 1.0):
+def setup(train_size: int = 1500, points: int = 49, width: float = 1.0, device: str = "cpu"):
     """(model with BN statistics, x, y, theta, directions [2, P], coeffs [points, 3]) on a steps x steps grid."""
     torch.manual_seed(0)
     d = load_dataset("digits", train_size=train_size if train_size < 1500 else None)
@@ -60,7 +60,7 @@ def setup(train_size: int = 1500, points: int = 49, width: float = 1.0):
     steps = round(math.sqrt(points))
     a = np.linspace(-1, 1, steps)
     coeffs = torch.tensor([[1.0, u, v] for v in a for u in a], dtype=torch.float64)
-    return m, d.x_train, d.y_train, theta, D, coeffs
+    return m.to(device), d.x_train.to(device), d.y_train.to(device), theta.to(device), D.to(device), coeffs
 
 
 def copy_forward(m, x, y, theta, D, coeffs, batch: int | None = None):
@@ -132,12 +132,15 @@ def main(argv=None) -> int:
     ap.add_argument("--train-size", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda: on CUDA route auto is 'grouped' "
+                                                   "(K models per pass), the GPU factor of issue [landscape]")
     ap.add_argument("--full", action="store_true", help="also time ours keep on the whole 51 x 51 grid once")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    m, x, y, theta, D, coeffs = setup(args.train_size, args.points)
+    m, x, y, theta, D, coeffs = setup(args.train_size, args.points, device=args.device)
     c, npts = competitors(m, x, y, theta, D, coeffs, args.batch)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     # same numbers first (the ones that share directions and grid)
     ref = copy_forward(m, x, y, theta, D, coeffs[:4], args.batch)
     got = ours(m, x, y, theta, D, coeffs[:4]).losses["train"].tolist()
@@ -146,14 +149,17 @@ def main(argv=None) -> int:
     times = {k: [] for k in c}
     for _ in range(args.repeats):
         for k, f in c.items():
+            sync()
             t0 = time.perf_counter()
             f()
+            sync()
             dt = (time.perf_counter() - t0) / npts[k]
             times[k].append(dt)
             best[k] = min(best[k], dt)
     base = best["copy+forward (all images per forward)"]
+    where = torch.cuda.get_device_name() if x.is_cuda else f"{torch.get_num_threads()} threads"
     print(f"\n51 x 51 surface of dcnn (188,810 parameters) on digits, {x.shape[0]} training images, "
-          f"{torch.get_num_threads()} threads, best of {args.repeats} (spread = worst/best)\n")
+          f"{where}, best of {args.repeats} (spread = worst/best)\n")
     print("| method | ms / grid point | 51x51 s (extrapolated) | x vs copy+forward | x vs loss-landscapes | spread |")
     print("|---|---|---|---|---|---|")
     ll = best.get("loss-landscapes random_plane")

@@ -8,7 +8,8 @@
 #   2. the CUDA tests (segment_gram on CUDA, CPU == CUDA bit for bit, opcheck on CUDA);
 #   3. compute-sanitizer (memcheck) on a small subset of them;
 #   4. the GPU benchmarks: ops vs pure torch (bench_ops.py), segment_gram vs cuBLAS, 10,000 snapshots
-#      end to end, perturbation bandwidth (gpu_bench.py), all written into bench/RESULTS.md.
+#      end to end, perturbation bandwidth (gpu_bench.py), the loss surface (bench_landscape.py --device
+#      cuda), all written into bench/RESULTS.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" PYLANDSCAPE_CUDA=1
@@ -47,6 +48,9 @@ step "compute-sanitizer rc=$SAN_RC"
 step "benchmarks"
 timeout 120 python bench/run_table.py -k "cuda" > "$LOGS/ops.log" 2>&1
 timeout 200 python bench/gpu_bench.py --out "$LOGS/gpu_bench.md" > "$LOGS/gpu_bench.log" 2>&1
+# the loss surface: grouped K-models-per-pass on the GPU vs loss-landscapes and the copy+forward loop
+timeout 120 python bench/bench_landscape.py --device cuda --points 49 --repeats 2 --batch 1500 \
+  > "$LOGS/landscape.log" 2>&1
 step "done"
 
 {
@@ -69,6 +73,10 @@ step "done"
   grep '^|' "$LOGS/ops.log" || echo "(no table: see $LOGS/ops.log)"
   echo
   cat "$LOGS/gpu_bench.md" 2>/dev/null || echo "(gpu_bench failed: see $LOGS/gpu_bench.log)"
+  echo
+  echo "## Loss surface on the GPU (bench/bench_landscape.py --device cuda)"
+  echo
+  grep -E '^(\||51 x 51)' "$LOGS/landscape.log" || echo "(no table: see $LOGS/landscape.log)"
   echo
   echo "## Step times"
   echo
