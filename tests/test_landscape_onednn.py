@@ -30,7 +30,14 @@ def _affine_net() -> nn.Sequential:
                          nn.Conv2d(6, 4, 3, 2, 2, dilation=2), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
 
 
-@pytest.mark.parametrize("make", [lambda: dcnn(0.25), _affine_net], ids=["dcnn", "affine-bn+linear"])
+def _grouped_net() -> nn.Sequential:
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Conv2d(3, 6, 3, 1, 1, groups=3), nn.BatchNorm2d(6), nn.ReLU(),
+                         nn.Conv2d(6, 4, (3, 5), (2, 1), (0, 2)), nn.ReLU(), nn.Flatten())
+
+
+@pytest.mark.parametrize("make", [lambda: dcnn(0.25), _affine_net, _grouped_net],
+                         ids=["dcnn", "affine-bn+linear", "groups+asymmetric"])
 def test_plan_matches_float64_eager(make):
     m = _with_stats(make())
     x = torch.randn(37, 3, 16, 16, generator=torch.Generator().manual_seed(2))
