@@ -1,7 +1,7 @@
 """An experiment in process vs on a local Ray with 1 and 2 workers, and where the time goes (issue 15).
 
     flock /tmp/bench.lock env PYTHONPATH=$PWD python bench/ray_experiment.py [--repeat 2] [--set stages=2 ...]
-        [--unit-size N]
+        [--unit-size N] [--threads-row]
 
 Runs `python -m pylandscape run sgd-stages --preset quick` (plus the --set overrides) in process, on Ray
 with 1 worker and with 2 workers, each in its own process and fresh output folder, `--repeat` rounds
@@ -73,12 +73,16 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--repeat", type=int, default=2, help="rounds of the three runs, alternating [2]")
     ap.add_argument("--unit-size", type=int, default=None, help="ray: trajectories per task [spread evenly]")
+    ap.add_argument("--threads-row", action="store_true",
+                    help="also run in process with 2 torch threads (--set threads=2): both cores without Ray")
     args = ap.parse_args()
     sets = [x for s in args.sets for x in ("--set", s)]
     base = [sys.executable, __file__, "--child", "sgd-stages", "--preset", "quick", *sets]
     ray_kw = ["--executor", "ray"] + (["--unit-size", str(args.unit_size)] if args.unit_size else [])
     configs = {"in process": [], "ray, 1 worker": [*ray_kw, "--workers", "1"],
                "ray, 2 workers": [*ray_kw, "--workers", "2"]}
+    if args.threads_row:
+        configs["in process, 2 threads"] = ["--set", "threads=2"]
     runs: dict[str, list[dict]] = {k: [] for k in configs}
     load0 = loadavg()
     with tempfile.TemporaryDirectory() as tmp:
