@@ -1,7 +1,7 @@
 """An experiment in process vs on a local Ray with 1 and 2 workers, and where the time goes (issue 15).
 
     flock /tmp/bench.lock env PYTHONPATH=$PWD python bench/ray_experiment.py [--repeat 2] [--set stages=2 ...]
-        [--unit-size N] [--threads-row]
+        [--unit-size N] [--threads-row] [--cluster]
 
 Runs `python -m pylandscape run sgd-stages --preset quick` (plus the --set overrides) in process, on Ray
 with 1 worker and with 2 workers, each in its own process and fresh output folder, `--repeat` rounds
@@ -9,7 +9,9 @@ alternating the three (best and worst per row). Each child times its phases (hoo
 functions, no change to them): the training stages (`run_train_many`, which Ray runs as tasks), Ray's
 start and shutdown, and the rest (imports, data, MDS, figures: the driver's serial share). Prints a
 markdown table, the 2-vs-1 speed-up of the whole run and of the training phase, the overhead per unit,
-and the Amdahl bound: wall(2 workers) >= serial + Ray start + training(in process) / 2.
+and the Amdahl bound: wall(2 workers) >= serial + Ray start + training(in process) / 2. --cluster: the
+Ray rows connect (`--address auto`) to a Ray started beforehand with `ray start --head --num-cpus W`
+(not timed; stopped after the row), as with a cluster that is already running.
 """
 from __future__ import annotations
 
@@ -52,9 +54,20 @@ def child(argv: list[str]) -> None:
     print("PHASES " + json.dumps(spent), flush=True)
 
 
-def timed(cmd: list[str]) -> dict:
+def timed(cmd: list[str], cluster_cpus: int | None = None) -> dict:
+    if cluster_cpus:
+        subprocess.run(["ray", "start", "--head", "--num-cpus", str(cluster_cpus), "--include-dashboard=false",
+                        "--disable-usage-stats"], check=True, capture_output=True)
+    try:
+        return _timed(cmd)
+    finally:
+        if cluster_cpus:
+            subprocess.run(["ray", "stop"], check=False, capture_output=True)
+
+
+def _timed(cmd: list[str]) -> dict:
     t = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(cmd, check=False, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     wall = time.perf_counter() - t
     if r.returncode:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
@@ -73,14 +86,19 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[])
     ap.add_argument("--repeat", type=int, default=2, help="rounds of the three runs, alternating [2]")
     ap.add_argument("--unit-size", type=int, default=None, help="ray: trajectories per task [spread evenly]")
+    ap.add_argument("--cluster", action="store_true",
+                    help="ray rows: connect to a Ray started beforehand (ray start --head), its start not timed")
     ap.add_argument("--threads-row", action="store_true",
                     help="also run in process with 2 torch threads (--set threads=2): both cores without Ray")
     args = ap.parse_args()
     sets = [x for s in args.sets for x in ("--set", s)]
     base = [sys.executable, __file__, "--child", "sgd-stages", "--preset", "quick", *sets]
     ray_kw = ["--executor", "ray"] + (["--unit-size", str(args.unit_size)] if args.unit_size else [])
-    configs = {"in process": [], "ray, 1 worker": [*ray_kw, "--workers", "1"],
-               "ray, 2 workers": [*ray_kw, "--workers", "2"]}
+    cpus = {"ray, 1 worker": 1, "ray, 2 workers": 2}
+    if args.cluster:
+        configs = {"in process": [], **{k: [*ray_kw, "--address", "auto"] for k in cpus}}
+    else:
+        configs = {"in process": [], **{k: [*ray_kw, "--workers", str(n)] for k, n in cpus.items()}}
     if args.threads_row:
         configs["in process, 2 threads"] = ["--set", "threads=2"]
     runs: dict[str, list[dict]] = {k: [] for k in configs}
@@ -88,13 +106,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.repeat):
             for c, (name, extra) in enumerate(configs.items()):
-                runs[name].append(timed(base + ["--out", f"{tmp}/{r}-{c}", *extra]))
+                runs[name].append(timed(base + ["--out", f"{tmp}/{r}-{c}", *extra],
+                                        cpus.get(name) if args.cluster else None))
         out = f"{tmp}/0-1"
         stores = os.listdir(f"{out}/stores")
         units = sum(len(os.listdir(f"{out}/stores/{d}/units")) for d in stores)
     load1 = loadavg()
     best = {k: min(v, key=lambda x: x["process"]) for k, v in runs.items()}
     print(f"# sgd-stages --preset quick {' '.join(sets)}; unit size {args.unit_size or 'spread evenly'}; "
+          f"{'Ray already running (ray start, not timed)' if args.cluster else 'a local Ray started by the run'}; "
           f"best of {args.repeat} alternating rounds; load average before {load0}, after {load1}")
     print(f"# units (trajectories) per run: {units} in {len(stores)} stages (one batch of tasks per stage)")
     print("| executor | wall s (best) | worst | training s | Ray start s | Ray shutdown s | rest s | vs in process |")
