@@ -7,8 +7,8 @@ Runs `python -m pylandscape run sgd-stages --preset quick` (plus the --set overr
 with 1 worker and with 2 workers, each in its own process and fresh output folder, `--repeat` rounds
 alternating the three (best and worst per row). Each child times its phases (hooks around the library's
 functions, no change to them): the training stages (`run_train_many`, which Ray runs as tasks), Ray's
-start and shutdown, and the rest (imports, data, MDS, figures: the driver's serial share). Prints a
-markdown table, the 2-vs-1 speed-up of the whole run and of the training phase, the overhead per unit,
+start and shutdown, and the rest (imports, data, MDS, figures: the driver's serial share). Prints
+markdown (a table and notes), the 2-vs-1 speed-up of the whole run and of the training phase, the overhead per unit,
 and the Amdahl bound: wall(2 workers) >= serial + Ray start + training(in process) / 2. --cluster: the
 Ray rows connect (`--address auto`) to a Ray started beforehand with `ray start --head --num-cpus W`
 (not timed; stopped after the row), as with a cluster that is already running.
@@ -32,7 +32,8 @@ def child(argv: list[str]) -> None:
     t00 = time.perf_counter()
     from pylandscape.distributed import executor as ex
     from pylandscape.experiments import cli, training
-    spent = dict.fromkeys(PHASES, 0.0)
+    spent: dict = dict.fromkeys(PHASES, 0.0)
+    spent["stages"] = []
 
     def wrap(obj, name, key):
         f = getattr(obj, name)
@@ -44,6 +45,8 @@ def child(argv: list[str]) -> None:
                 return f(*a, **k)
             finally:
                 spent[key] += time.perf_counter() - t
+                if key == "train":
+                    spent["stages"].append(time.perf_counter() - t)
         setattr(obj, name, g)
     wrap(training, "run_train_many", "train")
     wrap(ex.RayExecutor, "__init__", "ray_init")
@@ -113,10 +116,11 @@ def main() -> None:
         units = sum(len(os.listdir(f"{out}/stores/{d}/units")) for d in stores)
     load1 = loadavg()
     best = {k: min(v, key=lambda x: x["process"]) for k, v in runs.items()}
-    print(f"# sgd-stages --preset quick {' '.join(sets)}; unit size {args.unit_size or 'spread evenly'}; "
+    print(f"- sgd-stages --preset quick {' '.join(sets)}; unit size {args.unit_size or 'spread evenly'}; "
           f"{'Ray already running (ray start, not timed)' if args.cluster else 'a local Ray started by the run'}; "
           f"best of {args.repeat} alternating rounds; load average before {load0}, after {load1}")
-    print(f"# units (trajectories) per run: {units} in {len(stores)} stages (one batch of tasks per stage)")
+    print(f"- units (trajectories) per run: {units} in {len(stores)} stages (one batch of tasks per stage)")
+    print()
     print("| executor | wall s (best) | worst | training s | Ray start s | Ray shutdown s | rest s | vs in process |")
     print("|---|---|---|---|---|---|---|---|")
     for name, b in best.items():
@@ -127,12 +131,20 @@ def main() -> None:
     a, r1, r2 = best["in process"], best["ray, 1 worker"], best["ray, 2 workers"]
     serial = a["process"] - a["train"]
     start = (r2["ray_init"] + r2["ray_shutdown"] + r1["ray_init"] + r1["ray_shutdown"]) / 2
-    print(f"# 2 vs 1 worker: whole run {r1['process'] / r2['process']:.2f}x, training phase "
+    print()
+    for name, b in best.items():
+        print(f"- {name}: training s per stage {' '.join(f'{x:.2f}' for x in b['stages'])}")
+    if len(r1["stages"]) > 1:
+        rest1, rest2, resta = (sum(x["stages"][1:]) for x in (r1, r2, a))
+        print(f"- stages 2 on (workers warm): 2 vs 1 worker {rest1 / rest2:.2f}x, 2 workers vs in process "
+              f"{resta / rest2:.2f}x; stage 1 (workers' imports): in process {a['stages'][0]:.2f} s, "
+              f"1 worker {r1['stages'][0]:.2f} s, 2 workers {r2['stages'][0]:.2f} s")
+    print(f"- 2 vs 1 worker: whole run {r1['process'] / r2['process']:.2f}x, training phase "
           f"{r1['train'] / r2['train']:.2f}x")
-    print(f"# overhead per unit (ray 1 worker - in process, training phase) / units: "
+    print(f"- overhead per unit (ray 1 worker - in process, training phase) / units: "
           f"{(r1['train'] - a['train']) / units * 1000:.0f} ms")
     bound = serial + start + a["train"] / 2
-    print(f"# Amdahl: serial (in process, outside training) {serial:.1f} s + Ray start/stop {start:.1f} s + "
+    print(f"- Amdahl: serial (in process, outside training) {serial:.1f} s + Ray start/stop {start:.1f} s + "
           f"training {a['train']:.1f} s / 2 = {bound:.1f} s at best with 2 workers: "
           f"<= {r1['process'] / bound:.2f}x of 1 worker, {a['process'] / bound:.2f}x of in process")
 
