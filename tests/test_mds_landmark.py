@@ -34,8 +34,10 @@ def _procrustes_residual(X: np.ndarray, Y: np.ndarray) -> float:
 def test_all_points_as_landmarks_is_classical_mds_float64(selection):
     X = _walk()
     ref, _ = cosine_mds(X.numpy(), k=3)   # independent float64 NumPy classical MDS
+    X0 = X.clone()
     got = LandmarkMDS(3, n_landmarks=X.shape[0], selection=selection).fit(X).embedding_
     assert_same_embedding(got, ref, atol=1e-9 * np.abs(ref).max())
+    assert torch.equal(X, X0)  # the input is not changed (the norms are summed on a copy)
 
 
 def test_flat_configuration_is_recovered_from_few_landmarks():
