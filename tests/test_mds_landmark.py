@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pylandscape import mds
-from pylandscape.mds.landmark import LandmarkMDS, maxmin_landmarks
+from pylandscape.mds.landmark import LandmarkMDS, chunk_columns, maxmin_landmarks
 from reference_mds import assert_same_embedding, cosine_mds
 
 
@@ -99,3 +99,13 @@ def test_cli_landmarks(tmp_path, capsys):
     assert sum(r.get("landmark") == "1" for r in lm) == 30
     rc = mds.main(["--snapshots", str(tmp_path / "ck"), "--out", str(tmp_path / "x"), "--landmarks", "many"])
     assert rc == 2 and "--landmarks 'many'" in capsys.readouterr().err
+
+
+def test_memory_budget_of_the_file_pass():
+    """--max-memory: the float32 chunk gets half of what the [N, m] arrays leave; too little is a clear
+    error (it was a silent 1-column chunk, i.e. one pass over every file per weight)."""
+    n, m = 50_000, 1000
+    c = chunk_columns(4 << 30, n, m)
+    assert 4 * n * c + 26 * n * m + (512 << 20) <= 4 << 30 and c > 5000
+    with pytest.raises(ValueError, match=r"--max-memory 1G: too small .* 50000 snapshots with 1000 landmarks"):
+        chunk_columns(1 << 30, n, m, "1G")

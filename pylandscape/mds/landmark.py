@@ -44,6 +44,8 @@ SKETCH_DIMS = 128
 SELECTIONS = ("maxmin", "random")
 #: rows per float64 block when summing the squared norms (and the sketch)
 NORM_ROWS = 2048
+#: memory of the process besides the arrays (Python, torch, the reader), measured: ~0.48 GiB
+RESIDENT_BYTES = 512 << 20
 
 ChunkReader = Callable[[], Iterator[torch.Tensor]]   # yields float32 [N, c] column chunks, restartable
 
@@ -218,6 +220,21 @@ class LandmarkMDS:
         self.timings_ = res["timings"]
 
 
+def chunk_columns(budget: int, n: int, m: int, what=None) -> int:
+    """Columns per chunk so that the peak memory stays within `budget` bytes.
+
+    Measured at N = 50,000 (bench/landmark_scale.py, docs/scaling.md section 2): peak RSS = about
+    0.48 GiB (Python, torch) + 4 N c (the float32 chunk of c columns) + 25.5 N m (G, the kernel's
+    [N, m] result for a chunk and about one more [N, m] float64 temporary), within 0.03 GiB over five
+    runs. The chunk gets half of what the fixed part leaves (the margin)."""
+    fixed = RESIDENT_BYTES + 26 * n * m
+    if budget <= fixed:
+        raise ValueError(f"--max-memory {what or budget}: too small for landmark MDS of {n} snapshots with {m} "
+                         f"landmarks, which holds {fixed / 2**30:.1f} GiB besides the weights (26 N m bytes "
+                         f"+ {RESIDENT_BYTES >> 20} MiB); give more memory or fewer --landmarks")
+    return max(1, (budget - fixed) // (2 * 4 * n))
+
+
 def _file_chunks(sset, rows: list[int], tensor_idx: list[int], cols: int) -> ChunkReader:
     """Column chunks (float32 [n, <= cols]) of the selected tensors of the snapshots `rows`."""
     spec = sset.spec
@@ -267,8 +284,7 @@ def embed_landmarks(source, *, landmarks: int = DEFAULT_LANDMARKS, layer: str | 
         raise ValueError(f"--landmarks {landmarks}: need at least dims + 1 = {dims + 1} landmarks")
     tensor_idx = select_tensors(sset.spec, layer)
     budget = parse_memory(max_memory)
-    # a third of the budget for the float32 rows, the rest for the kernel's workspace and G [N, m]
-    cols = max(1, (budget - 16 * len(rows) * m) // (3 * 4 * len(rows)))
+    cols = chunk_columns(budget, len(rows), m, max_memory)
     reader = _file_chunks(sset, rows, tensor_idx, cols)
     res = landmark_map(reader, len(rows), m, metric=metric, n_components=dims, seed=seed, device=device,
                        solver=solver, selection=selection, norm_error=lambda r: f"{sset.meta[rows[r]].get('path')}: the selected "
@@ -298,5 +314,5 @@ def embed_landmarks(source, *, landmarks: int = DEFAULT_LANDMARKS, layer: str | 
     return result
 
 
-__all__ = ["AUTO_LANDMARKS_N", "DEFAULT_LANDMARKS", "LandmarkMDS", "embed_landmarks", "landmark_map",
+__all__ = ["AUTO_LANDMARKS_N", "DEFAULT_LANDMARKS", "LandmarkMDS", "chunk_columns", "embed_landmarks", "landmark_map",
            "maxmin_landmarks", "triangulate"]
