@@ -104,6 +104,16 @@ def _read_manifest(path: Path) -> list[dict]:
     return entries
 
 
+def _ends_with_newline(path: Path) -> bool:
+    """True for an empty file or one whose last byte is a newline."""
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return True
+        f.seek(size - 1)
+        return f.read(1) == b"\n"
+
+
 class SnapshotStore:
     """Append-only folder of weight snapshots with per-snapshot metadata."""
 
@@ -157,11 +167,11 @@ class SnapshotStore:
         entry = {"index": index, "file": rel, **{k: _jsonable(v) for k, v in meta.items()}}
         line = (json.dumps(entry, sort_keys=True) + "\n").encode()
         mpath = self.root / MANIFEST
-        # A killed earlier run may have left an unterminated line: cut it before appending.
-        if mpath.exists():
+        # A killed earlier run may have left an unterminated line: cut it before appending. Only the
+        # last byte is read to check (reading the whole manifest made N appends read O(N^2) bytes)
+        if mpath.exists() and not _ends_with_newline(mpath):
             raw = mpath.read_bytes()
-            if raw and not raw.endswith(b"\n"):
-                atomic_write_bytes(mpath, raw[: raw.rfind(b"\n") + 1])
+            atomic_write_bytes(mpath, raw[: raw.rfind(b"\n") + 1])
         with open(mpath, "ab") as f:
             f.write(line)
             f.flush()

@@ -58,6 +58,33 @@ def test_killed_worker_is_retried(local_ray, tmp_path):
     assert (tmp_path / "m").exists()  # the first attempt of unit 1 really died
 
 
+class Counted:
+    """Counts its deserialisations in the process that loads it."""
+    loads = 0
+
+    def __init__(self, payload):
+        self.payload = payload
+
+    def __setstate__(self, state):
+        type(self).loads += 1
+        self.__dict__.update(state)
+
+
+def _probe(shared: Counted, i: int) -> tuple[int, int, int]:
+    return os.getpid(), Counted.loads, torch.get_num_threads()
+
+
+def test_shared_argument_loaded_once_per_worker_and_threads_follow_cpus(local_ray):
+    ex = RayExecutor(cpus_per_task=2)  # one slot of 2 CPUs: every task on one worker, in turn
+    assert ex.slots() == 1
+    shared = Counted(list(range(1000)))
+    for _ in range(2):  # a second call with the same object: still one load (put once per run)
+        got = dict(ex.imap(_probe, [(shared, i) for i in range(4)]))
+        assert {t for _, _, t in got.values()} == {2}  # torch threads = the task's CPUs
+        for pid in {p for p, _, _ in got.values()}:
+            assert max(n for p, n, _ in got.values() if p == pid) == 1, got
+
+
 def test_ray_run_is_bit_identical_and_resumes(local_ray, tmp_path):
     assert run_cli.main(["sgd-stages", *SETS, "--out", str(tmp_path / "local")]) == 0
     assert run_cli.main(["sgd-stages", *SETS, "--out", str(tmp_path / "ray"), "--executor", "ray"]) == 0

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from pylandscape import mds
-from pylandscape.mds.landmark import LandmarkMDS, maxmin_landmarks
+from pylandscape.mds.landmark import LandmarkMDS, chunk_columns, maxmin_landmarks
 from reference_mds import assert_same_embedding, cosine_mds
 
 
@@ -34,8 +34,10 @@ def _procrustes_residual(X: np.ndarray, Y: np.ndarray) -> float:
 def test_all_points_as_landmarks_is_classical_mds_float64(selection):
     X = _walk()
     ref, _ = cosine_mds(X.numpy(), k=3)   # independent float64 NumPy classical MDS
+    X0 = X.clone()
     got = LandmarkMDS(3, n_landmarks=X.shape[0], selection=selection).fit(X).embedding_
     assert_same_embedding(got, ref, atol=1e-9 * np.abs(ref).max())
+    assert torch.equal(X, X0)  # the input is not changed (the norms are summed on a copy)
 
 
 def test_flat_configuration_is_recovered_from_few_landmarks():
@@ -97,3 +99,13 @@ def test_cli_landmarks(tmp_path, capsys):
     assert sum(r.get("landmark") == "1" for r in lm) == 30
     rc = mds.main(["--snapshots", str(tmp_path / "ck"), "--out", str(tmp_path / "x"), "--landmarks", "many"])
     assert rc == 2 and "--landmarks 'many'" in capsys.readouterr().err
+
+
+def test_memory_budget_of_the_file_pass():
+    """--max-memory: the float32 chunk gets half of what the [N, m] arrays leave; too little is a clear
+    error (it was a silent 1-column chunk, i.e. one pass over every file per weight)."""
+    n, m = 50_000, 1000
+    c = chunk_columns(4 << 30, n, m)
+    assert 4 * n * c + 26 * n * m + (512 << 20) <= 4 << 30 and c > 5000
+    with pytest.raises(ValueError, match=r"--max-memory 1G: too small .* 50000 snapshots with 1000 landmarks"):
+        chunk_columns(1 << 30, n, m, "1G")

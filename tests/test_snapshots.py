@@ -127,6 +127,21 @@ def test_our_store_and_column_chunks(tmp_path):
     np.testing.assert_array_equal(piece[0], flats[2][10:15].numpy())
 
 
+def test_store_append_cuts_an_unfinished_manifest_line(tmp_path):
+    """A run killed mid-append leaves a manifest line without its newline: the next append drops it."""
+    spec = ParamSpec(("w",), ((3,),))
+    st = SnapshotStore(tmp_path / "s", spec)
+    st.append(torch.zeros(3), step=0)
+    with open(tmp_path / "s" / "manifest.jsonl", "ab") as f:
+        f.write(b'{"index": 1, "file": "snap')  # the killed write
+    st = SnapshotStore(tmp_path / "s")
+    assert len(st) == 1
+    st.append(torch.ones(3), step=1)
+    lines = (tmp_path / "s" / "manifest.jsonl").read_bytes().split(b"\n")
+    assert lines[-1] == b"" and [json.loads(x)["step"] for x in lines[:-1]] == [0, 1]
+    assert len(SnapshotStore(tmp_path / "s")) == 2
+
+
 class _Evil:
     def __init__(self, marker):
         self.marker = marker

@@ -81,15 +81,22 @@ def _parser(name: str, mod) -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None, help="cpu, cuda, ... (same as --set device=...)")
     # issue 15: independent units (trajectories trained together) as Ray tasks, pylandscape/distributed
     ap.add_argument("--executor", choices=EXECUTORS, default="inprocess",
-                    help="inprocess (default) or ray: each trajectory of a multi-trajectory unit is a Ray task "
-                         "(pip install .[ray]); the driver writes the output folder; results are bit-identical "
-                         "on CPU with the same thread count")
+                    help="inprocess (default) or ray: the trajectories of a multi-trajectory unit run as Ray "
+                         "tasks, each a contiguous slice of trajectories (pip install .[ray]); the driver writes "
+                         "the output folder; results are bit-identical on CPU with the same thread count")
     ap.add_argument("--address", default=None,
                     help="ray: auto (a running cluster), ray://host:port (Ray Client); default: a local Ray")
     ap.add_argument("--gpus-per-task", type=float, default=0.0,
                     help="ray: GPUs per task, fractional allowed (0.25 = four tasks share a GPU) [0]")
     ap.add_argument("--workers", type=int, default=None,
                     help="ray without --address: CPUs of the local Ray (= concurrent 1-CPU tasks) [all]")
+    ap.add_argument("--cpus-per-task", type=float, default=1.0,
+                    help="ray: CPUs per task, also its torch threads (bit-identical to an in-process run with "
+                         "that many threads) [1]")
+    ap.add_argument("--unit-size", type=int, default=None,
+                    help="ray: trajectories per task (trained in lockstep); default: the trajectories spread "
+                         "evenly over the cluster's task slots (one task per slot), which pays a task's start "
+                         "once per slice; smaller slices balance uneven workers and lose less to a failure")
     return ap
 
 
@@ -126,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         prepare_out(out, name, config, preset=args.preset, resume=args.resume,
                     protocol=getattr(mod, "PROTOCOLS", {}).get(args.preset), overrides=sets)
         executor = make_executor(args.executor, address=args.address, gpus_per_task=args.gpus_per_task,
-                                 num_cpus=args.workers)
+                                 num_cpus=args.workers, cpus_per_task=args.cpus_per_task, unit_size=args.unit_size)
         try:
             with use_executor(executor):
                 results = mod.run(config, out)

@@ -42,6 +42,10 @@ AUTO_LANDMARKS_N = 20_000
 #: Gaussian directions of the sketch that picks the landmarks
 SKETCH_DIMS = 128
 SELECTIONS = ("maxmin", "random")
+#: rows per float64 block when summing the squared norms (and the sketch)
+NORM_ROWS = 2048
+#: memory of the process besides the arrays (Python, torch, the reader), measured: ~0.48 GiB
+RESIDENT_BYTES = 512 << 20
 
 ChunkReader = Callable[[], Iterator[torch.Tensor]]   # yields float32 [N, c] column chunks, restartable
 
@@ -124,22 +128,31 @@ def landmark_map(chunks: ChunkReader, n: int, m: int, *, metric: str = "cosine",
         offs = torch.tensor([0, buf.shape[1]], dtype=torch.int64)
         G.add_(segment_gram(buf, offs, Y=buf.index_select(0, lm), device=dev)[0].to("cpu", torch.float64))
 
+    def norms_pass(buf: torch.Tensor, proj: torch.Tensor | None = None) -> None:
+        # float64 in row blocks: squares of fp32 values are exact in fp64; a whole-chunk fp64 copy and
+        # its square were 4x the chunk's memory (peak RSS 6.3 GiB under --max-memory 4G at N = 50,000,
+        # P = 12,974) and took longer than the kernel (page faults)
+        for a in range(0, buf.shape[0], NORM_ROWS):
+            blk = buf[a:a + NORM_ROWS].to(torch.float64, copy=True)  # a copy also of fp64 input
+            if proj is not None:
+                F[a:a + NORM_ROWS] += blk @ proj
+            norms[a:a + NORM_ROWS] += blk.square_().sum(1)
+
     if selection == "random":
         # landmarks known before reading: one pass gives the norms and G
         idx = np.sort(np.random.default_rng(seed).choice(n, size=m, replace=False))
         lm = torch.as_tensor(idx)
         t1 = t2 = time.perf_counter()
         for buf in chunks():
-            b64 = buf.to(torch.float64)
-            norms += (b64 * b64).sum(1)  # squares of fp32 values are exact in fp64
+            norms_pass(buf)
             gram_pass(buf, lm)
+            del buf  # before the next chunk is read: one chunk in memory at a time
         _check_norms(norms, metric, norm_error)
     else:
         F = torch.zeros(n, sketch_dims, dtype=torch.float64)
         for buf in chunks():
-            b64 = buf.to(torch.float64)
-            norms += (b64 * b64).sum(1)
-            F += b64 @ torch.randn(b64.shape[1], sketch_dims, generator=gen, dtype=torch.float64)
+            norms_pass(buf, torch.randn(buf.shape[1], sketch_dims, generator=gen, dtype=torch.float64))
+            del buf
         t1 = time.perf_counter()
         _check_norms(norms, metric, norm_error)
         if metric != "euclidean":
@@ -149,6 +162,7 @@ def landmark_map(chunks: ChunkReader, n: int, m: int, *, metric: str = "cosine",
         t2 = time.perf_counter()
         for buf in chunks():
             gram_pass(buf, lm)
+            del buf
     t3 = time.perf_counter()
     D2 = squared_from_cross_gram(G, norms, norms[lm], metric)
     del G
@@ -206,6 +220,21 @@ class LandmarkMDS:
         self.timings_ = res["timings"]
 
 
+def chunk_columns(budget: int, n: int, m: int, what=None) -> int:
+    """Columns per chunk so that the peak memory stays within `budget` bytes.
+
+    Measured at N = 50,000 (bench/landmark_scale.py, docs/scaling.md section 2): peak RSS = about
+    0.48 GiB (Python, torch) + 4 N c (the float32 chunk of c columns) + 25.5 N m (G, the kernel's
+    [N, m] result for a chunk and about one more [N, m] float64 temporary), within 0.03 GiB over five
+    runs. The chunk gets half of what the fixed part leaves (the margin)."""
+    fixed = RESIDENT_BYTES + 26 * n * m
+    if budget <= fixed:
+        raise ValueError(f"--max-memory {what or budget}: too small for landmark MDS of {n} snapshots with {m} "
+                         f"landmarks, which holds {fixed / 2**30:.1f} GiB besides the weights (26 N m bytes "
+                         f"+ {RESIDENT_BYTES >> 20} MiB); give more memory or fewer --landmarks")
+    return max(1, (budget - fixed) // (2 * 4 * n))
+
+
 def _file_chunks(sset, rows: list[int], tensor_idx: list[int], cols: int) -> ChunkReader:
     """Column chunks (float32 [n, <= cols]) of the selected tensors of the snapshots `rows`."""
     spec = sset.spec
@@ -231,6 +260,7 @@ def _file_chunks(sset, rows: list[int], tensor_idx: list[int], cols: int) -> Chu
                 r = int(np.nonzero(~np.isfinite(buf).all(axis=1))[0][0])
                 raise ValueError(f"{sset.meta[rows[r]].get('path')}: NaN or Inf weights")
             yield torch.from_numpy(buf)
+            del buf  # not held while the next chunk is read
     return read
 
 
@@ -254,8 +284,7 @@ def embed_landmarks(source, *, landmarks: int = DEFAULT_LANDMARKS, layer: str | 
         raise ValueError(f"--landmarks {landmarks}: need at least dims + 1 = {dims + 1} landmarks")
     tensor_idx = select_tensors(sset.spec, layer)
     budget = parse_memory(max_memory)
-    # a third of the budget for the float32 rows, the rest for the kernel's workspace and G [N, m]
-    cols = max(1, (budget - 16 * len(rows) * m) // (3 * 4 * len(rows)))
+    cols = chunk_columns(budget, len(rows), m, max_memory)
     reader = _file_chunks(sset, rows, tensor_idx, cols)
     res = landmark_map(reader, len(rows), m, metric=metric, n_components=dims, seed=seed, device=device,
                        solver=solver, selection=selection, norm_error=lambda r: f"{sset.meta[rows[r]].get('path')}: the selected "
@@ -285,5 +314,5 @@ def embed_landmarks(source, *, landmarks: int = DEFAULT_LANDMARKS, layer: str | 
     return result
 
 
-__all__ = ["AUTO_LANDMARKS_N", "DEFAULT_LANDMARKS", "LandmarkMDS", "embed_landmarks", "landmark_map",
+__all__ = ["AUTO_LANDMARKS_N", "DEFAULT_LANDMARKS", "LandmarkMDS", "chunk_columns", "embed_landmarks", "landmark_map",
            "maxmin_landmarks", "triangulate"]
