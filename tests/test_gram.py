@@ -439,8 +439,12 @@ def scaled_family(N, P, eps, seed=0):
 
 
 PATH_CASES = {
-    # name: (N, M or None, segment sizes, eps, expected counters of segment 0 (exact or "min:" lower bounds))
-    "fp32_one_block": (256, None, [700], 1e-2, {"path": "fp32", "blocks": "1x1", "pairs": 1, "split": "min:1"}),
+    # name: (N, M or None, segment sizes, eps, expected counters of segment 0 (exact or "min:" lower bounds)),
+    # optionally followed by environment settings. GEMMT=0: no triangular GEMM, so the block-pair path (with
+    # split diagonal blocks) runs even where torch's MKL has one.
+    "fp32_one_block": (256, None, [700], 1e-2, {"path": "fp32", "blocks": "1x1", "pairs": 1, "split": "min:1",
+                                                "tri": 0}, {"PYLANDSCAPE_GRAM_GEMMT": "0"}),
+    "fp32_panels": (1100, None, [700], 1e-2, {"path": "fp32", "blocks": "5x5", "pairs": 15, "split": 0}),
     "fp32_block_boundary": (257, None, [700], 1e-2, {"path": "fp32", "blocks": "2x2", "pairs": 3}),
     "uneven_blocks": (600, None, [513, 40], 1e-2, {"path": "fp32", "blocks": "3x3", "pairs": 6}),
     "y_several_blocks": (300, 520, [700], 1e-2, {"path": "fp32", "blocks": "2x3", "pairs": 6, "split": 0}),
@@ -454,7 +458,9 @@ PATH_CASES = {
 @pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
 @pytest.mark.parametrize("case", list(PATH_CASES))
 def test_each_path_runs_and_is_accurate(case, monkeypatch, capfd):
-    N, M, sizes, eps, want = PATH_CASES[case]
+    N, M, sizes, eps, want, *env = PATH_CASES[case]
+    for k, v in (env[0] if env else {}).items():
+        monkeypatch.setenv(k, v)
     rows = scaled_family(N + (M or 0), sum(sizes), eps, seed=len(case))
     off = offsets(sizes)
     X, Y = (rows, None) if M is None else (rows[:N], rows[N:])
@@ -465,6 +471,8 @@ def test_each_path_runs_and_is_accurate(case, monkeypatch, capfd):
             assert got >= int(val[4:]), (case, key, stats[0])
         else:
             assert got == val, (case, key, stats[0])
+    if case == "fp32_panels" and torch.backends.mkl.is_available():  # torch's MKL has the triangular GEMM
+        assert stats[0]["tri"] >= 2, stats[0]  # both row panels (1,024 rows, then 76)
     # accurate on every path: against fp64 products, and 1 - cos against the Gram-free oracle
     Yr = X if Y is None else Y
     R = fp64_products(X, off, Y)

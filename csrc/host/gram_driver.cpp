@@ -51,8 +51,11 @@ constexpr int64_t kLeaf = 32;        // at most this many rows per side: fp64 pa
 constexpr int64_t kDirectCost = 64;  // one direct fp64 distance ~ this many entries of a sub-block pass
 constexpr int64_t kSmallLayer = 512; // segments this small go straight to the fp64 pass (cheap, exact-er)
 constexpr int64_t kSmallBlock = 1024;  // their rows per block: few block pairs (per-pair overhead dominates)
-constexpr int64_t kSplitDiag = 128;  // diagonal blocks of >= 2x this rows: three half-size GEMMs, not four (smaller
-                                     // GEMMs lose more to BLAS overheads than the skipped quarter saves)
+constexpr int64_t kSplitDiag = 192;  // diagonal blocks of >= this many rows: three half-size GEMMs, not four
+                                     // (measured with MKL: 3 x 125^2 cost 13% less than 250^2, 3 x 50^2 more
+                                     // than 100^2; smaller GEMMs lose more to BLAS overheads than the skipped
+                                     // quarter saves)
+constexpr int64_t kPanelRows = 1024;  // rows per panel of the triangular-GEMM path (its fp32 products: ~2% of X)
 constexpr double kU32 = 5.9604644775390625e-08;   // 2^-24
 constexpr double kKappa = 0.35;      // probabilistic error constant per sqrt(chunk length), measured ~0.17
 
@@ -75,15 +78,20 @@ int64_t n_chunks(int64_t s, int64_t kc) { return (s + kc - 1) / kc; }
 
 // A buffer reused across segments and block pairs. Large fresh allocations are not free on the CPU: each
 // one is a new mmap whose pages fault in on first touch (measured: most of the op's time went there).
+// Bytes, viewed as the dtype asked for: the fp32 segments and the fp64 ones (small segments, leaf passes)
+// share it. (One buffer per dtype was reallocated at every switch: the paper's net alternates weights and
+// biases, so the 33 MB fp32 workspace of N = 1,000 was allocated 5 times per call, and glibc kept the freed
+// copies: the first call's peak memory grew by ~70 MB, 9% of X.)
 struct Workspace {
-  at::Tensor buf;
+  at::Tensor buf;  // uint8
   at::Tensor view(at::IntArrayRef shape, const at::TensorOptions& opt) {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
-    if (!buf.defined() || buf.numel() < n || buf.scalar_type() != opt.dtype().toScalarType() ||
-        buf.device() != opt.device())
-      buf = at::empty({n}, opt);
-    return buf.narrow(0, 0, n).view(shape);
+    const at::ScalarType st = opt.dtype().toScalarType();
+    const int64_t bytes = n * static_cast<int64_t>(c10::elementSize(st));
+    if (!buf.defined() || buf.numel() < bytes || buf.device() != opt.device())
+      buf = at::empty({std::max<int64_t>(bytes, 1)}, opt.dtype(at::kByte));
+    return buf.narrow(0, 0, bytes).view(st).view(shape);
   }
 };
 
@@ -93,6 +101,7 @@ struct Prof {
   bool on = std::getenv("PYLANDSCAPE_GRAM_STATS") != nullptr;
   double t[kN] = {};
   int64_t n_split = 0;  // diagonal blocks cut into three half-size GEMMs
+  int64_t n_tri = 0;    // row panels whose triangle went through the triangular GEMM (per column group)
   std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
   void lap(int k) {
     if (!on) return;
@@ -118,8 +127,8 @@ int64_t group_chunks(int64_t P, int64_t kc) {
 void gemm_acc(at::Tensor S, const at::Tensor& DA, const at::Tensor& DB, const GramKernels& kern,
               Workspace* ws = nullptr, Prof* prof = nullptr, bool upper = false) {
   const int64_t nck = DA.size(0), na = DA.size(1), nb = DB.size(1);
-  if (upper && na == nb && na >= 2 * kSplitDiag && DA.scalar_type() == at::kFloat) {
-    const int64_t h = na / 2;
+  if (upper && na == nb && na >= kSplitDiag && DA.scalar_type() == at::kFloat) {
+    const int64_t h = ((na + 1) / 2 + 15) / 16 * 16;  // an aligned top half (see kAlign)
     if (prof) ++prof->n_split;
     at::Tensor top = DA.narrow(1, 0, h), bot = DA.narrow(1, h, na - h);
     gemm_acc(S.narrow(0, 0, h).narrow(1, 0, h), top, top, kern, ws, prof, true);
@@ -212,12 +221,18 @@ struct Side {
   int64_t nblk() const { return static_cast<int64_t>(refs.size()); }
 };
 
+// Blocks of a multiple of kAlign rows but the last (equal-ish, the last up to kAlign rows per block shorter). BLAS runs aligned sizes
+// faster: MKL's batched fp32 GEMM of 256 x 256 blocks ran at 336 GFLOP/s here, of 250 x 250 at 301.
+constexpr int64_t kAlign = 16;
+
 std::vector<int64_t> block_starts(int64_t r0, int64_t r1, int64_t block) {
   std::vector<int64_t> st;
   const int64_t n = r1 - r0;
   const int64_t nblk = std::max<int64_t>(1, (n + block - 1) / block);
-  // equal-ish blocks (no tiny last block)
-  for (int64_t b = 0; b <= nblk; ++b) st.push_back(r0 + n * b / nblk);
+  const int64_t size = nblk == 1 ? std::max<int64_t>(n, 1)
+                                 : ((n + nblk - 1) / nblk + kAlign - 1) / kAlign * kAlign;
+  for (int64_t b = 0; b * size < n || b == 0; ++b) st.push_back(r0 + b * size);  // no empty block
+  st.push_back(r1);
   return st;
 }
 
@@ -238,10 +253,17 @@ struct Pair {
 // The fp32 (fp64 when use64) products of a pass over the segment's columns [c0, c1), in column groups:
 // per group, the rounded differences of both sides' rows from their block references (one fused kernel
 // pass per block), then every pair's GEMM into its accumulator. dn2 and T of both sides are summed too.
+//
+// Gtop (the top-level pass of a symmetric fp32 segment, whose pairs tile G's upper triangle): when the device
+// has a triangular GEMM (kern.syrk_acc), the products go by row panels of up to kPanelRows rows instead of
+// block pairs: the panel's triangle in one triangular GEMM per chunk, the rest of its rows in one GEMM. Fewer,
+// larger BLAS calls (and parallel regions), and MKL's triangular GEMM costs ~0.6 of the square one where the
+// three half-size GEMMs of a split diagonal block cost ~0.75.
 void accumulate(const at::Tensor& A, const at::Tensor& B, int64_t c0, int64_t c1, Side& sa, Side* sb_in,
                 std::vector<Pair>& pairs, bool use64, int64_t kc, const GramKernels& kern, Workspace& wsA,
-                Workspace& wsB, Workspace& wsProd, Workspace& wsTmp, Prof* prof) {
+                Workspace& wsB, Workspace& wsProd, Workspace& wsTmp, Prof* prof, at::Tensor* Gtop = nullptr) {
   const bool sym = sb_in == nullptr;
+  bool panels = Gtop != nullptr && sym && !use64 && static_cast<bool>(kern.syrk_acc);
   Side& sb = sym ? sa : *sb_in;
   const int64_t s = c1 - c0, nck = n_chunks(s, kc), gck = group_chunks(A.size(1), kc);
   auto f64 = A.options().dtype(at::kDouble);
@@ -277,6 +299,27 @@ void accumulate(const at::Tensor& A, const at::Tensor& B, int64_t c0, int64_t c1
     at::Tensor DA = prep_side(A, sa, B, sb, wsA);
     at::Tensor DB = sym ? DA : prep_side(B, sb, A, sa, wsB);
     if (prof) prof->lap(1);
+    if (panels) {
+      const int64_t n = sa.rows(), o = sa.first();
+      for (int64_t r0 = 0; r0 < n && panels; r0 += kPanelRows) {
+        const int64_t r1 = std::min(n, r0 + kPanelRows), nr = r1 - r0;
+        at::Tensor Sd = Gtop->narrow(0, o + r0, nr).narrow(1, o + r0, nr);
+        at::Tensor prod = wsProd.view({ng, nr, nr}, DA.options());
+        if (!kern.syrk_acc(Sd, DA.narrow(1, r0, nr), prod)) {
+          TORCH_CHECK(g0 == 0 && r0 == 0, "segment_gram: the triangular GEMM failed mid-pass");
+          panels = false;  // not available: block pairs below, from the start
+          break;
+        }
+        if (prof) {
+          ++prof->n_tri;
+          prof->lap(3);
+        }
+        if (r1 < n)
+          gemm_acc(Gtop->narrow(0, o + r0, nr).narrow(1, o + r1, n - r1), DA.narrow(1, r0, nr),
+                   DA.narrow(1, r1, n - r1), kern, &wsProd, prof);
+      }
+      if (panels) continue;
+    }
     for (auto& pr : pairs) {
       const int64_t a0 = sa.starts[pr.I] - sa.first(), na = sa.starts[pr.I + 1] - sa.starts[pr.I];
       const int64_t b0 = sb.starts[pr.J] - sb.first(), nb = sb.starts[pr.J + 1] - sb.starts[pr.J];
@@ -462,8 +505,9 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     ctx.n_pairs = static_cast<int64_t>(pairs.size());
     prof.lap(0);
     const int64_t kc = chunk_width(s, kern.max_chunk);
-    const int64_t split0 = prof.n_split;
-    accumulate(X, Y, c0, c1, sa, sym ? nullptr : &sb, pairs, small, kc, kern, ws[0], ws[1], ws[2], ws[3], &prof);
+    const int64_t split0 = prof.n_split, tri0 = prof.n_tri;
+    accumulate(X, Y, c0, c1, sa, sym ? nullptr : &sb, pairs, small, kc, kern, ws[0], ws[1], ws[2], ws[3], &prof,
+               &ctx.G);
     // |p_I - q_J|^2 for every block pair, and the reference norms (one host copy per segment)
     at::Tensor pi = sa.refs_t.repeat_interleave(nB), qj = B.refs_t.repeat({nA});
     at::Tensor W = kern.dist2(X, Y, pi, qj, c0, c1).view({nA, nB}).cpu();
@@ -490,13 +534,15 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     prof.lap(6);
     if (prof.on) {
       // diagnostics (tests read these counters to show that each path ran): the top-level path (fp64 for
-      // small segments and fp64 input, else fp32), its blocks and block pairs, split diagonal GEMMs, and
+      // small segments and fp64 input, else fp32), its blocks and block pairs, split diagonal GEMMs,
+      // triangular-GEMM panels (x column groups), and
       // the refinement: sub-block passes, fp64 leaf passes, entries refined, entries given the direct
       // distance
       auto ll = [](int64_t v) { return static_cast<long long>(v); };
       std::fprintf(stderr, "[segment_gram] segment %lld cols=%lld path=%s blocks=%lldx%lld pairs=%lld "
-                   "split=%lld subpass=%lld leaf64=%lld refined=%lld direct=%lld of=%lld\n", ll(l), ll(s),
-                   small ? "fp64" : "fp32", ll(nA), ll(nB), ll(ctx.n_pairs), ll(prof.n_split - split0),
+                   "split=%lld tri=%lld subpass=%lld leaf64=%lld refined=%lld direct=%lld of=%lld\n", ll(l),
+                   ll(s), small ? "fp64" : "fp32", ll(nA), ll(nB), ll(ctx.n_pairs), ll(prof.n_split - split0),
+                   ll(prof.n_tri - tri0),
                    ll(ctx.n_subpass), ll(ctx.n_leaf64), ll(ctx.n_refined), ll(ctx.n_direct),
                    ll(sym ? N * (N - 1) / 2 : N * M));
     }

@@ -45,6 +45,10 @@ struct GramKernels {
       combine;
   // Optional: G [N, N] lower triangle := upper, diagonal := gd. Empty: ATen ops through a buffer.
   std::function<void(at::Tensor& G, const at::Tensor& gd)> mirror;
+  // Optional: S [n, n] (fp64, row stride >= n) upper triangle (j >= i) += sum over c of D[c] D[c]^T, D
+  // [nck, n, kc] fp32, chunks added in order; prod [nck, n, n] fp32 workspace. Returns false when the device
+  // has no triangular GEMM (then the driver cuts the triangle into block GEMMs).
+  std::function<bool(at::Tensor& S, const at::Tensor& D, at::Tensor& prod)> syrk_acc;
 };
 
 // The whole op after the argument checks: X [N, P], offsets [L+1] (checked, any device), Y [M, P] or none.
