@@ -6,6 +6,10 @@ The oracle for 1 - cos is independent of any Gram: with exact fp64 differences o
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -571,6 +575,36 @@ def test_cuda_gram_matches_the_bar(case):
         assert torch.allclose(torch.diagonal(G, dim1=1, dim2=2), na2, rtol=1e-14, atol=0)
     Gx = torch.ops.pylandscape.segment_gram(X, off, Y)
     assert scaled_err(G, Gx, na2, nb2) <= 4e-6
+
+
+@pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the free-core check reads /proc")
+def test_busy_cores_are_left_alone(monkeypatch, capfd):
+    """Beside as many busy processes as cores, the op runs on one thread (no barrier waits on a descheduled
+    thread), the caller's thread count is restored, and the result stays within the certificate; with
+    PYLANDSCAPE_THREADS=all it uses torch's thread count."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs 2 threads")
+    X = scaled_family(300, 2000, 1e-3)
+    off = offsets([2000])
+    monkeypatch.setenv("PYLANDSCAPE_GRAM_SERIAL_WORK", "0")
+    monkeypatch.setenv("PYLANDSCAPE_THREADS", "all")
+    G_all, st = gram_stats(monkeypatch, capfd, X, off)
+    assert st[0]["threads"] == torch.get_num_threads()
+    monkeypatch.delenv("PYLANDSCAPE_THREADS")
+    before = torch.get_num_threads()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        time.sleep(0.3)  # running, and the op's 20 ms cache of the free-core count has expired
+        G, st = gram_stats(monkeypatch, capfd, X, off)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert st[0]["threads"] == 1, st[0]
+    assert torch.get_num_threads() == before
+    d = torch.diagonal(G, dim1=1, dim2=2)
+    assert scaled_err(G, G_all, d, d) <= 1e-9
 
 
 @pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")

@@ -37,10 +37,12 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "pylandscape/checks.h"
+#include "pylandscape/threads.h"
 
 namespace pylandscape {
 namespace gram {
@@ -161,15 +163,18 @@ struct HighestMatmulPrecision {
   }
 };
 
-// Small problems run on the calling thread alone: with the other core busy (a training job beside this),
-// every parallel region's barrier waits for a descheduled thread, and a call of ~100 ms took 2.7 s on 2
-// threads vs 0.15 s on one (measured, libgomp's default spinning wait). Threshold: N * M * P products
-// (PYLANDSCAPE_GRAM_SERIAL_WORK overrides it; 0 keeps every thread).
+// Tiny problems run on the calling thread alone (their parallel regions cost more than they save); the rest
+// use the threads whose cores no other process keeps busy (ThreadsForCall, pylandscape/threads.h): with the
+// other core busy (a training job beside this), every parallel region's barrier waits for a descheduled
+// thread, and a call of ~100 ms took 2.7 s on 2 threads vs 0.15 s on one (measured, libgomp's default
+// spinning wait). Threshold: N * M * P products (PYLANDSCAPE_GRAM_SERIAL_WORK overrides it; 0 keeps every
+// thread). It was 2.5e9 (N = 100 of the paper's net) before the free-core check: N = 100 on two free cores
+// takes 0.033 s, on one 0.058 s.
 struct SerialForSmallWork {
   int prev = 0;
   explicit SerialForSmallWork(const at::Tensor& X, int64_t N, int64_t M) {
     const char* env = std::getenv("PYLANDSCAPE_GRAM_SERIAL_WORK");
-    const double limit = env ? std::atof(env) : 2.5e9;
+    const double limit = env ? std::atof(env) : 1e8;
     if (!X.device().is_cpu() || static_cast<double>(N) * M * X.size(1) > limit) return;
     prev = at::get_num_threads();
     if (prev > 1) at::set_num_threads(1);
@@ -460,6 +465,8 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
   // every entry is written below (blocks, then the mirror), except for empty segments
   at::Tensor out = at::empty({L, N, M}, X.options().dtype(at::kDouble));
   if (N == 0 || M == 0) return out;
+  std::optional<ThreadsForCall> free_cores;
+  if (X.device().is_cpu()) free_cores.emplace();
   SerialForSmallWork serial(X, N, M);
   Workspace ws[4];  // reused by every segment, group and block pair (fresh memory costs page faults)
   for (int64_t l = 0; l < L; ++l) {
@@ -535,16 +542,16 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     if (prof.on) {
       // diagnostics (tests read these counters to show that each path ran): the top-level path (fp64 for
       // small segments and fp64 input, else fp32), its blocks and block pairs, split diagonal GEMMs,
-      // triangular-GEMM panels (x column groups), and
+      // triangular-GEMM panels (x column groups), the threads it ran on, and
       // the refinement: sub-block passes, fp64 leaf passes, entries refined, entries given the direct
       // distance
       auto ll = [](int64_t v) { return static_cast<long long>(v); };
       std::fprintf(stderr, "[segment_gram] segment %lld cols=%lld path=%s blocks=%lldx%lld pairs=%lld "
-                   "split=%lld tri=%lld subpass=%lld leaf64=%lld refined=%lld direct=%lld of=%lld\n", ll(l),
+                   "split=%lld tri=%lld subpass=%lld leaf64=%lld refined=%lld direct=%lld of=%lld threads=%d\n", ll(l),
                    ll(s), small ? "fp64" : "fp32", ll(nA), ll(nB), ll(ctx.n_pairs), ll(prof.n_split - split0),
                    ll(prof.n_tri - tri0),
                    ll(ctx.n_subpass), ll(ctx.n_leaf64), ll(ctx.n_refined), ll(ctx.n_direct),
-                   ll(sym ? N * (N - 1) / 2 : N * M));
+                   ll(sym ? N * (N - 1) / 2 : N * M), at::get_num_threads());
     }
     if (sym && kern.mirror) {
       kern.mirror(ctx.G, ctx.gdA);
