@@ -442,19 +442,22 @@ def scaled_family(N, P, eps, seed=0):
     return ((1 + 1e-2 * k)[:, None] * v + eps * torch.randn(N, P, generator=g, dtype=torch.float64)).float()
 
 
+B256 = {"PYLANDSCAPE_GRAM_BLOCK": "256"}  # the block structure these cases were made for
 PATH_CASES = {
     # name: (N, M or None, segment sizes, eps, expected counters of segment 0 (exact or "min:" lower bounds)),
     # optionally followed by environment settings. GEMMT=0: no triangular GEMM, so the block-pair path (with
     # split diagonal blocks) runs even where torch's MKL has one.
     "fp32_one_block": (256, None, [700], 1e-2, {"path": "fp32", "blocks": "1x1", "pairs": 1, "split": "min:1",
-                                                "tri": 0}, {"PYLANDSCAPE_GRAM_GEMMT": "0"}),
+                                                "tri": 0}, {"PYLANDSCAPE_GRAM_GEMMT": "0", **B256}),
     "fp32_panels": (1100, None, [700], 1e-2, {"path": "fp32", "blocks": "5x5", "pairs": 15, "split": 0}),
-    "fp32_block_boundary": (257, None, [700], 1e-2, {"path": "fp32", "blocks": "2x2", "pairs": 3}),
-    "uneven_blocks": (600, None, [513, 40], 1e-2, {"path": "fp32", "blocks": "3x3", "pairs": 6}),
-    "y_several_blocks": (300, 520, [700], 1e-2, {"path": "fp32", "blocks": "2x3", "pairs": 6, "split": 0}),
-    "subblock_refinement": (300, None, [1000], 1e-4, {"path": "fp32", "subpass": "min:1", "leaf64": "min:1"}),
-    "y_refinement": (200, 90, [1000], 1e-4, {"path": "fp32", "subpass": "min:1", "leaf64": "min:1"}),
-    "direct_distances": (300, None, [1000], 1e-6, {"path": "fp32", "direct": "min:1000"}),
+    "adaptive_blocks": (300, None, [700], 1e-2, {"path": "fp32", "blocks": "4x4", "pairs": 10}),
+    "fp32_block_boundary": (257, None, [700], 1e-2, {"path": "fp32", "blocks": "2x2", "pairs": 3}, B256),
+    "uneven_blocks": (600, None, [513, 40], 1e-2, {"path": "fp32", "blocks": "3x3", "pairs": 6}, B256),
+    "y_several_blocks": (300, 520, [700], 1e-2, {"path": "fp32", "blocks": "2x3", "pairs": 6, "split": 0}, B256),
+    "subblock_refinement": (300, None, [1000], 1e-4, {"path": "fp32", "subpass": "min:1", "leaf64": "min:1"},
+                            B256),
+    "y_refinement": (200, 90, [1000], 1e-4, {"path": "fp32", "subpass": "min:1", "leaf64": "min:1"}, B256),
+    "direct_distances": (300, None, [1000], 1e-6, {"path": "fp32", "direct": "min:1000"}, B256),
     "small_segment_fp64": (300, None, [512, 0, 1], 1e-4, {"path": "fp64", "blocks": "1x1", "subpass": 0}),
 }
 
@@ -558,7 +561,7 @@ def test_streamed_sizes_of_a_reiterable_x_with_y():
 def test_cuda_gram_matches_the_bar(case):
     """segment_gram on CUDA: the same certificate, so the same accuracy bar as on the CPU (bits may differ:
     cuBLAS sums in another order), and the diagonal (the canonical norms) close to the CPU's."""
-    N, M, sizes, eps, _ = PATH_CASES[case]
+    N, M, sizes, eps, *_ = PATH_CASES[case]
     rows = scaled_family(N + (M or 0), sum(sizes), eps, seed=len(case))
     off = offsets(sizes)
     X, Y = (rows, None) if M is None else (rows[:N], rows[N:])

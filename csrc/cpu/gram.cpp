@@ -394,7 +394,8 @@ bool syrk_acc_cpu(at::Tensor& S, const at::Tensor& D, at::Tensor& prod) {
   for (int64_t c = 0; c < nck; ++c) call_gemmt(f, d + c * D.stride(0), n, k, D.stride(1), t + c * n * n, n);
   double* s = S.data_ptr<double>();
   const int64_t lds = S.stride(0), np = (n + 1) / 2;
-  at::parallel_for(0, np, grain_for(2 * n * nck), [&](int64_t b, int64_t e) { acc_upper_f32(s, lds, t, n, nck, b, e); });
+  at::parallel_for(0, np, grain_for(2 * n * nck),
+                   [&](int64_t b, int64_t e) { acc_upper_f32(s, lds, t, n, nck, b, e); });
   return true;
 }
 

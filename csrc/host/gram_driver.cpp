@@ -1,8 +1,8 @@
 // segment_gram: accurate per-segment Gram matrices of nearly parallel rows, shared by CPU and CUDA.
 //
 // The algorithm (one segment = one column segment; A = rows of X, B = rows of Y or X):
-//   Rows are blocked (kBlock rows). For a block pair (I, J) with reference rows p (middle row of I) and
-//   q (middle row of J), write a_i = p + d_i, b_j = q + e_j. Then
+//   Rows are blocked (block_rows: 64-256 rows). For a block pair (I, J) with reference rows p (middle row
+//   of I) and q (middle row of J), write a_i = p + d_i, b_j = q + e_j. Then
 //       a_i . b_j = p.q + q.d_i + p.e_j + d_i.e_j,
 //   with p.q = (|p|^2 + |q|^2 - |p - q|^2) / 2 and |x|^2 the row's "canonical" squared norm (compensated
 //   fp64 sum, computed once per row; the Gram's diagonal IS that value). Only d_i.e_j goes through an
@@ -48,7 +48,8 @@ namespace pylandscape {
 namespace gram {
 namespace {
 
-constexpr int64_t kBlock = 256;      // rows per top-level block
+constexpr int64_t kBlock = 256;      // rows per top-level block, at most (block_rows)
+constexpr int64_t kMinBlock = 64;    // ... and at least
 constexpr int64_t kLeaf = 32;        // at most this many rows per side: fp64 pass
 constexpr int64_t kDirectCost = 64;  // one direct fp64 distance ~ this many entries of a sub-block pass
 constexpr int64_t kSmallLayer = 512; // segments this small go straight to the fp64 pass (cheap, exact-er)
@@ -113,6 +114,24 @@ struct Prof {
   }
 };
 
+// Rows per top-level block for n rows on the CPU: about four blocks, a multiple of 16 rows, between kMinBlock
+// and kBlock
+// (PYLANDSCAPE_GRAM_BLOCK overrides it, for tests and benchmarks). With the triangular GEMM by row panels the
+// block size no longer sets the GEMMs: it trades the prep pass's reference dot products (one per block per
+// element) against refinement (a block's rows far from its middle row fail the certificate more often).
+// Measured on the random-walk trajectories of bench_gram.py (2 threads, seconds): N = 256: 256-row blocks
+// 0.136 (refinement 0.037), 128: 0.093, 64: 0.087; N = 500: 256: 0.305, 128: 0.255, 64: 0.268; N = 100:
+// one block 0.036, 64: 0.030; at N = 1,000 256-row blocks refine only 0.023 s and more blocks cost prep.
+int64_t block_rows(int64_t n, bool cpu) {
+  if (const char* env = std::getenv("PYLANDSCAPE_GRAM_BLOCK")) {
+    const int64_t v = std::atoll(env);
+    if (v >= 1) return v;
+  }
+  if (!cpu) return kBlock;  // block-pair GEMMs there (no triangular GEMM): small ones waste a GPU
+  const int64_t quarter = ((n + 3) / 4 + 15) / 16 * 16;
+  return std::clamp<int64_t>(quarter, kMinBlock, kBlock);
+}
+
 // Columns are processed in groups of whole chunks, so the workspace of rounded differences is [chunks of one
 // group, rows, kc]: about 5% of X's bytes (P / 20 columns), not a copy of the largest segment (which was
 // ~46% of X for the paper's net, and cost its first-touch page faults on every first call).
@@ -168,22 +187,13 @@ struct HighestMatmulPrecision {
 // other core busy (a training job beside this), every parallel region's barrier waits for a descheduled
 // thread, and a call of ~100 ms took 2.7 s on 2 threads vs 0.15 s on one (measured, libgomp's default
 // spinning wait). Threshold: N * M * P products (PYLANDSCAPE_GRAM_SERIAL_WORK overrides it; 0 keeps every
-// thread). It was 2.5e9 (N = 100 of the paper's net) before the free-core check: N = 100 on two free cores
-// takes 0.033 s, on one 0.058 s.
-struct SerialForSmallWork {
-  int prev = 0;
-  explicit SerialForSmallWork(const at::Tensor& X, int64_t N, int64_t M) {
-    const char* env = std::getenv("PYLANDSCAPE_GRAM_SERIAL_WORK");
-    const double limit = env ? std::atof(env) : 1e8;
-    if (!X.device().is_cpu() || static_cast<double>(N) * M * X.size(1) > limit) return;
-    prev = at::get_num_threads();
-    if (prev > 1) at::set_num_threads(1);
-    else prev = 0;
-  }
-  ~SerialForSmallWork() {
-    if (prev > 0) at::set_num_threads(prev);
-  }
-};
+// free thread). It was 2.5e9 (N = 100 of the paper's net) before the free-core check: N = 100 on two free
+// cores takes 0.033 s, on one 0.058 s.
+int thread_cap(const at::Tensor& X, int64_t N, int64_t M) {
+  const char* env = std::getenv("PYLANDSCAPE_GRAM_SERIAL_WORK");
+  const double limit = env ? std::atof(env) : 1e8;
+  return static_cast<double>(N) * M * X.size(1) <= limit ? 1 : 1 << 30;
+}
 
 struct LayerCtx {
   at::Tensor A, B;        // [N, P], [M, P] inputs (B may alias A)
@@ -226,8 +236,9 @@ struct Side {
   int64_t nblk() const { return static_cast<int64_t>(refs.size()); }
 };
 
-// Blocks of a multiple of kAlign rows but the last (equal-ish, the last up to kAlign rows per block shorter). BLAS runs aligned sizes
-// faster: MKL's batched fp32 GEMM of 256 x 256 blocks ran at 336 GFLOP/s here, of 250 x 250 at 301.
+// Blocks of a multiple of kAlign rows but the last (equal-ish, the last up to kAlign rows per block shorter).
+// BLAS runs aligned sizes faster: MKL's batched fp32 GEMM of 256 x 256 blocks ran at 336 GFLOP/s here, of
+// 250 x 250 at 301.
 constexpr int64_t kAlign = 16;
 
 std::vector<int64_t> block_starts(int64_t r0, int64_t r1, int64_t block) {
@@ -465,9 +476,8 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
   // every entry is written below (blocks, then the mirror), except for empty segments
   at::Tensor out = at::empty({L, N, M}, X.options().dtype(at::kDouble));
   if (N == 0 || M == 0) return out;
-  std::optional<ThreadsForCall> free_cores;
-  if (X.device().is_cpu()) free_cores.emplace();
-  SerialForSmallWork serial(X, N, M);
+  std::optional<ThreadsForCall> threads;
+  if (X.device().is_cpu()) threads.emplace(thread_cap(X, N, M));
   Workspace ws[4];  // reused by every segment, group and block pair (fresh memory costs page faults)
   for (int64_t l = 0; l < L; ++l) {
     const int64_t c0 = off[l], c1 = off[l + 1], s = c1 - c0;
@@ -497,7 +507,7 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
       }
     }
     const bool small = s <= kSmallLayer || in64;  // fp64 differences and GEMMs
-    const int64_t blk = s <= kSmallLayer ? kSmallBlock : kBlock;
+    const int64_t blk = s <= kSmallLayer ? kSmallBlock : block_rows(std::max(N, M), X.device().is_cpu());
     Side sa = make_side(0, N, blk, X.device());
     Side sb = sym ? Side() : make_side(0, M, blk, X.device());
     const Side& B = sym ? sa : sb;
@@ -551,7 +561,7 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
                    ll(s), small ? "fp64" : "fp32", ll(nA), ll(nB), ll(ctx.n_pairs), ll(prof.n_split - split0),
                    ll(prof.n_tri - tri0),
                    ll(ctx.n_subpass), ll(ctx.n_leaf64), ll(ctx.n_refined), ll(ctx.n_direct),
-                   ll(sym ? N * (N - 1) / 2 : N * M), at::get_num_threads());
+                   ll(sym ? N * (N - 1) / 2 : N * M), threads_now());
     }
     if (sym && kern.mirror) {
       kern.mirror(ctx.G, ctx.gdA);

@@ -8,7 +8,11 @@ namespace pylandscape {
 // process. Elsewhere, or with PYLANDSCAPE_THREADS=all: at::get_num_threads().
 int free_threads();
 
-// For one op call on the CPU: at most free_threads() threads, the caller's setting restored afterwards.
+// The threads an op's parallel regions would use now, from this thread (OpenMP's count; torch's elsewhere).
+int threads_now();
+
+// For one op call on the CPU: at most free_threads() threads (OpenMP's and MKL's counts for the calling
+// thread; torch's own setting is left alone), restored afterwards.
 // Why: libgomp's threads spin at every barrier, so a parallel region whose other thread was descheduled by a
 // busy process waits a time slice (measured: a 100 ms Gram call took 2.7 s beside busy processes); one
 // thread on the free core instead loses only the parallel speed-up. Results of the perturbation, statistics,
@@ -16,13 +20,14 @@ int free_threads();
 // round differently (within its certificate, as with torch.set_num_threads).
 class ThreadsForCall {
  public:
-  ThreadsForCall();
+  explicit ThreadsForCall(int cap = 1 << 30);  // and at most cap threads
   ~ThreadsForCall();
   ThreadsForCall(const ThreadsForCall&) = delete;
   ThreadsForCall& operator=(const ThreadsForCall&) = delete;
 
  private:
-  int prev_ = 0;
+  bool active_ = false;
+  int prev_omp_ = 0, prev_mkl_ = 0;
 };
 
 }  // namespace pylandscape
