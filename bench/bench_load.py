@@ -1,6 +1,7 @@
 """Every op beside 0, 1 and 2 busy processes (a training job next to the analysis): extension vs the code a
-user would write otherwise, the two alternating, best of --repeats, over --rounds sweeps of the busy levels
-(each level's best over all rounds), so that one slow spell of a shared machine does not decide a cell.
+user would write otherwise, the two alternating, --repeats calls each per sweep, over --rounds sweeps of the
+busy levels; each cell shows the best time of all (reproducible: one slow spell of a shared machine does not
+decide it) and the median ratio (what a call usually costs: waits on a descheduled thread show there).
 
     python bench/bench_load.py                         # prints the table (about 2 minutes on 2 cores)
     python bench/bench_load.py --busy-kind matmul      # the competitors run numpy matmul loops instead
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -98,16 +100,15 @@ def timed(fn):
 
 
 def measure(cs, nb, kind, repeats, res):
-    """One sweep at nb busy processes: every case, extension and baseline alternating, best kept in res."""
+    """One sweep at nb busy processes: every case, extension and baseline alternating; all times kept in res."""
     procs = [subprocess.Popen([sys.executable, "-c", BUSY[kind]]) for _ in range(nb)]
     try:
         time.sleep(0.5 if kind == "spin" else 1.5)  # numpy's import takes a while
         for name, e, p in cs:
-            te, tp = res.get((name, nb), (float("inf"), float("inf")))
+            te, tp = res.setdefault((name, nb), ([], []))
             for _ in range(repeats):  # alternate, so that a slow spell hits both
-                te = min(te, timed(e))
-                tp = min(tp, timed(p))
-            res[(name, nb)] = (te, tp)
+                te.append(timed(e))
+                tp.append(timed(p))
     finally:
         for pr in procs:
             pr.kill()
@@ -115,15 +116,21 @@ def measure(cs, nb, kind, repeats, res):
 
 
 def table(cs, res, busy) -> str:
-    lines = ["| op | " + " | ".join(f"{nb} busy: ext / base ms = ratio" for nb in busy)
-             + " | ext slowdown at " + ", ".join(str(nb) for nb in busy[1:]) + " busy |",
+    """Best times (what the op can do) and, in brackets, medians (what a call usually costs: a call that
+    waited on a descheduled thread shows there, not in the best)."""
+    lines = ["| op | " + " | ".join(f"{nb} busy: ext / base ms = ratio (median ratio)" for nb in busy)
+             + " | ext slowdown at " + ", ".join(str(nb) for nb in busy[1:]) + " busy, best (median) |",
              "|---|" + "---|" * (len(busy) + 1)]
+    best = {k: (min(te), min(tp)) for k, (te, tp) in res.items()}
+    med = {k: (statistics.median(te), statistics.median(tp)) for k, (te, tp) in res.items()}
     for name, _, _ in cs:
         cells = []
         for nb in busy:
-            te, tp = res[(name, nb)]
-            cells.append(f"{1e3 * te:.2f} / {1e3 * tp:.2f} = {te / tp:.2f}")
-        slow = ", ".join(f"{res[(name, nb)][0] / res[(name, busy[0])][0]:.1f}x" for nb in busy[1:])
+            te, tp = best[(name, nb)]
+            me, mp = med[(name, nb)]
+            cells.append(f"{1e3 * te:.2f} / {1e3 * tp:.2f} = {te / tp:.2f} ({me / mp:.2f})")
+        slow = ", ".join(f"{best[(name, nb)][0] / best[(name, busy[0])][0]:.1f}x "
+                         f"({med[(name, nb)][0] / med[(name, busy[0])][0]:.1f}x)" for nb in busy[1:])
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {slow} |")
     return "\n".join(lines)
 
