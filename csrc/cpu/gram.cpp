@@ -5,7 +5,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__unix__) || defined(__APPLE__)
 #include <dlfcn.h>
+#define PLK_HAVE_DLFCN 1
+#endif
 
 #include <algorithm>
 #include <cstdlib>
@@ -339,10 +342,14 @@ void call_gemmt(sgemmt_fn f, const float* D, int64_t n, int64_t k, int64_t ldd, 
 }
 
 sgemmt_fn find_sgemmt() {
+#if defined(PLK_HAVE_DLFCN)
   void* h = dlopen("libtorch_cpu.so", RTLD_LAZY | RTLD_NOLOAD);
   if (h == nullptr) return nullptr;
   auto f = reinterpret_cast<sgemmt_fn>(dlsym(h, "mkl_blas_sgemmt"));
   dlclose(h);  // RTLD_NOLOAD took a reference to the already loaded library; it stays loaded
+#else
+  sgemmt_fn f = nullptr;
+#endif
   if (f == nullptr) return nullptr;
   // self-check: 3 rows of 5 small integers (exact in fp32), leading dimensions larger than the sizes
   constexpr int64_t n = 3, k = 5, ldd = 7, ldc = 4;
