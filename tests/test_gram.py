@@ -581,6 +581,22 @@ def test_cuda_gram_matches_the_bar(case):
 
 
 @pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norms_folded_into_prep_are_sumsq_bits(dtype, monkeypatch):
+    """The squared norms (the Gram's diagonal) computed inside the prep pass equal those of their own pass bit
+    for bit: segments with a tail (length not a multiple of 8), several column groups, Y given."""
+    g = torch.Generator().manual_seed(3)
+    X = (torch.randn(70, 41_003, generator=g, dtype=torch.float64) * 1e-2 + 1).to(dtype)
+    off = offsets([40_001, 7, 995])
+    Y = X[:9] * 1.5
+    got = [torch.ops.pylandscape.segment_gram(X, off, None), torch.ops.pylandscape.segment_gram(X, off, Y)]
+    monkeypatch.setenv("PYLANDSCAPE_GRAM_FOLD_NORMS", "0")
+    want = [torch.ops.pylandscape.segment_gram(X, off, None), torch.ops.pylandscape.segment_gram(X, off, Y)]
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the free-core check reads /proc")
 def test_busy_cores_are_left_alone(monkeypatch, capfd):
     """Beside as many busy processes as cores, the op runs on one thread (no barrier waits on a descheduled

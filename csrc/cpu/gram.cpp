@@ -175,6 +175,9 @@ struct PrepArgs {
   const int64_t* qidx;
   double* dn2;
   double* T;
+  double* ss = nullptr;  // [rows, 2 kLanes]: the rows' squared-norm lanes (s, then c), across column groups
+  double* gd = nullptr;  // [rows]: the norms, written on the segment's last group
+  bool last = false;
 };
 
 // acc[(k + r) * kLanes + lane] += reference row k + r . d over one tile, for r < R: R references at once, so
@@ -208,7 +211,20 @@ PLK_ALWAYS_INLINE void ref_dots(const scalar_t* Q, const PrepArgs& a, int64_t k,
 // (row by row over whole segments, nq rows of up to 350 KB each were re-read from memory for every row: the
 // pass ran at ~0.7 G elements/s per core). Each row's lanes still see its columns in order, one lane per
 // column mod kLanes (tiles and panels are multiples of kLanes but the segment's last): the same bits.
-template <typename scalar_t, typename dst_t>
+//
+// kNorms: also the rows' canonical squared norms (what sumsq computes, in the same lanes and order, so the same
+// bits: lane j takes the columns j mod kLanes of the segment, the segment's last s mod kLanes columns go to
+// lane 0), saving sumsq's own pass over X. The lanes live in a.ss between column groups.
+template <typename scalar_t>
+PLK_ALWAYS_INLINE void norm_term(double x, double& s, double& c) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    gram::acc_sq_exact(x, s, c);
+  } else {
+    acc_sq(x, s, c);
+  }
+}
+
+template <typename scalar_t, typename dst_t, bool kNorms>
 PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const scalar_t* Q, dst_t* D,
                                  const PrepArgs& a, int64_t b, int64_t e) {
   constexpr int64_t kTile = 512, kPanel = 8192;
@@ -222,6 +238,13 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
       dst_t* drow0 = D + (i - a.r0) * a.ldd;
       double* sq = accs.data() + (i - b) * (nl + kLanes);
       double* acc = sq + kLanes;
+      double ns[kLanes], nc[kLanes];
+      if constexpr (kNorms) {
+        for (int j = 0; j < kLanes; ++j) {
+          ns[j] = a.ss[(i - a.r0) * 2 * kLanes + j];
+          nc[j] = a.ss[(i - a.r0) * 2 * kLanes + kLanes + j];
+        }
+      }
       for (int64_t t0 = p0, tl = 0; t0 < p1; t0 += tl) {
         tl = std::min({kTile, p1 - t0, a.K - t0 % a.K});  // tiles never straddle chunks
         dst_t* drow = drow0 + (t0 / a.K) * a.ldc + (t0 % a.K);
@@ -232,21 +255,32 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
           prefetch_ahead(xt, c);
 #pragma omp simd
           for (int j = 0; j < kLanes; ++j) {
-            const double v = static_cast<double>(xt[c + j]) - static_cast<double>(pt[c + j]);
+            const double xv = static_cast<double>(xt[c + j]);
+            const double v = xv - static_cast<double>(pt[c + j]);
             d[c + j] = v;
             drow[c + j] = static_cast<dst_t>(v);
             sq[j] += v * v;
+            if constexpr (kNorms) norm_term<scalar_t>(xv, ns[j], nc[j]);
           }
         }
-        for (; c < tl; ++c) {
-          const double v = static_cast<double>(xt[c]) - static_cast<double>(pt[c]);
+        for (; c < tl; ++c) {  // only in the segment's last tile (all others are multiples of kLanes)
+          const double xv = static_cast<double>(xt[c]);
+          const double v = xv - static_cast<double>(pt[c]);
           d[c] = v;
           drow[c] = static_cast<dst_t>(v);
           sq[c % kLanes] += v * v;
+          if constexpr (kNorms) norm_term<scalar_t>(xv, ns[0], nc[0]);  // sumsq's tail: lane 0
         }
         int64_t k = 0;
         for (; k + 4 <= a.nq; k += 4) ref_dots<4>(Q, a, k, t0, d, tl, acc);
         for (; k < a.nq; ++k) ref_dots<1>(Q, a, k, t0, d, tl, acc);
+      }
+      if constexpr (kNorms) {
+        for (int j = 0; j < kLanes; ++j) {
+          a.ss[(i - a.r0) * 2 * kLanes + j] = ns[j];
+          a.ss[(i - a.r0) * 2 * kLanes + kLanes + j] = nc[j];
+        }
+        if (a.last && p1 == a.s) a.gd[i - a.r0] = finish(ns, nc);
       }
     }
   }
@@ -257,27 +291,45 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
   }
 }
 
+template <typename scalar_t, typename dst_t>
+PLK_ALWAYS_INLINE void prep_rows(const scalar_t* X, const scalar_t* pr, const scalar_t* Q, dst_t* D,
+                                 const PrepArgs& a, int64_t b, int64_t e) {
+  if (a.ss != nullptr) {
+    prep_body<scalar_t, dst_t, true>(X, pr, Q, D, a, b, e);
+  } else {
+    prep_body<scalar_t, dst_t, false>(X, pr, Q, D, a, b, e);
+  }
+}
+
 PLK_MULTIVERSION void prep_f32_f32(const float* X, const float* pr, const float* Q, float* D, const PrepArgs& a,
                                    int64_t b, int64_t e) {
-  prep_body(X, pr, Q, D, a, b, e);
+  prep_rows(X, pr, Q, D, a, b, e);
 }
 PLK_MULTIVERSION void prep_f32_f64(const float* X, const float* pr, const float* Q, double* D, const PrepArgs& a,
                                    int64_t b, int64_t e) {
-  prep_body(X, pr, Q, D, a, b, e);
+  prep_rows(X, pr, Q, D, a, b, e);
 }
 PLK_MULTIVERSION void prep_f64_f64(const double* X, const double* pr, const double* Q, double* D,
                                    const PrepArgs& a, int64_t b, int64_t e) {
-  prep_body(X, pr, Q, D, a, b, e);
+  prep_rows(X, pr, Q, D, a, b, e);
 }
 
-void prep_cpu(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::Tensor& Q, const at::Tensor& qidx,
-              int64_t c0, int64_t c1, at::Tensor& D, at::Tensor& dn2, at::Tensor& T) {
+void prep_any(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::Tensor& Q, const at::Tensor& qidx,
+              int64_t c0, int64_t c1, at::Tensor& D, at::Tensor& dn2, at::Tensor& T, at::Tensor* ss, at::Tensor* gd,
+              bool last) {
   TORCH_CHECK(D.dim() == 3 && D.stride(2) == 1 && dn2.is_contiguous() && T.is_contiguous(),
               "segment_gram: bad workspace");
   TORCH_CHECK(X.scalar_type() == Q.scalar_type(), "segment_gram: X and Q dtypes differ");
   at::Tensor qi = qidx.to(at::kCPU).contiguous();
   PrepArgs a{X.stride(0), r0, Q.stride(0), qi.numel(), c0, c1 - c0, D.size(2), D.stride(0), D.stride(1),
              qi.const_data_ptr<int64_t>(), dn2.data_ptr<double>(), T.data_ptr<double>()};
+  if (ss != nullptr) {
+    TORCH_CHECK(ss->is_contiguous() && ss->size(0) == r1 - r0 && ss->size(1) == 2 * kLanes && gd->is_contiguous() &&
+                    gd->numel() == r1 - r0, "segment_gram: bad norm accumulators");
+    a.ss = ss->data_ptr<double>();
+    a.gd = gd->data_ptr<double>();
+    a.last = last;
+  }
   at::parallel_for(r0, r1, grain_for(a.s * (2 + a.nq)), [&](int64_t b, int64_t e) {
     if (X.scalar_type() == at::kFloat) {
       const float* x = X.const_data_ptr<float>();
@@ -291,6 +343,17 @@ void prep_cpu(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::
       prep_f64_f64(x, x + p * a.ldx + c0, Q.const_data_ptr<double>(), D.data_ptr<double>(), a, b, e);
     }
   });
+}
+
+void prep_cpu(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::Tensor& Q, const at::Tensor& qidx,
+              int64_t c0, int64_t c1, at::Tensor& D, at::Tensor& dn2, at::Tensor& T) {
+  prep_any(X, r0, r1, p, Q, qidx, c0, c1, D, dn2, T, nullptr, nullptr, false);
+}
+
+void prep_norms_cpu(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::Tensor& Q,
+                    const at::Tensor& qidx, int64_t c0, int64_t c1, at::Tensor& D, at::Tensor& dn2, at::Tensor& T,
+                    at::Tensor& ss, at::Tensor& gd, bool last) {
+  prep_any(X, r0, r1, p, Q, qidx, c0, c1, D, dn2, T, &ss, &gd, last);
 }
 
 // Rows [b, e) of S (row stride lds) += the nck chunk products T [nck, na, nb], in chunk order.
@@ -485,7 +548,7 @@ void mirror_cpu(at::Tensor& G, const at::Tensor& gd) {
 
 at::Tensor segment_gram_cpu(const at::Tensor& X, const at::Tensor& offsets, const std::optional<at::Tensor>& Y) {
   static const gram::GramKernels kern{sumsq_cpu, dist2_cpu, prep_cpu, acc_cpu, max_chunk_cpu(), combine_cpu,
-                                      mirror_cpu, syrk_acc_cpu};
+                                      mirror_cpu, syrk_acc_cpu, prep_norms_cpu};
   return gram::segment_gram(X, offsets, Y, kern);
 }
 

@@ -277,7 +277,8 @@ struct Pair {
 // three half-size GEMMs of a split diagonal block cost ~0.75.
 void accumulate(const at::Tensor& A, const at::Tensor& B, int64_t c0, int64_t c1, Side& sa, Side* sb_in,
                 std::vector<Pair>& pairs, bool use64, int64_t kc, const GramKernels& kern, Workspace& wsA,
-                Workspace& wsB, Workspace& wsProd, Workspace& wsTmp, Prof* prof, at::Tensor* Gtop = nullptr) {
+                Workspace& wsB, Workspace& wsProd, Workspace& wsTmp, Prof* prof, at::Tensor* Gtop = nullptr,
+                at::Tensor* gdA = nullptr, at::Tensor* gdB = nullptr) {
   const bool sym = sb_in == nullptr;
   bool panels = Gtop != nullptr && sym && !use64 && static_cast<bool>(kern.syrk_acc);
   Side& sb = sym ? sa : *sb_in;
@@ -291,10 +292,16 @@ void accumulate(const at::Tensor& A, const at::Tensor& B, int64_t c0, int64_t c1
     sb.T = at::zeros({sb.rows(), sa.nblk()}, f64);
   }
   for (auto& pr : pairs) pr.S.zero_();
+  // the rows' squared norms folded into the prep pass (kern.prep_norms): their lanes, between column groups
+  at::Tensor ssA, ssB;
+  if (gdA != nullptr) ssA = at::zeros({sa.rows(), 16}, f64);
+  if (gdB != nullptr && !sym) ssB = at::zeros({sb.rows(), 16}, f64);
   for (int64_t g0 = 0; g0 < nck; g0 += gck) {
     const int64_t ng = std::min(gck, nck - g0);
     const int64_t gc0 = c0 + g0 * kc, gc1 = std::min(c1, gc0 + ng * kc);
-    auto prep_side = [&](const at::Tensor& X, Side& sd, const at::Tensor& other, const Side& so, Workspace& ws) {
+    const bool last = g0 + gck >= nck;
+    auto prep_side = [&](const at::Tensor& X, Side& sd, const at::Tensor& other, const Side& so, Workspace& ws,
+                         at::Tensor* gd, at::Tensor& ss) {
       at::Tensor D = ws.view({ng, sd.rows(), kc}, dopt);
       const int64_t tail = ng * kc - (gc1 - gc0);
       if (tail > 0) D.select(0, ng - 1).narrow(1, kc - tail, tail).zero_();
@@ -306,14 +313,19 @@ void accumulate(const at::Tensor& A, const at::Tensor& B, int64_t c0, int64_t c1
         if (r1 == r0) continue;
         const int64_t o = r0 - sd.first();
         at::Tensor Db = D.narrow(1, o, r1 - r0), dnb = dn2.narrow(0, o, r1 - r0), Tb = T.narrow(0, o, r1 - r0);
-        kern.prep(X, r0, r1, sd.refs[b], other, so.refs_t, gc0, gc1, Db, dnb, Tb);
+        if (gd != nullptr) {
+          at::Tensor ssb = ss.narrow(0, o, r1 - r0), gdb = gd->narrow(0, r0, r1 - r0);
+          kern.prep_norms(X, r0, r1, sd.refs[b], other, so.refs_t, gc0, gc1, Db, dnb, Tb, ssb, gdb, last);
+        } else {
+          kern.prep(X, r0, r1, sd.refs[b], other, so.refs_t, gc0, gc1, Db, dnb, Tb);
+        }
       }
       sd.dn2.add_(dn2);
       sd.T.add_(T);
       return D;
     };
-    at::Tensor DA = prep_side(A, sa, B, sb, wsA);
-    at::Tensor DB = sym ? DA : prep_side(B, sb, A, sa, wsB);
+    at::Tensor DA = prep_side(A, sa, B, sb, wsA, gdA, ssA);
+    at::Tensor DB = sym ? DA : prep_side(B, sb, A, sa, wsB, gdB, ssB);
     if (prof) prof->lap(1);
     if (panels) {
       const int64_t n = sa.rows(), o = sa.first();
@@ -496,16 +508,24 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     ctx.ws = ws;
     ctx.G = out.select(0, l);
     prof.lap(7);
-    ctx.gdA = kern.sumsq(X, c0, c1);
-    ctx.gdB = sym ? ctx.gdA : kern.sumsq(Y, c0, c1);
-    for (int side = 0; side < (sym ? 1 : 2); ++side) {
-      at::Tensor gd = side == 0 ? ctx.gdA : ctx.gdB;
-      if (!at::isfinite(gd).all().item<bool>()) {
-        const int64_t bad = at::logical_not(at::isfinite(gd)).nonzero().select(1, 0)[0].item<int64_t>();
-        TORCH_CHECK_VALUE(false, "segment_gram: ", side == 0 ? "X" : "Y", " row ", bad, " holds NaN or inf ",
-                          "(or overflows) in segment ", l, " (columns ", c0, ":", c1, ")");
+    // the rows' canonical squared norms: folded into the prep pass where the device has it (one pass over X
+    // less), else their own pass; checked for NaN / inf after that pass
+    const char* fold_env = std::getenv("PYLANDSCAPE_GRAM_FOLD_NORMS");  // 0: their own pass (tests compare)
+    const bool fold = static_cast<bool>(kern.prep_norms) && !(fold_env && fold_env[0] == '0');
+    auto f64 = X.options().dtype(at::kDouble);
+    ctx.gdA = fold ? at::empty({N}, f64) : kern.sumsq(X, c0, c1);
+    ctx.gdB = sym ? ctx.gdA : (fold ? at::empty({M}, f64) : kern.sumsq(Y, c0, c1));
+    auto check_finite = [&]() {
+      for (int side = 0; side < (sym ? 1 : 2); ++side) {
+        at::Tensor gd = side == 0 ? ctx.gdA : ctx.gdB;
+        if (!at::isfinite(gd).all().item<bool>()) {
+          const int64_t bad = at::logical_not(at::isfinite(gd)).nonzero().select(1, 0)[0].item<int64_t>();
+          TORCH_CHECK_VALUE(false, "segment_gram: ", side == 0 ? "X" : "Y", " row ", bad, " holds NaN or inf ",
+                            "(or overflows) in segment ", l, " (columns ", c0, ":", c1, ")");
+        }
       }
-    }
+    };
+    if (!fold) check_finite();
     const bool small = s <= kSmallLayer || in64;  // fp64 differences and GEMMs
     const int64_t blk = s <= kSmallLayer ? kSmallBlock : block_rows(std::max(N, M), X.device().is_cpu());
     Side sa = make_side(0, N, blk, X.device());
@@ -524,7 +544,8 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     const int64_t kc = chunk_width(s, kern.max_chunk);
     const int64_t split0 = prof.n_split, tri0 = prof.n_tri;
     accumulate(X, Y, c0, c1, sa, sym ? nullptr : &sb, pairs, small, kc, kern, ws[0], ws[1], ws[2], ws[3], &prof,
-               &ctx.G);
+               &ctx.G, fold ? &ctx.gdA : nullptr, fold && !sym ? &ctx.gdB : nullptr);
+    if (fold) check_finite();
     // |p_I - q_J|^2 for every block pair, and the reference norms (one host copy per segment)
     at::Tensor pi = sa.refs_t.repeat_interleave(nB), qj = B.refs_t.repeat({nA});
     at::Tensor W = kern.dist2(X, Y, pi, qj, c0, c1).view({nA, nB}).cpu();
