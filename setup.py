@@ -80,7 +80,7 @@ def extensions():
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     sources = ["csrc/pylandscape.cpp"] + _sources("host", "cpp") + _sources("cpu", "cpp")
     define_macros = []
-    ldflags = ["-fopenmp"]
+    ldflags = ["-fopenmp", "-ldl"]  # -ldl: dlopen/dlsym (csrc/cpu/gram.cpp finds MKL's sgemmt); part of libc since glibc 2.34
 
     if want_cuda:
         os.environ["CUDA_HOME"] = cuda_home

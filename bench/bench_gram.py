@@ -8,7 +8,8 @@ on sampled pairs against an fp64 oracle that needs no Gram: 1 - cos = (d^2 - (n_
 Two timings per N, each the best of --repeats:
   first call  every call in a fresh process (what a CLI run pays: thread pools, page faults, code pages),
               the competitors alternating;
-  steady      in one process, after one warm-up call each, round-robin.
+  steady      in one process, after one warm-up call each, round-robin, 0.3 s apart (so that no
+              competitor's spinning BLAS threads are still on the cores).
 Memory: peak RSS during the call minus RSS before it minus the output's bytes (Linux: /proc/self/clear_refs
 resets the peak, VmHWM reads it), as a share of X's bytes. On CUDA: torch.cuda.max_memory_allocated.
 numpy runs with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed (see /work/.library/env/README.md: they slow
@@ -185,6 +186,10 @@ def run_table(Ns, repeats=3, device="cpu", first=True):
             call(w, Xd, off, device)
         for _ in range(repeats):
             for w in whats:
+                # a pause first: OpenBLAS's threads (numpy) spin ~0.1 s after a call, on the cores the next
+                # competitor wants (measured: segment_gram at N = 100 took 0.11 s right after numpy, 0.03 s
+                # after a pause); a real run does not call one right after the other
+                time.sleep(0.3)
                 dt, extra, G = call(w, Xd, off, device)
                 if dt < best.get(w, float("inf")):
                     best[w], mem[w] = dt, extra

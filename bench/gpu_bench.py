@@ -3,7 +3,8 @@
   - segment_gram vs cuBLAS fp32 X @ X.T (TF32 off) at the paper's P = 188,810, with the accuracy of both;
   - 10,000 snapshots end to end: Gram, whole-model 1 - cos, classical MDS (double centring + eigh);
   - perturbation: one model vs the pure-torch code a user would write, and batched bandwidth against a
-    device-to-device copy of the same bytes (the practical HBM ceiling).
+    device-to-device copy of the same bytes (the practical HBM ceiling);
+  - 8 trajectories trained at once vs one (train_many's runners, one SGD epoch): target <= 2x.
 
 Every time is the best of --repeats with torch.cuda.synchronize() around it. Writes a markdown section.
 """
@@ -146,8 +147,39 @@ def perturb_section(repeats, lines):
               f"- batched K = {K}: {1e3 * t_b:.2f} ms, {bytes_b / t_b / 1e9:.0f} GB/s written = **{t_copy / t_b:.2f}** "
               f"of a device copy of the same bytes ({2 * bytes_b / t_copy / 1e9:.0f} GB/s read + write; target >= 0.70 "
               f"of HBM bandwidth)",
-              "- 8 trajectories vs one: a training benchmark (bench/bench_train.py), not part of this script.", ""]
-    print("\n".join(lines[-5:]), flush=True)
+              ""]
+    print("\n".join(lines[-4:]), flush=True)
+
+
+def train_section(repeats, lines, device="cuda", K=8, train_size=1500):
+    """8 trajectories at once vs one: one SGD epoch of the paper's net (batch 100) with the runners that
+    train_many uses (route "auto" is grouped convolutions on CUDA; "loop" = K models in lockstep), digits
+    on the device. Target: K = 8 in <= 2x the time of one."""
+    from bench_train import make_epoch
+
+    from pylandscape.data import load_dataset
+
+    data = load_dataset("digits", train_size=train_size, device=device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    routes = [("single", 1), ("grouped-conv", K), ("loop", K)]
+    epochs = [make_epoch(r, k, 1.0, data) for r, k in routes]
+    for ep in epochs:
+        ep()  # warm-up (cuDNN autotuning, allocations)
+    best_t = [float("inf")] * len(routes)
+    for _ in range(repeats):  # interleaved
+        for i, ep in enumerate(epochs):
+            sync()
+            t0 = time.perf_counter()
+            ep()
+            sync()
+            best_t[i] = min(best_t[i], time.perf_counter() - t0)
+    one = best_t[0]
+    lines += [f"## {K} trajectories vs one (target <= 2x)", "",
+              f"One SGD epoch over {train_size} digits (paper's net, batch 100), best of {repeats}: one "
+              f"trajectory {one:.3f} s; " + "; ".join(
+                  f"{K} with {r} {t:.3f} s = **{t / one:.2f}x**" for (r, _), t in zip(routes[1:], best_t[1:]))
+              + " (train_many's route on CUDA: grouped-conv).", ""]
+    print(lines[-2], flush=True)
 
 
 def main():
@@ -161,7 +193,7 @@ def main():
         sys.exit("gpu_bench.py needs a CUDA GPU")
     lines = [f"GPU: {torch.cuda.get_device_name()}", ""]
     for part in (lambda: perturb_section(a.repeats, lines), lambda: gram_section(a.n, a.repeats, lines),
-                 lambda: end_to_end(a.end_to_end, lines)):
+                 lambda: end_to_end(a.end_to_end, lines), lambda: train_section(a.repeats, lines)):
         try:
             part()
         except Exception as e:  # keep the other sections' figures

@@ -6,6 +6,10 @@ The oracle for 1 - cos is independent of any Gram: with exact fp64 differences o
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -438,15 +442,22 @@ def scaled_family(N, P, eps, seed=0):
     return ((1 + 1e-2 * k)[:, None] * v + eps * torch.randn(N, P, generator=g, dtype=torch.float64)).float()
 
 
+B256 = {"PYLANDSCAPE_GRAM_BLOCK": "256"}  # the block structure these cases were made for
 PATH_CASES = {
-    # name: (N, M or None, segment sizes, eps, expected counters of segment 0 (exact or "min:" lower bounds))
-    "fp32_one_block": (256, None, [700], 1e-2, {"path": "fp32", "blocks": "1x1", "pairs": 1, "split": "min:1"}),
-    "fp32_block_boundary": (257, None, [700], 1e-2, {"path": "fp32", "blocks": "2x2", "pairs": 3}),
-    "uneven_blocks": (600, None, [513, 40], 1e-2, {"path": "fp32", "blocks": "3x3", "pairs": 6}),
-    "y_several_blocks": (300, 520, [700], 1e-2, {"path": "fp32", "blocks": "2x3", "pairs": 6, "split": 0}),
-    "subblock_refinement": (300, None, [1000], 1e-4, {"path": "fp32", "subpass": "min:1", "leaf64": "min:1"}),
-    "y_refinement": (200, 90, [1000], 1e-4, {"path": "fp32", "subpass": "min:1", "leaf64": "min:1"}),
-    "direct_distances": (300, None, [1000], 1e-6, {"path": "fp32", "direct": "min:1000"}),
+    # name: (N, M or None, segment sizes, eps, expected counters of segment 0 (exact or "min:" lower bounds)),
+    # optionally followed by environment settings. GEMMT=0: no triangular GEMM, so the block-pair path (with
+    # split diagonal blocks) runs even where torch's MKL has one.
+    "fp32_one_block": (256, None, [700], 1e-2, {"path": "fp32", "blocks": "1x1", "pairs": 1, "split": "min:1",
+                                                "tri": 0}, {"PYLANDSCAPE_GRAM_GEMMT": "0", **B256}),
+    "fp32_panels": (1100, None, [700], 1e-2, {"path": "fp32", "blocks": "5x5", "pairs": 15, "split": 0}),
+    "adaptive_blocks": (300, None, [700], 1e-2, {"path": "fp32", "blocks": "4x4", "pairs": 10}),
+    "fp32_block_boundary": (257, None, [700], 1e-2, {"path": "fp32", "blocks": "2x2", "pairs": 3}, B256),
+    "uneven_blocks": (600, None, [513, 40], 1e-2, {"path": "fp32", "blocks": "3x3", "pairs": 6}, B256),
+    "y_several_blocks": (300, 520, [700], 1e-2, {"path": "fp32", "blocks": "2x3", "pairs": 6, "split": 0}, B256),
+    "subblock_refinement": (300, None, [1000], 1e-4, {"path": "fp32", "subpass": "min:1", "leaf64": "min:1"},
+                            B256),
+    "y_refinement": (200, 90, [1000], 1e-4, {"path": "fp32", "subpass": "min:1", "leaf64": "min:1"}, B256),
+    "direct_distances": (300, None, [1000], 1e-6, {"path": "fp32", "direct": "min:1000"}, B256),
     "small_segment_fp64": (300, None, [512, 0, 1], 1e-4, {"path": "fp64", "blocks": "1x1", "subpass": 0}),
 }
 
@@ -454,7 +465,9 @@ PATH_CASES = {
 @pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
 @pytest.mark.parametrize("case", list(PATH_CASES))
 def test_each_path_runs_and_is_accurate(case, monkeypatch, capfd):
-    N, M, sizes, eps, want = PATH_CASES[case]
+    N, M, sizes, eps, want, *env = PATH_CASES[case]
+    for k, v in (env[0] if env else {}).items():
+        monkeypatch.setenv(k, v)
     rows = scaled_family(N + (M or 0), sum(sizes), eps, seed=len(case))
     off = offsets(sizes)
     X, Y = (rows, None) if M is None else (rows[:N], rows[N:])
@@ -465,6 +478,8 @@ def test_each_path_runs_and_is_accurate(case, monkeypatch, capfd):
             assert got >= int(val[4:]), (case, key, stats[0])
         else:
             assert got == val, (case, key, stats[0])
+    if case == "fp32_panels" and torch.backends.mkl.is_available():  # torch's MKL has the triangular GEMM
+        assert stats[0]["tri"] >= 2, stats[0]  # both row panels (1,024 rows, then 76)
     # accurate on every path: against fp64 products, and 1 - cos against the Gram-free oracle
     Yr = X if Y is None else Y
     R = fp64_products(X, off, Y)
@@ -546,7 +561,7 @@ def test_streamed_sizes_of_a_reiterable_x_with_y():
 def test_cuda_gram_matches_the_bar(case):
     """segment_gram on CUDA: the same certificate, so the same accuracy bar as on the CPU (bits may differ:
     cuBLAS sums in another order), and the diagonal (the canonical norms) close to the CPU's."""
-    N, M, sizes, eps, _ = PATH_CASES[case]
+    N, M, sizes, eps, *_ = PATH_CASES[case]
     rows = scaled_family(N + (M or 0), sum(sizes), eps, seed=len(case))
     off = offsets(sizes)
     X, Y = (rows, None) if M is None else (rows[:N], rows[N:])
@@ -563,6 +578,52 @@ def test_cuda_gram_matches_the_bar(case):
         assert torch.allclose(torch.diagonal(G, dim1=1, dim2=2), na2, rtol=1e-14, atol=0)
     Gx = torch.ops.pylandscape.segment_gram(X, off, Y)
     assert scaled_err(G, Gx, na2, nb2) <= 4e-6
+
+
+@pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norms_folded_into_prep_are_sumsq_bits(dtype, monkeypatch):
+    """The squared norms (the Gram's diagonal) computed inside the prep pass equal those of their own pass bit
+    for bit: segments with a tail (length not a multiple of 8), several column groups, Y given."""
+    g = torch.Generator().manual_seed(3)
+    X = (torch.randn(70, 41_003, generator=g, dtype=torch.float64) * 1e-2 + 1).to(dtype)
+    off = offsets([40_001, 7, 995])
+    Y = X[:9] * 1.5
+    got = [torch.ops.pylandscape.segment_gram(X, off, None), torch.ops.pylandscape.segment_gram(X, off, Y)]
+    monkeypatch.setenv("PYLANDSCAPE_GRAM_FOLD_NORMS", "0")
+    want = [torch.ops.pylandscape.segment_gram(X, off, None), torch.ops.pylandscape.segment_gram(X, off, Y)]
+    assert torch.equal(got[0], want[0])
+    assert torch.equal(got[1], want[1])
+
+
+@pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the free-core check reads /proc")
+def test_busy_cores_are_left_alone(monkeypatch, capfd):
+    """Beside as many busy processes as cores, the op runs on one thread (no barrier waits on a descheduled
+    thread), the caller's thread count is restored, and the result stays within the certificate; with
+    PYLANDSCAPE_THREADS=all it uses torch's thread count."""
+    if torch.get_num_threads() < 2:
+        pytest.skip("needs 2 threads")
+    X = scaled_family(300, 2000, 1e-3)
+    off = offsets([2000])
+    monkeypatch.setenv("PYLANDSCAPE_GRAM_SERIAL_WORK", "0")
+    monkeypatch.setenv("PYLANDSCAPE_THREADS", "all")
+    G_all, st = gram_stats(monkeypatch, capfd, X, off)
+    assert st[0]["threads"] == torch.get_num_threads()
+    monkeypatch.delenv("PYLANDSCAPE_THREADS")
+    before = torch.get_num_threads()
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 2)]
+    try:
+        time.sleep(0.3)  # running, and the op's 20 ms cache of the free-core count has expired
+        G, st = gram_stats(monkeypatch, capfd, X, off)
+    finally:
+        for p in busy:
+            p.kill()
+            p.wait()
+    assert st[0]["threads"] == 1, st[0]
+    assert torch.get_num_threads() == before
+    d = torch.diagonal(G, dim1=1, dim2=2)
+    assert scaled_err(G, G_all, d, d) <= 1e-9
 
 
 @pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")

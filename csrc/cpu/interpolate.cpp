@@ -6,6 +6,7 @@
 
 #include <algorithm>
 
+#include "pylandscape/threads.h"
 #include "pylandscape/checks.h"
 #include "pylandscape/interp.h"
 
@@ -28,6 +29,7 @@ PLK_MULTIVERSION void lerp_row_f64(const double* a, const double* b, double* out
 }
 
 at::Tensor interpolate_cpu(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& alphas) {
+  ThreadsForCall threads;  // nothing waits on a core another process keeps busy
   check_float(a_in, "a");
   TORCH_CHECK_VALUE(a_in.scalar_type() == b_in.scalar_type(), "pylandscape: a and b must have one dtype");
   TORCH_CHECK_VALUE(a_in.dim() == 1 && b_in.sizes() == a_in.sizes(), "pylandscape: a and b must be [P], got ",
@@ -97,6 +99,7 @@ PLK_MULTIVERSION void combine_tile_f64(const double* W, int64_t P, int64_t M, co
 }
 
 at::Tensor combine_cpu(const at::Tensor& W_in, const at::Tensor& coeffs) {
+  ThreadsForCall threads;  // nothing waits on a core another process keeps busy
   check_float(W_in, "W");
   TORCH_CHECK_VALUE(W_in.dim() == 2, "pylandscape: W must be [M, P], got ", W_in.sizes());
   TORCH_CHECK_VALUE(coeffs.dim() == 2 && coeffs.size(1) == W_in.size(0), "pylandscape: coeffs must be [K, M] with M = ",

@@ -14,6 +14,7 @@
 #endif
 
 #include "pylandscape/macros.h"
+#include "pylandscape/threads.h"
 #if defined(PLK_MULTIVERSION_ON) && !defined(__clang__)
 #include <immintrin.h>
 #endif
@@ -256,6 +257,7 @@ void advise_huge_pages(void* p, size_t nbytes) {
 
 void perturb_out_cpu(const at::Tensor& flat_in, const at::Tensor& offsets, const at::Tensor& scales,
                      const at::Tensor& seeds, int64_t offset, int64_t mode, at::Tensor& out) {
+  ThreadsForCall threads;  // nothing waits on a core another process keeps busy
   check_float(flat_in, "flat");
   TORCH_CHECK_VALUE(flat_in.dim() == 1, "pylandscape: flat must be 1-D [P], got ", flat_in.sizes());
   TORCH_CHECK_VALUE(seeds.scalar_type() == at::kLong && seeds.dim() == 1, "pylandscape: seeds must be int64 [K]");
@@ -268,6 +270,7 @@ void perturb_out_cpu(const at::Tensor& flat_in, const at::Tensor& offsets, const
 
 at::Tensor perturb_cpu(const at::Tensor& flat, const at::Tensor& offsets, const at::Tensor& scales,
                        const at::Tensor& seeds, int64_t offset, int64_t mode) {
+  ThreadsForCall threads;  // nothing waits on a core another process keeps busy
   at::Tensor out = at::empty({seeds.numel(), flat.numel()}, flat.options());  // shapes checked by perturb_out
   advise_huge_pages(out.data_ptr(), out.nbytes());
   perturb_out_cpu(flat, offsets, scales, seeds, offset, mode, out);
@@ -276,6 +279,7 @@ at::Tensor perturb_cpu(const at::Tensor& flat, const at::Tensor& offsets, const 
 
 void perturb_inplace_cpu(at::Tensor& flat, const at::Tensor& offsets, const at::Tensor& scales, int64_t seed,
                          int64_t offset, int64_t mode) {
+  ThreadsForCall threads;  // nothing waits on a core another process keeps busy
   check_float(flat, "flat");
   TORCH_CHECK_VALUE(flat.dim() == 1, "pylandscape: flat must be 1-D [P], got ", flat.sizes());
   TORCH_CHECK_VALUE(flat.is_contiguous(), "pylandscape: perturb_ needs a contiguous flat");
@@ -285,6 +289,7 @@ void perturb_inplace_cpu(at::Tensor& flat, const at::Tensor& offsets, const at::
 }
 
 at::Tensor philox_normal_cpu(int64_t n, int64_t seed, int64_t offset, at::ScalarType dtype) {
+  ThreadsForCall threads;  // nothing waits on a core another process keeps busy
   TORCH_CHECK_VALUE(n >= 0, "pylandscape: philox_normal needs n >= 0, got ", n);
   TORCH_CHECK_VALUE(dtype == at::kFloat || dtype == at::kDouble, "pylandscape: philox_normal dtype must be "
                     "float32 or float64, got ", dtype);

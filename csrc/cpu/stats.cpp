@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "pylandscape/threads.h"
 #include "pylandscape/checks.h"
 #include "pylandscape/cpu_kernels.h"
 #include "pylandscape/stats.h"
@@ -61,6 +62,7 @@ at::Tensor stats_tensor(const std::vector<Moments>& m) {
 namespace {
 
 at::Tensor layer_stats_cpu(const at::Tensor& flat_in, const at::Tensor& offsets) {
+  ThreadsForCall threads;  // nothing waits on a core another process keeps busy
   check_float(flat_in, "flat");
   TORCH_CHECK_VALUE(flat_in.dim() == 1, "pylandscape: flat must be 1-D [P], got ", flat_in.sizes());
   const at::Tensor flat = flat_in.contiguous();

@@ -1,8 +1,8 @@
 // segment_gram: accurate per-segment Gram matrices of nearly parallel rows, shared by CPU and CUDA.
 //
 // The algorithm (one segment = one column segment; A = rows of X, B = rows of Y or X):
-//   Rows are blocked (kBlock rows). For a block pair (I, J) with reference rows p (middle row of I) and
-//   q (middle row of J), write a_i = p + d_i, b_j = q + e_j. Then
+//   Rows are blocked (block_rows: 64-256 rows). For a block pair (I, J) with reference rows p (middle row
+//   of I) and q (middle row of J), write a_i = p + d_i, b_j = q + e_j. Then
 //       a_i . b_j = p.q + q.d_i + p.e_j + d_i.e_j,
 //   with p.q = (|p|^2 + |q|^2 - |p - q|^2) / 2 and |x|^2 the row's "canonical" squared norm (compensated
 //   fp64 sum, computed once per row; the Gram's diagonal IS that value). Only d_i.e_j goes through an
@@ -37,22 +37,28 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "pylandscape/checks.h"
+#include "pylandscape/threads.h"
 
 namespace pylandscape {
 namespace gram {
 namespace {
 
-constexpr int64_t kBlock = 256;      // rows per top-level block
+constexpr int64_t kBlock = 256;      // rows per top-level block, at most (block_rows)
+constexpr int64_t kMinBlock = 64;    // ... and at least
 constexpr int64_t kLeaf = 32;        // at most this many rows per side: fp64 pass
 constexpr int64_t kDirectCost = 64;  // one direct fp64 distance ~ this many entries of a sub-block pass
 constexpr int64_t kSmallLayer = 512; // segments this small go straight to the fp64 pass (cheap, exact-er)
 constexpr int64_t kSmallBlock = 1024;  // their rows per block: few block pairs (per-pair overhead dominates)
-constexpr int64_t kSplitDiag = 128;  // diagonal blocks of >= 2x this rows: three half-size GEMMs, not four (smaller
-                                     // GEMMs lose more to BLAS overheads than the skipped quarter saves)
+constexpr int64_t kSplitDiag = 192;  // diagonal blocks of >= this many rows: three half-size GEMMs, not four
+                                     // (measured with MKL: 3 x 125^2 cost 13% less than 250^2, 3 x 50^2 more
+                                     // than 100^2; smaller GEMMs lose more to BLAS overheads than the skipped
+                                     // quarter saves)
+constexpr int64_t kPanelRows = 1024;  // rows per panel of the triangular-GEMM path (its fp32 products: ~2% of X)
 constexpr double kU32 = 5.9604644775390625e-08;   // 2^-24
 constexpr double kKappa = 0.35;      // probabilistic error constant per sqrt(chunk length), measured ~0.17
 
@@ -75,15 +81,20 @@ int64_t n_chunks(int64_t s, int64_t kc) { return (s + kc - 1) / kc; }
 
 // A buffer reused across segments and block pairs. Large fresh allocations are not free on the CPU: each
 // one is a new mmap whose pages fault in on first touch (measured: most of the op's time went there).
+// Bytes, viewed as the dtype asked for: the fp32 segments and the fp64 ones (small segments, leaf passes)
+// share it. (One buffer per dtype was reallocated at every switch: the paper's net alternates weights and
+// biases, so the 33 MB fp32 workspace of N = 1,000 was allocated 5 times per call, and glibc kept the freed
+// copies: the first call's peak memory grew by ~70 MB, 9% of X.)
 struct Workspace {
-  at::Tensor buf;
+  at::Tensor buf;  // uint8
   at::Tensor view(at::IntArrayRef shape, const at::TensorOptions& opt) {
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
-    if (!buf.defined() || buf.numel() < n || buf.scalar_type() != opt.dtype().toScalarType() ||
-        buf.device() != opt.device())
-      buf = at::empty({n}, opt);
-    return buf.narrow(0, 0, n).view(shape);
+    const at::ScalarType st = opt.dtype().toScalarType();
+    const int64_t bytes = n * static_cast<int64_t>(c10::elementSize(st));
+    if (!buf.defined() || buf.numel() < bytes || buf.device() != opt.device())
+      buf = at::empty({std::max<int64_t>(bytes, 1)}, opt.dtype(at::kByte));
+    return buf.narrow(0, 0, bytes).view(st).view(shape);
   }
 };
 
@@ -93,6 +104,7 @@ struct Prof {
   bool on = std::getenv("PYLANDSCAPE_GRAM_STATS") != nullptr;
   double t[kN] = {};
   int64_t n_split = 0;  // diagonal blocks cut into three half-size GEMMs
+  int64_t n_tri = 0;    // row panels whose triangle went through the triangular GEMM (per column group)
   std::chrono::steady_clock::time_point last = std::chrono::steady_clock::now();
   void lap(int k) {
     if (!on) return;
@@ -101,6 +113,24 @@ struct Prof {
     last = now;
   }
 };
+
+// Rows per top-level block for n rows on the CPU: about four blocks, a multiple of 16 rows, between kMinBlock
+// and kBlock
+// (PYLANDSCAPE_GRAM_BLOCK overrides it, for tests and benchmarks). With the triangular GEMM by row panels the
+// block size no longer sets the GEMMs: it trades the prep pass's reference dot products (one per block per
+// element) against refinement (a block's rows far from its middle row fail the certificate more often).
+// Measured on the random-walk trajectories of bench_gram.py (2 threads, seconds): N = 256: 256-row blocks
+// 0.136 (refinement 0.037), 128: 0.093, 64: 0.087; N = 500: 256: 0.305, 128: 0.255, 64: 0.268; N = 100:
+// one block 0.036, 64: 0.030; at N = 1,000 256-row blocks refine only 0.023 s and more blocks cost prep.
+int64_t block_rows(int64_t n, bool cpu) {
+  if (const char* env = std::getenv("PYLANDSCAPE_GRAM_BLOCK")) {
+    const int64_t v = std::atoll(env);
+    if (v >= 1) return v;
+  }
+  if (!cpu) return kBlock;  // block-pair GEMMs there (no triangular GEMM): small ones waste a GPU
+  const int64_t quarter = ((n + 3) / 4 + 15) / 16 * 16;
+  return std::clamp<int64_t>(quarter, kMinBlock, kBlock);
+}
 
 // Columns are processed in groups of whole chunks, so the workspace of rounded differences is [chunks of one
 // group, rows, kc]: about 5% of X's bytes (P / 20 columns), not a copy of the largest segment (which was
@@ -118,8 +148,8 @@ int64_t group_chunks(int64_t P, int64_t kc) {
 void gemm_acc(at::Tensor S, const at::Tensor& DA, const at::Tensor& DB, const GramKernels& kern,
               Workspace* ws = nullptr, Prof* prof = nullptr, bool upper = false) {
   const int64_t nck = DA.size(0), na = DA.size(1), nb = DB.size(1);
-  if (upper && na == nb && na >= 2 * kSplitDiag && DA.scalar_type() == at::kFloat) {
-    const int64_t h = na / 2;
+  if (upper && na == nb && na >= kSplitDiag && DA.scalar_type() == at::kFloat) {
+    const int64_t h = ((na + 1) / 2 + 15) / 16 * 16;  // an aligned top half (see kAlign)
     if (prof) ++prof->n_split;
     at::Tensor top = DA.narrow(1, 0, h), bot = DA.narrow(1, h, na - h);
     gemm_acc(S.narrow(0, 0, h).narrow(1, 0, h), top, top, kern, ws, prof, true);
@@ -152,24 +182,18 @@ struct HighestMatmulPrecision {
   }
 };
 
-// Small problems run on the calling thread alone: with the other core busy (a training job beside this),
-// every parallel region's barrier waits for a descheduled thread, and a call of ~100 ms took 2.7 s on 2
-// threads vs 0.15 s on one (measured, libgomp's default spinning wait). Threshold: N * M * P products
-// (PYLANDSCAPE_GRAM_SERIAL_WORK overrides it; 0 keeps every thread).
-struct SerialForSmallWork {
-  int prev = 0;
-  explicit SerialForSmallWork(const at::Tensor& X, int64_t N, int64_t M) {
-    const char* env = std::getenv("PYLANDSCAPE_GRAM_SERIAL_WORK");
-    const double limit = env ? std::atof(env) : 2.5e9;
-    if (!X.device().is_cpu() || static_cast<double>(N) * M * X.size(1) > limit) return;
-    prev = at::get_num_threads();
-    if (prev > 1) at::set_num_threads(1);
-    else prev = 0;
-  }
-  ~SerialForSmallWork() {
-    if (prev > 0) at::set_num_threads(prev);
-  }
-};
+// Tiny problems run on the calling thread alone (their parallel regions cost more than they save); the rest
+// use the threads whose cores no other process keeps busy (ThreadsForCall, pylandscape/threads.h): with the
+// other core busy (a training job beside this), every parallel region's barrier waits for a descheduled
+// thread, and a call of ~100 ms took 2.7 s on 2 threads vs 0.15 s on one (measured, libgomp's default
+// spinning wait). Threshold: N * M * P products (PYLANDSCAPE_GRAM_SERIAL_WORK overrides it; 0 keeps every
+// free thread). It was 2.5e9 (N = 100 of the paper's net) before the free-core check: N = 100 on two free
+// cores takes 0.033 s, on one 0.058 s.
+int thread_cap(const at::Tensor& X, int64_t N, int64_t M) {
+  const char* env = std::getenv("PYLANDSCAPE_GRAM_SERIAL_WORK");
+  const double limit = env ? std::atof(env) : 1e8;
+  return static_cast<double>(N) * M * X.size(1) <= limit ? 1 : 1 << 30;
+}
 
 struct LayerCtx {
   at::Tensor A, B;        // [N, P], [M, P] inputs (B may alias A)
@@ -212,12 +236,19 @@ struct Side {
   int64_t nblk() const { return static_cast<int64_t>(refs.size()); }
 };
 
+// Blocks of a multiple of kAlign rows but the last (equal-ish, the last up to kAlign rows per block shorter).
+// BLAS runs aligned sizes faster: MKL's batched fp32 GEMM of 256 x 256 blocks ran at 336 GFLOP/s here, of
+// 250 x 250 at 301.
+constexpr int64_t kAlign = 16;
+
 std::vector<int64_t> block_starts(int64_t r0, int64_t r1, int64_t block) {
   std::vector<int64_t> st;
   const int64_t n = r1 - r0;
   const int64_t nblk = std::max<int64_t>(1, (n + block - 1) / block);
-  // equal-ish blocks (no tiny last block)
-  for (int64_t b = 0; b <= nblk; ++b) st.push_back(r0 + n * b / nblk);
+  const int64_t size = nblk == 1 ? std::max<int64_t>(n, 1)
+                                 : ((n + nblk - 1) / nblk + kAlign - 1) / kAlign * kAlign;
+  for (int64_t b = 0; b * size < n || b == 0; ++b) st.push_back(r0 + b * size);  // no empty block
+  st.push_back(r1);
   return st;
 }
 
@@ -238,10 +269,18 @@ struct Pair {
 // The fp32 (fp64 when use64) products of a pass over the segment's columns [c0, c1), in column groups:
 // per group, the rounded differences of both sides' rows from their block references (one fused kernel
 // pass per block), then every pair's GEMM into its accumulator. dn2 and T of both sides are summed too.
+//
+// Gtop (the top-level pass of a symmetric fp32 segment, whose pairs tile G's upper triangle): when the device
+// has a triangular GEMM (kern.syrk_acc), the products go by row panels of up to kPanelRows rows instead of
+// block pairs: the panel's triangle in one triangular GEMM per chunk, the rest of its rows in one GEMM. Fewer,
+// larger BLAS calls (and parallel regions), and MKL's triangular GEMM costs ~0.6 of the square one where the
+// three half-size GEMMs of a split diagonal block cost ~0.75.
 void accumulate(const at::Tensor& A, const at::Tensor& B, int64_t c0, int64_t c1, Side& sa, Side* sb_in,
                 std::vector<Pair>& pairs, bool use64, int64_t kc, const GramKernels& kern, Workspace& wsA,
-                Workspace& wsB, Workspace& wsProd, Workspace& wsTmp, Prof* prof) {
+                Workspace& wsB, Workspace& wsProd, Workspace& wsTmp, Prof* prof, at::Tensor* Gtop = nullptr,
+                at::Tensor* gdA = nullptr, at::Tensor* gdB = nullptr) {
   const bool sym = sb_in == nullptr;
+  bool panels = Gtop != nullptr && sym && !use64 && static_cast<bool>(kern.syrk_acc);
   Side& sb = sym ? sa : *sb_in;
   const int64_t s = c1 - c0, nck = n_chunks(s, kc), gck = group_chunks(A.size(1), kc);
   auto f64 = A.options().dtype(at::kDouble);
@@ -253,10 +292,16 @@ void accumulate(const at::Tensor& A, const at::Tensor& B, int64_t c0, int64_t c1
     sb.T = at::zeros({sb.rows(), sa.nblk()}, f64);
   }
   for (auto& pr : pairs) pr.S.zero_();
+  // the rows' squared norms folded into the prep pass (kern.prep_norms): their lanes, between column groups
+  at::Tensor ssA, ssB;
+  if (gdA != nullptr) ssA = at::zeros({sa.rows(), 16}, f64);
+  if (gdB != nullptr && !sym) ssB = at::zeros({sb.rows(), 16}, f64);
   for (int64_t g0 = 0; g0 < nck; g0 += gck) {
     const int64_t ng = std::min(gck, nck - g0);
     const int64_t gc0 = c0 + g0 * kc, gc1 = std::min(c1, gc0 + ng * kc);
-    auto prep_side = [&](const at::Tensor& X, Side& sd, const at::Tensor& other, const Side& so, Workspace& ws) {
+    const bool last = g0 + gck >= nck;
+    auto prep_side = [&](const at::Tensor& X, Side& sd, const at::Tensor& other, const Side& so, Workspace& ws,
+                         at::Tensor* gd, at::Tensor& ss) {
       at::Tensor D = ws.view({ng, sd.rows(), kc}, dopt);
       const int64_t tail = ng * kc - (gc1 - gc0);
       if (tail > 0) D.select(0, ng - 1).narrow(1, kc - tail, tail).zero_();
@@ -268,15 +313,41 @@ void accumulate(const at::Tensor& A, const at::Tensor& B, int64_t c0, int64_t c1
         if (r1 == r0) continue;
         const int64_t o = r0 - sd.first();
         at::Tensor Db = D.narrow(1, o, r1 - r0), dnb = dn2.narrow(0, o, r1 - r0), Tb = T.narrow(0, o, r1 - r0);
-        kern.prep(X, r0, r1, sd.refs[b], other, so.refs_t, gc0, gc1, Db, dnb, Tb);
+        if (gd != nullptr) {
+          at::Tensor ssb = ss.narrow(0, o, r1 - r0), gdb = gd->narrow(0, r0, r1 - r0);
+          kern.prep_norms(X, r0, r1, sd.refs[b], other, so.refs_t, gc0, gc1, Db, dnb, Tb, ssb, gdb, last);
+        } else {
+          kern.prep(X, r0, r1, sd.refs[b], other, so.refs_t, gc0, gc1, Db, dnb, Tb);
+        }
       }
       sd.dn2.add_(dn2);
       sd.T.add_(T);
       return D;
     };
-    at::Tensor DA = prep_side(A, sa, B, sb, wsA);
-    at::Tensor DB = sym ? DA : prep_side(B, sb, A, sa, wsB);
+    at::Tensor DA = prep_side(A, sa, B, sb, wsA, gdA, ssA);
+    at::Tensor DB = sym ? DA : prep_side(B, sb, A, sa, wsB, gdB, ssB);
     if (prof) prof->lap(1);
+    if (panels) {
+      const int64_t n = sa.rows(), o = sa.first();
+      for (int64_t r0 = 0; r0 < n && panels; r0 += kPanelRows) {
+        const int64_t r1 = std::min(n, r0 + kPanelRows), nr = r1 - r0;
+        at::Tensor Sd = Gtop->narrow(0, o + r0, nr).narrow(1, o + r0, nr);
+        at::Tensor prod = wsProd.view({ng, nr, nr}, DA.options());
+        if (!kern.syrk_acc(Sd, DA.narrow(1, r0, nr), prod)) {
+          TORCH_CHECK(g0 == 0 && r0 == 0, "segment_gram: the triangular GEMM failed mid-pass");
+          panels = false;  // not available: block pairs below, from the start
+          break;
+        }
+        if (prof) {
+          ++prof->n_tri;
+          prof->lap(3);
+        }
+        if (r1 < n)
+          gemm_acc(Gtop->narrow(0, o + r0, nr).narrow(1, o + r1, n - r1), DA.narrow(1, r0, nr),
+                   DA.narrow(1, r1, n - r1), kern, &wsProd, prof);
+      }
+      if (panels) continue;
+    }
     for (auto& pr : pairs) {
       const int64_t a0 = sa.starts[pr.I] - sa.first(), na = sa.starts[pr.I + 1] - sa.starts[pr.I];
       const int64_t b0 = sb.starts[pr.J] - sb.first(), nb = sb.starts[pr.J + 1] - sb.starts[pr.J];
@@ -417,7 +488,8 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
   // every entry is written below (blocks, then the mirror), except for empty segments
   at::Tensor out = at::empty({L, N, M}, X.options().dtype(at::kDouble));
   if (N == 0 || M == 0) return out;
-  SerialForSmallWork serial(X, N, M);
+  std::optional<ThreadsForCall> threads;
+  if (X.device().is_cpu()) threads.emplace(thread_cap(X, N, M));
   Workspace ws[4];  // reused by every segment, group and block pair (fresh memory costs page faults)
   for (int64_t l = 0; l < L; ++l) {
     const int64_t c0 = off[l], c1 = off[l + 1], s = c1 - c0;
@@ -436,18 +508,26 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     ctx.ws = ws;
     ctx.G = out.select(0, l);
     prof.lap(7);
-    ctx.gdA = kern.sumsq(X, c0, c1);
-    ctx.gdB = sym ? ctx.gdA : kern.sumsq(Y, c0, c1);
-    for (int side = 0; side < (sym ? 1 : 2); ++side) {
-      at::Tensor gd = side == 0 ? ctx.gdA : ctx.gdB;
-      if (!at::isfinite(gd).all().item<bool>()) {
-        const int64_t bad = at::logical_not(at::isfinite(gd)).nonzero().select(1, 0)[0].item<int64_t>();
-        TORCH_CHECK_VALUE(false, "segment_gram: ", side == 0 ? "X" : "Y", " row ", bad, " holds NaN or inf ",
-                          "(or overflows) in segment ", l, " (columns ", c0, ":", c1, ")");
+    // the rows' canonical squared norms: folded into the prep pass where the device has it (one pass over X
+    // less), else their own pass; checked for NaN / inf after that pass
+    const char* fold_env = std::getenv("PYLANDSCAPE_GRAM_FOLD_NORMS");  // 0: their own pass (tests compare)
+    const bool fold = static_cast<bool>(kern.prep_norms) && !(fold_env && fold_env[0] == '0');
+    auto f64 = X.options().dtype(at::kDouble);
+    ctx.gdA = fold ? at::empty({N}, f64) : kern.sumsq(X, c0, c1);
+    ctx.gdB = sym ? ctx.gdA : (fold ? at::empty({M}, f64) : kern.sumsq(Y, c0, c1));
+    auto check_finite = [&]() {
+      for (int side = 0; side < (sym ? 1 : 2); ++side) {
+        at::Tensor gd = side == 0 ? ctx.gdA : ctx.gdB;
+        if (!at::isfinite(gd).all().item<bool>()) {
+          const int64_t bad = at::logical_not(at::isfinite(gd)).nonzero().select(1, 0)[0].item<int64_t>();
+          TORCH_CHECK_VALUE(false, "segment_gram: ", side == 0 ? "X" : "Y", " row ", bad, " holds NaN or inf ",
+                            "(or overflows) in segment ", l, " (columns ", c0, ":", c1, ")");
+        }
       }
-    }
+    };
+    if (!fold) check_finite();
     const bool small = s <= kSmallLayer || in64;  // fp64 differences and GEMMs
-    const int64_t blk = s <= kSmallLayer ? kSmallBlock : kBlock;
+    const int64_t blk = s <= kSmallLayer ? kSmallBlock : block_rows(std::max(N, M), X.device().is_cpu());
     Side sa = make_side(0, N, blk, X.device());
     Side sb = sym ? Side() : make_side(0, M, blk, X.device());
     const Side& B = sym ? sa : sb;
@@ -462,8 +542,10 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     ctx.n_pairs = static_cast<int64_t>(pairs.size());
     prof.lap(0);
     const int64_t kc = chunk_width(s, kern.max_chunk);
-    const int64_t split0 = prof.n_split;
-    accumulate(X, Y, c0, c1, sa, sym ? nullptr : &sb, pairs, small, kc, kern, ws[0], ws[1], ws[2], ws[3], &prof);
+    const int64_t split0 = prof.n_split, tri0 = prof.n_tri;
+    accumulate(X, Y, c0, c1, sa, sym ? nullptr : &sb, pairs, small, kc, kern, ws[0], ws[1], ws[2], ws[3], &prof,
+               &ctx.G, fold ? &ctx.gdA : nullptr, fold && !sym ? &ctx.gdB : nullptr);
+    if (fold) check_finite();
     // |p_I - q_J|^2 for every block pair, and the reference norms (one host copy per segment)
     at::Tensor pi = sa.refs_t.repeat_interleave(nB), qj = B.refs_t.repeat({nA});
     at::Tensor W = kern.dist2(X, Y, pi, qj, c0, c1).view({nA, nB}).cpu();
@@ -490,15 +572,17 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     prof.lap(6);
     if (prof.on) {
       // diagnostics (tests read these counters to show that each path ran): the top-level path (fp64 for
-      // small segments and fp64 input, else fp32), its blocks and block pairs, split diagonal GEMMs, and
+      // small segments and fp64 input, else fp32), its blocks and block pairs, split diagonal GEMMs,
+      // triangular-GEMM panels (x column groups), the threads it ran on, and
       // the refinement: sub-block passes, fp64 leaf passes, entries refined, entries given the direct
       // distance
       auto ll = [](int64_t v) { return static_cast<long long>(v); };
       std::fprintf(stderr, "[segment_gram] segment %lld cols=%lld path=%s blocks=%lldx%lld pairs=%lld "
-                   "split=%lld subpass=%lld leaf64=%lld refined=%lld direct=%lld of=%lld\n", ll(l), ll(s),
-                   small ? "fp64" : "fp32", ll(nA), ll(nB), ll(ctx.n_pairs), ll(prof.n_split - split0),
+                   "split=%lld tri=%lld subpass=%lld leaf64=%lld refined=%lld direct=%lld of=%lld threads=%d\n", ll(l),
+                   ll(s), small ? "fp64" : "fp32", ll(nA), ll(nB), ll(ctx.n_pairs), ll(prof.n_split - split0),
+                   ll(prof.n_tri - tri0),
                    ll(ctx.n_subpass), ll(ctx.n_leaf64), ll(ctx.n_refined), ll(ctx.n_direct),
-                   ll(sym ? N * (N - 1) / 2 : N * M));
+                   ll(sym ? N * (N - 1) / 2 : N * M), threads_now());
     }
     if (sym && kern.mirror) {
       kern.mirror(ctx.G, ctx.gdA);

@@ -45,6 +45,17 @@ struct GramKernels {
       combine;
   // Optional: G [N, N] lower triangle := upper, diagonal := gd. Empty: ATen ops through a buffer.
   std::function<void(at::Tensor& G, const at::Tensor& gd)> mirror;
+  // Optional: S [n, n] (fp64, row stride >= n) upper triangle (j >= i) += sum over c of D[c] D[c]^T, D
+  // [nck, n, kc] fp32, chunks added in order; prod [nck, n, n] fp32 workspace. Returns false when the device
+  // has no triangular GEMM (then the driver cuts the triangle into block GEMMs).
+  std::function<bool(at::Tensor& S, const at::Tensor& D, at::Tensor& prod)> syrk_acc;
+  // Optional: prep that also accumulates the rows' canonical squared norms (bit-identical to sumsq, without its
+  // pass over X): ss [r1 - r0, 16] fp64 carries them between column groups (zeros before the first group), gd
+  // [r1 - r0] receives them when last (the segment's last column group).
+  std::function<void(const at::Tensor& X, int64_t r0, int64_t r1, int64_t p, const at::Tensor& Q,
+                     const at::Tensor& qidx, int64_t c0, int64_t c1, at::Tensor& D, at::Tensor& dn2, at::Tensor& T,
+                     at::Tensor& ss, at::Tensor& gd, bool last)>
+      prep_norms;
 };
 
 // The whole op after the argument checks: X [N, P], offsets [L+1] (checked, any device), Y [M, P] or none.
