@@ -596,14 +596,21 @@ def test_norms_folded_into_prep_are_sumsq_bits(dtype, monkeypatch):
     assert torch.equal(got[1], want[1])
 
 
+@pytest.fixture
+def two_threads():
+    """Two torch threads for the test (in-process CLI tests earlier in a session may leave 1 behind)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the free-core check reads /proc")
-def test_busy_cores_are_left_alone(monkeypatch, capfd):
+def test_busy_cores_are_left_alone(monkeypatch, capfd, two_threads):
     """Beside as many busy processes as cores, the op runs on one thread (no barrier waits on a descheduled
     thread), the caller's thread count is restored, and the result stays within the certificate; with
     PYLANDSCAPE_THREADS=all it uses torch's thread count."""
-    if torch.get_num_threads() < 2:
-        pytest.skip("needs 2 threads")
     X = scaled_family(300, 2000, 1e-3)
     off = offsets([2000])
     monkeypatch.setenv("PYLANDSCAPE_GRAM_SERIAL_WORK", "0")
