@@ -23,7 +23,7 @@ from .flat import flatten_module
 __all__ = [
     "singular_values", "rank_tolerance", "numerical_rank",
     "output_fn", "output_jacobian", "squared_loss", "loss_hessian", "hvp_operator",
-    "LanczosResult", "lanczos", "lanczos_eigvalsh", "HessianSpectrum", "hessian_spectrum",
+    "LanczosResult", "lanczos", "lanczos_many", "lanczos_eigvalsh", "HessianSpectrum", "hessian_spectrum",
 ]
 
 
@@ -170,39 +170,64 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], dim: int, num_steps:
     matrix of rank r after at most r + 1 steps — and the Ritz values are eigenvalues to within β_j.
     The default 1e-10 sits well above float64 rounding (~1e-14 relative at step r + 1) so that a
     rank-r matrix plus rounding-level terms (a Hessian at a numerically exact minimum) stops there."""
+    if v0 is None:
+        v0 = torch.randn(dim, generator=generator, dtype=torch.float64)
+    elif v0.numel() != dim:
+        raise ValueError(f"lanczos: v0 has {v0.numel()} entries, expected dim={dim}")
+    return lanczos_many(lambda V: matvec(V[0]).reshape(1, -1), v0.reshape(1, -1), num_steps, dtype=dtype,
+                        device=device, keep_basis=keep_basis, breakdown_rtol=breakdown_rtol)[0]
+
+
+def lanczos_many(matmat: Callable[[torch.Tensor], torch.Tensor], starts: torch.Tensor, num_steps: int, *,
+                 dtype: torch.dtype = torch.float64, device=None, keep_basis: bool = False,
+                 breakdown_rtol: float = 1e-10) -> list[LanczosResult]:
+    """Independent Lanczos runs (as `lanczos`) from the rows of `starts` [R, dim], advanced together: each
+    step asks matmat for the products of all live runs at once ([r, dim] -> [r, dim]), so an operator
+    that shares work between vectors (a Hessian sharing one pass over the data) pays it once per step.
+    A run that breaks down stops; the others go on."""
+    R, dim = starts.shape
     if dim < 1 or num_steps < 1:
         raise ValueError(f"lanczos: need dim ≥ 1 and num_steps ≥ 1, got dim={dim}, num_steps={num_steps}")
     k = min(int(num_steps), int(dim))
-    if v0 is None:
-        v0 = torch.randn(dim, generator=generator, dtype=torch.float64).to(device=device, dtype=dtype)
-    else:
-        if v0.numel() != dim:
-            raise ValueError(f"lanczos: v0 has {v0.numel()} entries, expected dim={dim}")
-        v0 = v0.reshape(-1).to(device=device, dtype=dtype)
-    q = v0 / torch.linalg.vector_norm(v0)
-    Q = torch.empty(k, dim, dtype=dtype, device=q.device)
-    alphas, betas = [], []
-    breakdown = False
-    scale = 0.0
+    q = starts.to(device=device, dtype=dtype)
+    q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
+    Q = torch.empty(R, k, dim, dtype=dtype, device=q.device)
+    alphas: list[list[float]] = [[] for _ in range(R)]
+    betas: list[list[float]] = [[] for _ in range(R)]
+    scale = [0.0] * R
+    breakdown = [False] * R
+    live = list(range(R))
     for j in range(k):
-        Q[j] = q
-        w = matvec(q).reshape(-1).to(dtype)
-        a = torch.dot(q, w)
-        alphas.append(float(a))
-        scale = max(scale, abs(float(a)))
-        for _ in range(2):  # twice is enough (Kahan–Parlett), once is not for clustered spectra
-            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
-        b = float(torch.linalg.vector_norm(w))
-        if j == k - 1:
+        for r in live:
+            Q[r, j] = q[r]
+        W = matmat(q[live]).reshape(len(live), dim).to(dtype)
+        still = []
+        for i, r in enumerate(live):
+            w = W[i]
+            a = torch.dot(q[r], w)
+            alphas[r].append(float(a))
+            scale[r] = max(scale[r], abs(float(a)))
+            for _ in range(2):  # twice is enough (Kahan–Parlett), once is not for clustered spectra
+                w = w - Q[r, : j + 1].T @ (Q[r, : j + 1] @ w)
+            b = float(torch.linalg.vector_norm(w))
+            if j == k - 1:
+                continue
+            if b <= breakdown_rtol * max(scale[r], b, 1e-300):
+                breakdown[r] = True
+                continue
+            betas[r].append(b)
+            q[r] = w / b
+            still.append(r)
+        live = still
+        if not live:
             break
-        if b <= breakdown_rtol * max(scale, b, 1e-300):
-            breakdown = True
-            break
-        betas.append(b)
-        q = w / b
-    n = len(alphas)
-    return LanczosResult(torch.tensor(alphas, dtype=torch.float64), torch.tensor(betas[: n - 1], dtype=torch.float64),
-                         Q[:n].clone() if keep_basis else None, breakdown)
+    out = []
+    for r in range(R):
+        n = len(alphas[r])
+        out.append(LanczosResult(torch.tensor(alphas[r], dtype=torch.float64),
+                                 torch.tensor(betas[r][: n - 1], dtype=torch.float64),
+                                 Q[r, :n].clone() if keep_basis else None, breakdown[r]))
+    return out
 
 
 def lanczos_eigvalsh(matvec, dim: int, num_steps: int, **kw) -> torch.Tensor:

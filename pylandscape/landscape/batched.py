@@ -188,6 +188,7 @@ class _LoopRoute:
                 raise ValueError(f"forward 'onednn' needs a float32 CPU nn.Sequential of Conv2d/BatchNorm2d/ReLU/"
                                  f"Flatten/Linear; {type(model).__name__} on {device} is not one (use 'eager')")
         self.forward = "oneDNN, BatchNorm folded" if self.plan is not None else "eager"
+        self._plan_loaded = False  # the plan holds the weights of the current vector
         self.sweep = None
         if (bn == "reestimate" and bn_sweep.sweepable(self.m)
                 and bn_sweep.bytes_needed(self.m, bn_x) <= max_memory):

@@ -26,7 +26,7 @@ from torch.func import functional_call
 
 from ..evaluate import reestimate_bn_
 from ..flat import ParamSpec, flatten_module
-from ..linalg import lanczos
+from ..linalg import lanczos, lanczos_many
 from .batched import bn_layers
 
 HESSIAN_BN = ("reestimate", "keep")
@@ -199,45 +199,6 @@ def hutchinson_trace(op, probes: int = 100, *, seed: int = 0, probes_per_pass: i
     return TraceEstimate(float(s.mean()), float(s.std(ddof=1) / math.sqrt(probes)), probes, s)
 
 
-def lanczos_lockstep(op, starts: torch.Tensor, steps: int, *, breakdown_rtol: float = 1e-10) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Independent Lanczos runs from the rows of `starts` [R, dim], advanced together so that each step's
-    R products share one pass over the data (op.matmat). Each run is `linalg.lanczos` (full
-    reorthogonalisation, twice; the same breakdown rule): returns (alpha, beta) float64 per run."""
-    R, dim = starts.shape
-    k = min(int(steps), int(dim))
-    dev = op.theta.device
-    Q = torch.empty(R, k, dim, dtype=torch.float64, device=dev)
-    q = starts.to(device=dev, dtype=torch.float64)
-    q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
-    alphas: list[list[float]] = [[] for _ in range(R)]
-    betas: list[list[float]] = [[] for _ in range(R)]
-    scale = [0.0] * R
-    live = list(range(R))
-    for j in range(k):
-        for r in live:
-            Q[r, j] = q[r]
-        W = _matmat(op, q[live]).to(torch.float64)
-        still = []
-        for i, r in enumerate(live):
-            w = W[i]
-            a = torch.dot(q[r], w)
-            alphas[r].append(float(a))
-            scale[r] = max(scale[r], abs(float(a)))
-            for _ in range(2):
-                w = w - Q[r, : j + 1].T @ (Q[r, : j + 1] @ w)
-            b = float(torch.linalg.vector_norm(w))
-            if j == k - 1 or b <= breakdown_rtol * max(scale[r], b, 1e-300):
-                continue
-            betas[r].append(b)
-            q[r] = w / b
-            still.append(r)
-        live = still
-        if not live:
-            break
-    return [(torch.tensor(al, dtype=torch.float64), torch.tensor(be[: len(al) - 1], dtype=torch.float64))
-            for al, be in zip(alphas, betas)]
-
-
 @dataclass
 class SpectralDensity:
     nodes: np.ndarray      # [runs, steps] Ritz values
@@ -259,15 +220,15 @@ class SpectralDensity:
 
 def spectral_density(op, *, runs: int = 4, steps: int = 80, seed: int = 0, sigma: float | None = None) -> SpectralDensity:
     """Stochastic Lanczos quadrature (Ubaru et al. 2017; PyHessian's `density`): `runs` Lanczos runs of
-    `steps` steps from normalised Rademacher starts, advanced in lockstep (lanczos_lockstep: one data
+    `steps` steps from normalised Rademacher starts, advanced in lockstep (linalg.lanczos_many: one data
     pass per step for all runs). sigma defaults to 1% of the spectrum's span."""
     gen = torch.Generator().manual_seed(int(seed))
     starts = torch.stack([rademacher(op.dim, gen) for _ in range(runs)])
     nodes, weights = [], []
-    for alpha, beta in lanczos_lockstep(op, starts, steps):
-        T = torch.diag(alpha)
-        if beta.numel():
-            T = T + torch.diag(beta, 1) + torch.diag(beta, -1)
+    for res in lanczos_many(lambda V: _matmat(op, V), starts, steps, device=op.theta.device):
+        T = torch.diag(res.alpha)
+        if res.beta.numel():
+            T = T + torch.diag(res.beta, 1) + torch.diag(res.beta, -1)
         vals, vecs = torch.linalg.eigh(T)
         nodes.append(vals.numpy())
         weights.append((vecs[0, :] ** 2).numpy())
