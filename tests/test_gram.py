@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -448,8 +449,15 @@ PATH_CASES = {
     # optionally followed by environment settings. GEMMT=0: no triangular GEMM, so the block-pair path (with
     # split diagonal blocks) runs even where torch's MKL has one.
     "fp32_one_block": (256, None, [700], 1e-2, {"path": "fp32", "blocks": "1x1", "pairs": 1, "split": "min:1",
-                                                "tri": 0}, {"PYLANDSCAPE_GRAM_GEMMT": "0", **B256}),
-    "fp32_panels": (1100, None, [700], 1e-2, {"path": "fp32", "blocks": "5x5", "pairs": 15, "split": 0}),
+                                                "tri": 0, "packed": 0},
+                       {"PYLANDSCAPE_GRAM_GEMMT": "0", "PYLANDSCAPE_GRAM_PACKED": "0", **B256}),
+    "fp32_panels": (1100, None, [700], 1e-2, {"path": "fp32", "blocks": "5x5", "pairs": 15, "split": 0,
+                                              "packed": 0}, {"PYLANDSCAPE_GRAM_PACKED": "0"}),
+    # the fused pass (csrc/cpu/syrk.cpp) in several column groups (a small budget), the last chunk with a tail,
+    # rows not a multiple of the kernel's 32
+    "fp32_packed_groups": (301, None, [5000], 1e-2, {"path": "fp32", "blocks": "5x5", "pairs": 15, "tri": 0,
+                                                     "packed": "min:3"},
+                           {"PYLANDSCAPE_GRAM_PACKED_BYTES": str(320 * 1024 * 4 * 2), "PYLANDSCAPE_GRAM_BLOCK": "64"}),
     "adaptive_blocks": (300, None, [700], 1e-2, {"path": "fp32", "blocks": "4x4", "pairs": 10}),
     "fp32_block_boundary": (257, None, [700], 1e-2, {"path": "fp32", "blocks": "2x2", "pairs": 3}, B256),
     "uneven_blocks": (600, None, [513, 40], 1e-2, {"path": "fp32", "blocks": "3x3", "pairs": 6}, B256),
@@ -594,6 +602,50 @@ def test_norms_folded_into_prep_are_sumsq_bits(dtype, monkeypatch):
     want = [torch.ops.pylandscape.segment_gram(X, off, None), torch.ops.pylandscape.segment_gram(X, off, Y)]
     assert torch.equal(got[0], want[0])
     assert torch.equal(got[1], want[1])
+
+
+FUSED_SCRIPT = r"""
+import sys, torch
+from pylandscape import ops  # noqa: F401  (loads the op)
+torch.set_num_threads(int(sys.argv[2]))
+g = torch.Generator().manual_seed(5)  # a random walk: no entry needs a sub-block pass (whose BLAS GEMMs
+v = torch.randn(6000, generator=g, dtype=torch.float64)  # may round differently on another thread count)
+X = (v + 1e-2 * torch.randn(150, 6000, generator=g, dtype=torch.float64).cumsum(0)).float()
+off = torch.tensor([0, 5000, 6000])
+torch.save(torch.ops.pylandscape.segment_gram(X, off, None), sys.argv[1])
+"""
+
+
+@pytest.mark.skipif(not HAS_OP, reason="needs the compiled extension")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                    reason="the fused pass's ISA choice is x86-64 only")
+def test_fused_pass_bits_do_not_depend_on_isa_threads_or_groups(tmp_path):
+    """The fused CPU pass (csrc/cpu/syrk.cpp: prep into a packed buffer, then our own triangular kernel) gives
+    the same bits with its AVX-512, AVX2 and scalar kernels, on 1 or 2 threads, and in one or many column
+    groups (the memory budget): every entry is one fixed sequence of operations, and the prep's lanes carry
+    across groups. Each setting runs in a fresh process (the ISA is chosen once per process)."""
+    script = tmp_path / "g.py"
+    script.write_text(FUSED_SCRIPT)
+    runs = {"default": ({}, 2), "1 thread": ({}, 1), "avx2": ({"PYLANDSCAPE_GRAM_ISA": "avx2"}, 2),
+            "scalar": ({"PYLANDSCAPE_GRAM_ISA": "scalar"}, 2),
+            "small groups": ({"PYLANDSCAPE_GRAM_PACKED_BYTES": str(160 * 1024 * 4 * 2)}, 2)}
+    got, isas = {}, {}
+    for name, (env, threads) in runs.items():
+        out = tmp_path / f"{len(got)}.pt"
+        r = subprocess.run([sys.executable, str(script), str(out), str(threads)], capture_output=True, text=True,
+                           env={**os.environ, "PYLANDSCAPE_GRAM_STATS": "1", "PYLANDSCAPE_THREADS": "all", **env},
+                           timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        fused = [ln for ln in r.stderr.splitlines() if ln.startswith("[segment_gram] fused pass")]
+        assert fused, r.stderr[-2000:]  # the fused pass ran (both fp32 segments)
+        isas[name] = {f.split("isa=")[1].split()[0] for f in fused}
+        assert not re.search(r"(subpass|leaf64)=[1-9]", r.stderr), r.stderr[-2000:]
+        if name == "small groups":
+            assert max(int(f.split("groups=")[1].split()[0]) for f in fused) >= 3, fused
+        got[name] = torch.load(out)
+    assert isas["scalar"] == {"scalar"} and isas["avx2"] <= {"avx2", "scalar"}, isas
+    for name, G in got.items():
+        assert torch.equal(G, got["default"]), name
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 // segment_gram on CPU: the kernels that the host driver (csrc/host/gram_driver.cpp, BLAS through at::bmm)
-// calls: the fp64 passes around the GEMMs, as plain loops (one row or pair per task, so results do not depend on the thread
+// calls, and the fused top-level pass of symmetric fp32 segments (sym_pass_cpu: the prep writes the
+// differences into a cache-sized buffer in the layout of csrc/cpu/syrk.cpp's triangular kernel):
+// the fp64 passes around the GEMMs, as plain loops (one row or pair per task, so results do not depend on the thread
 // count), multiversioned for AVX-512/AVX2 with the same results on every ISA.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -11,10 +13,12 @@
 #endif
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <type_traits>
 #include <vector>
 
+#include "pylandscape/cpu_syrk.h"
 #include "pylandscape/gram_driver.h"
 #include "pylandscape/macros.h"
 
@@ -37,11 +41,13 @@ int64_t grain_for(int64_t per_item) { return std::max<int64_t>(1, kSerialWork / 
 
 
 // Longest fp32 k-chunk on CPU (PYLANDSCAPE_GRAM_CHUNK overrides it, for benchmarks): fewer, longer chunks
-// cost less packing and fp64 accumulation; the error bound grows only as sqrt(chunk).
+// cost less packing and fp64 accumulation; the error bound grows only as sqrt(chunk). 1,024 (was 2,048 with
+// MKL's triangular GEMM): one chunk of the fused pass's packed differences must fit its cache budget, and at
+// N = 2,000 a 1,024-column chunk is already 8.3 MB.
 int64_t max_chunk_cpu() {
   const char* env = std::getenv("PYLANDSCAPE_GRAM_CHUNK");
   const int64_t v = env ? std::atoll(env) : 0;
-  return v >= 64 && v <= (1 << 20) ? v : 2048;
+  return v >= 64 && v <= (1 << 20) ? v : 1024;
 }
 
 // Software prefetch, kPrefetch bytes ahead of a streaming read, once per cache line. This VM's hardware
@@ -178,6 +184,13 @@ struct PrepArgs {
   double* ss = nullptr;  // [rows, 2 kLanes]: the rows' squared-norm lanes (s, then c), across column groups
   double* gd = nullptr;  // [rows]: the norms, written on the segment's last group
   bool last = false;
+  // packed: D in the triangular kernel's layout (pylandscape/cpu_syrk.h; ldd unused): row i - r0, column t
+  // at (t / K) * ldc + (((i - r0) / 16) * K + t % K) * 16 + (i - r0) % 16
+  bool packed = false;
+  // lanes [rows, (nq + 1) kLanes] fp64: the |d|^2 and reference-dot lanes carried between column groups (so
+  // dn2 and T are one lane sum over the whole segment, whatever the groups); null: per call, from zero.
+  // With lanes, dn2 and T are written only when last.
+  double* lanes = nullptr;
 };
 
 // acc[(k + r) * kLanes + lane] += reference row k + r . d over one tile, for r < R: R references at once, so
@@ -224,19 +237,35 @@ PLK_ALWAYS_INLINE void norm_term(double x, double& s, double& c) {
   }
 }
 
-template <typename scalar_t, typename dst_t, bool kNorms>
+template <typename scalar_t, typename dst_t, bool kNorms, bool kPacked>
 PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const scalar_t* Q, dst_t* D,
                                  const PrepArgs& a, int64_t b, int64_t e) {
   constexpr int64_t kTile = 512, kPanel = 8192;
+  constexpr int64_t kG = cpu::kSyrkGroup;
   alignas(64) double d[kTile];
   const int64_t nl = a.nq * kLanes;
-  std::vector<double> accs(static_cast<size_t>((e - b) * (nl + kLanes)), 0.0);
+  std::vector<double> local;
+  dst_t* stage = nullptr;  // packed: [kG, kPanel] rows of the current 16-row group
+  if constexpr (kPacked) {
+    static thread_local std::vector<dst_t> buf;  // 512 KB, reused (a fresh one per call would page-fault)
+    buf.resize(static_cast<size_t>(kG * kPanel));
+    stage = buf.data();
+  }
+  double* lanes = a.lanes;
+  int64_t lrow0 = 0;  // row of lanes[0], relative to a.r0
+  if (lanes == nullptr) {
+    local.assign(static_cast<size_t>((e - b) * (nl + kLanes)), 0.0);
+    lanes = local.data();
+    lrow0 = b - a.r0;
+  }
   for (int64_t p0 = 0; p0 < a.s; p0 += kPanel) {
     const int64_t p1 = std::min(a.s, p0 + kPanel);
     for (int64_t i = b; i < e; ++i) {
       const scalar_t* x = X + i * a.ldx + a.c0;
-      dst_t* drow0 = D + (i - a.r0) * a.ldd;
-      double* sq = accs.data() + (i - b) * (nl + kLanes);
+      const int64_t pi = i - a.r0;
+      // packed: the row goes to its line of the 16-row stage (columns p0..p1), packed when the group is done
+      dst_t* drow0 = kPacked ? stage + (pi % kG) * kPanel - p0 : D + pi * a.ldd;
+      double* sq = lanes + (pi - lrow0) * (nl + kLanes);
       double* acc = sq + kLanes;
       double ns[kLanes], nc[kLanes];
       if constexpr (kNorms) {
@@ -247,7 +276,7 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
       }
       for (int64_t t0 = p0, tl = 0; t0 < p1; t0 += tl) {
         tl = std::min({kTile, p1 - t0, a.K - t0 % a.K});  // tiles never straddle chunks
-        dst_t* drow = drow0 + (t0 / a.K) * a.ldc + (t0 % a.K);
+        dst_t* drow = kPacked ? drow0 + t0 : drow0 + (t0 / a.K) * a.ldc + (t0 % a.K);
         const scalar_t* xt = x + t0;
         const scalar_t* pt = pr + t0;
         int64_t c = 0;
@@ -273,7 +302,13 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
         }
         int64_t k = 0;
         for (; k + 4 <= a.nq; k += 4) ref_dots<4>(Q, a, k, t0, d, tl, acc);
-        for (; k < a.nq; ++k) ref_dots<1>(Q, a, k, t0, d, tl, acc);
+        if (a.nq - k == 3) {  // the rest in one pass too (one reference per pass was add-latency bound)
+          ref_dots<3>(Q, a, k, t0, d, tl, acc);
+        } else if (a.nq - k == 2) {
+          ref_dots<2>(Q, a, k, t0, d, tl, acc);
+        } else if (a.nq - k == 1) {
+          ref_dots<1>(Q, a, k, t0, d, tl, acc);
+        }
       }
       if constexpr (kNorms) {
         for (int j = 0; j < kLanes; ++j) {
@@ -282,10 +317,18 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
         }
         if (a.last && p1 == a.s) a.gd[i - a.r0] = finish(ns, nc);
       }
+      if constexpr (kPacked) {
+        if (pi % kG == kG - 1 || i == e - 1) {  // the group's last row here: its staged rows into D
+          const int64_t gs = pi / kG * kG, first = std::max(b - a.r0, gs);
+          cpu::pack_rows16(stage, kPanel, static_cast<int>(first - gs), static_cast<int>(pi - gs + 1), p1 - p0, D,
+                           a.ldc, a.K, pi / kG, p0);
+        }
+      }
     }
   }
+  if (a.lanes != nullptr && !a.last) return;
   for (int64_t i = b; i < e; ++i) {
-    const double* sq = accs.data() + (i - b) * (nl + kLanes);
+    const double* sq = lanes + (i - a.r0 - lrow0) * (nl + kLanes);
     a.dn2[i - a.r0] = lane_sum(sq);
     for (int64_t k = 0; k < a.nq; ++k) a.T[(i - a.r0) * a.nq + k] = lane_sum(sq + kLanes + k * kLanes);
   }
@@ -294,10 +337,20 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
 template <typename scalar_t, typename dst_t>
 PLK_ALWAYS_INLINE void prep_rows(const scalar_t* X, const scalar_t* pr, const scalar_t* Q, dst_t* D,
                                  const PrepArgs& a, int64_t b, int64_t e) {
+  if (a.packed) {
+    if constexpr (std::is_same_v<dst_t, float>) {
+      if (a.ss != nullptr) {
+        prep_body<scalar_t, dst_t, true, true>(X, pr, Q, D, a, b, e);
+      } else {
+        prep_body<scalar_t, dst_t, false, true>(X, pr, Q, D, a, b, e);
+      }
+    }
+    return;
+  }
   if (a.ss != nullptr) {
-    prep_body<scalar_t, dst_t, true>(X, pr, Q, D, a, b, e);
+    prep_body<scalar_t, dst_t, true, false>(X, pr, Q, D, a, b, e);
   } else {
-    prep_body<scalar_t, dst_t, false>(X, pr, Q, D, a, b, e);
+    prep_body<scalar_t, dst_t, false, false>(X, pr, Q, D, a, b, e);
   }
 }
 
@@ -469,6 +522,85 @@ bool syrk_acc_cpu(at::Tensor& S, const at::Tensor& D, at::Tensor& prod) {
   return true;
 }
 
+// The top-level pass of a symmetric fp32 segment, fused (GramKernels::sym_pass): per column group, the prep of
+// every block writes the rounded differences in the triangular kernel's packed layout into a buffer small
+// enough to stay in cache (PYLANDSCAPE_GRAM_PACKED_BYTES, default 8 MiB), then cpu::syrk_packed adds the
+// group's chunk products to S from there. X is read once; no [n, n] fp32 product is stored and re-read.
+// Bits: the same on any thread count (each entry is one thread's fixed sequence of operations).
+int64_t packed_budget() {
+  const char* env = std::getenv("PYLANDSCAPE_GRAM_PACKED_BYTES");
+  const int64_t v = env ? std::atoll(env) : 0;
+  return v > 0 ? v : int64_t{8} << 20;
+}
+
+int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, const std::vector<int64_t>& refs,
+                     int64_t c0, int64_t c1, int64_t kc, at::Tensor& S, at::Tensor& dn2, at::Tensor& T,
+                     at::Tensor* gd, at::Tensor& ws) {
+  const char* env = std::getenv("PYLANDSCAPE_GRAM_PACKED");  // 0: the BLAS path (tests compare; read per call)
+  if ((env && env[0] == '0') || X.scalar_type() != at::kFloat || X.stride(1) != 1) return 0;
+  const int64_t r0 = starts.front(), n = starts.back() - r0, nblk = static_cast<int64_t>(refs.size());
+  TORCH_CHECK(S.dim() == 2 && S.size(0) == n && S.size(1) == n && S.stride(1) == 1 && dn2.is_contiguous() &&
+                  dn2.numel() == n && T.is_contiguous() && T.numel() == n * nblk && kc % cpu::kSyrkGroup == 0,
+              "segment_gram: bad fused-pass operands");
+  const int64_t npad = cpu::syrk_padded_rows(n), s = c1 - c0, nck = (s + kc - 1) / kc, ldc = npad * kc;
+  const int64_t gck = std::clamp<int64_t>(packed_budget() / (ldc * 4), 1, nck);
+  const int64_t bytes = gck * ldc * 4;
+  if (!ws.defined() || ws.numel() < bytes || !ws.device().is_cpu())
+    ws = at::empty({bytes}, X.options().dtype(at::kByte));
+  float* D = reinterpret_cast<float*>(ws.data_ptr<uint8_t>());
+  constexpr int64_t kG = cpu::kSyrkGroup;
+  // padding rows: computed by the kernel and dropped; zero (finite) once per call
+  for (int64_t c = 0; c < gck; ++c)
+    for (int64_t i = n; i < npad; ++i)
+      for (int64_t t = 0; t < kc; ++t) D[c * ldc + ((i / kG) * kc + t) * kG + i % kG] = 0.0f;
+  auto f64 = X.options().dtype(at::kDouble);
+  at::Tensor lanes = at::zeros({n, (nblk + 1) * kLanes}, f64);
+  at::Tensor ss = gd != nullptr ? at::zeros({n, 2 * kLanes}, f64) : at::Tensor();
+  const float* x = X.const_data_ptr<float>();
+  const int64_t ldx = X.stride(0);
+  PrepArgs a{ldx, r0, ldx, nblk, c0, 0, kc, ldc, 0, refs.data(), dn2.data_ptr<double>(), T.data_ptr<double>()};
+  a.packed = true;
+  a.lanes = lanes.data_ptr<double>();
+  if (gd != nullptr) {
+    TORCH_CHECK(gd->is_contiguous() && gd->numel() == n, "segment_gram: bad norm output");
+    a.ss = ss.data_ptr<double>();
+    a.gd = gd->data_ptr<double>();
+  }
+  double* Sp = S.data_ptr<double>();
+  const int64_t lds = S.stride(0), nt = cpu::syrk_col_tiles(n), npair = (nt + 1) / 2;
+  int64_t groups = 0;
+  for (int64_t g0 = 0; g0 < nck; g0 += gck, ++groups) {
+    const int64_t ng = std::min(gck, nck - g0);
+    a.c0 = c0 + g0 * kc;
+    a.s = std::min(c1, a.c0 + ng * kc) - a.c0;
+    a.last = g0 + gck >= nck;
+    const int64_t tail = ng * kc - a.s;  // the segment's last chunk: zero columns past its end
+    if (tail > 0) {
+      float* Dl = D + (ng - 1) * ldc;
+      for (int64_t gi = 0; gi < npad / kG; ++gi)
+        std::fill(Dl + (gi * kc + kc - tail) * kG, Dl + (gi * kc + kc) * kG, 0.0f);
+    }
+    at::parallel_for(r0, r0 + n, grain_for(a.s * (2 + nblk)), [&](int64_t b, int64_t e) {
+      for (int64_t k = 0; k < nblk; ++k) {
+        const int64_t lo = std::max(b, starts[k]), hi = std::min(e, starts[k + 1]);
+        if (lo < hi) prep_f32_f32(x, x + refs[k] * ldx + a.c0, x, D, a, lo, hi);
+      }
+    });
+    // column tiles in pairs (p, nt - 1 - p): equal work per task on the triangle
+    at::parallel_for(0, npair, 1, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p) {
+        cpu::syrk_packed(Sp, lds, D, ldc, ng, kc, n, p, p + 1);
+        if (nt - 1 - p != p) cpu::syrk_packed(Sp, lds, D, ldc, ng, kc, n, nt - 1 - p, nt - p);
+      }
+    });
+  }
+  if (std::getenv("PYLANDSCAPE_GRAM_STATS") != nullptr)
+    std::fprintf(stderr, "[segment_gram] fused pass cols=%lld rows=%lld groups=%lld chunks=%lld isa=%s\n",
+                 static_cast<long long>(s), static_cast<long long>(n), static_cast<long long>(groups),
+                 static_cast<long long>(nck), cpu::syrk_isa());
+  return groups;
+}
+
 // The fused form of gram::combine_and_check (same operations in the same order, so the same bits): writes
 // the block of G in place and the flags; returns how many entries were flagged in rows [b, e).
 PLK_MULTIVERSION int64_t combine_rows(const double* S, int64_t lds, const double* tA, int64_t stA, const double* tB,
@@ -547,8 +679,9 @@ void mirror_cpu(at::Tensor& G, const at::Tensor& gd) {
 }  // namespace
 
 at::Tensor segment_gram_cpu(const at::Tensor& X, const at::Tensor& offsets, const std::optional<at::Tensor>& Y) {
-  static const gram::GramKernels kern{sumsq_cpu, dist2_cpu, prep_cpu, acc_cpu, max_chunk_cpu(), combine_cpu,
-                                      mirror_cpu, syrk_acc_cpu, prep_norms_cpu};
+  static const gram::GramKernels kern{sumsq_cpu,    dist2_cpu,      prep_cpu,    acc_cpu,
+                                      max_chunk_cpu(), combine_cpu, mirror_cpu, syrk_acc_cpu,
+                                      prep_norms_cpu, sym_pass_cpu};
   return gram::segment_gram(X, offsets, Y, kern);
 }
 

@@ -9,6 +9,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <thread>
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -66,21 +67,38 @@ int free_threads() {
   if (want <= 1 || (env != nullptr && std::strcmp(env, "all") == 0)) return want;
 #if defined(__linux__)
   // the answer is kept for kKeep: reading /proc costs ~20-50 us, a small op call ~0.5 ms
-  constexpr int64_t kKeep = 20'000'000;  // ns
+  constexpr int64_t kKeep = 20'000'000, kKeepBusy = 100'000'000;  // ns
   static std::atomic<int64_t> last_t{INT64_MIN / 2};
   static std::atomic<int> last_n{0};
+  static std::atomic<int64_t> keep{kKeep};
   const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
                           std::chrono::steady_clock::now().time_since_epoch()).count();
-  if (now - last_t.load(std::memory_order_relaxed) < kKeep) return std::min(last_n.load(), want);
+  if (now - last_t.load(std::memory_order_relaxed) < keep.load()) return std::min(last_n.load(), want);
   // only when this process may run on every core the kernel counts: /proc/loadavg is machine-wide
   cpu_set_t set;
   const long online = sysconf(_SC_NPROCESSORS_ONLN);
   if (online <= 0 || sched_getaffinity(0, sizeof set, &set) != 0 || CPU_COUNT(&set) != online) return want;
-  const int run = runnable_tasks();
-  if (run < 0) return want;
-  const int others = std::max(0, run - own_runnable_threads());
+  // What counts is a process that keeps a core busy (a training job), not a task that runs for a moment: a
+  // thread waking up, a pool thread of this process read as runnable in /proc/loadavg and asleep in
+  // /proc/self/task an instant later. Such a moment made the second of back-to-back segment_gram calls run on
+  // one thread at twice its time, nearly every time. So this process's count is the larger of two reads
+  // around the machine's, and a busy reading must hold in three more samples 1 ms apart (0.2 ms apart still
+  // let 1 run in 3 through); that is paid only when busy, and a busy answer is then kept for kKeepBusy.
+  auto sample = []() {
+    const int own0 = own_runnable_threads();
+    const int run = runnable_tasks();
+    return run < 0 ? -1 : std::max(0, run - std::max(own0, own_runnable_threads()));
+  };
+  int others = sample();
+  if (others < 0) return want;
+  for (int k = 0; k < 3 && others > 0; ++k) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    const int o = sample();
+    if (o >= 0) others = std::min(others, o);
+  }
   const int n = std::max(static_cast<int>(online) - others, 1);
   last_n.store(n);
+  keep.store(others > 0 ? kKeepBusy : kKeep);
   last_t.store(now, std::memory_order_relaxed);
   return std::min(n, want);
 #else

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <functional>
 #include <optional>
+#include <vector>
 
 #include "pylandscape/gram.h"
 
@@ -56,6 +57,16 @@ struct GramKernels {
                      const at::Tensor& qidx, int64_t c0, int64_t c1, at::Tensor& D, at::Tensor& dn2, at::Tensor& T,
                      at::Tensor& ss, at::Tensor& gd, bool last)>
       prep_norms;
+  // Optional: the top-level pass of a symmetric fp32 segment in one call: rows [starts.front(), starts.back())
+  // of X in blocks [starts[k], starts[k + 1]) with reference rows refs[k]; dn2 [n] and T [n, nblk] as prep
+  // computes them (one sum over the whole segment), the rows' norms into *gd when given (as prep_norms), and
+  // S [n, n] upper triangle += sum over kc-chunks of D_c D_c^T (as syrk_acc), the differences formed per
+  // column group in the device's own layout into ws (bytes, reused between calls). Returns the number of
+  // column groups, 0 when not available (then the driver's own path runs).
+  std::function<int64_t(const at::Tensor& X, const std::vector<int64_t>& starts, const std::vector<int64_t>& refs,
+                        int64_t c0, int64_t c1, int64_t kc, at::Tensor& S, at::Tensor& dn2, at::Tensor& T,
+                        at::Tensor* gd, at::Tensor& ws)>
+      sym_pass;
 };
 
 // The whole op after the argument checks: X [N, P], offsets [L+1] (checked, any device), Y [M, P] or none.
