@@ -626,7 +626,8 @@ def test_fused_pass_bits_do_not_depend_on_isa_threads_or_groups(tmp_path):
     across groups. Each setting runs in a fresh process (the ISA is chosen once per process)."""
     script = tmp_path / "g.py"
     script.write_text(FUSED_SCRIPT)
-    runs = {"default": ({}, 2), "1 thread": ({}, 1), "avx2": ({"PYLANDSCAPE_GRAM_ISA": "avx2"}, 2),
+    runs = {"default": ({"PYLANDSCAPE_GRAM_PACKED_BYTES": str(1 << 30)}, 2), "1 thread": ({}, 1),
+            "avx2": ({"PYLANDSCAPE_GRAM_ISA": "avx2"}, 2),
             "scalar": ({"PYLANDSCAPE_GRAM_ISA": "scalar"}, 2),
             "small groups": ({"PYLANDSCAPE_GRAM_PACKED_BYTES": str(160 * 1024 * 4 * 2)}, 2)}
     got, isas = {}, {}
@@ -640,8 +641,8 @@ def test_fused_pass_bits_do_not_depend_on_isa_threads_or_groups(tmp_path):
         assert fused, r.stderr[-2000:]  # the fused pass ran (both fp32 segments)
         isas[name] = {f.split("isa=")[1].split()[0] for f in fused}
         assert not re.search(r"(subpass|leaf64)=[1-9]", r.stderr), r.stderr[-2000:]
-        if name == "small groups":
-            assert max(int(f.split("groups=")[1].split()[0]) for f in fused) >= 3, fused
+        groups = max(int(f.split("groups=")[1].split()[0]) for f in fused)
+        assert groups == 1 if name == "default" else groups >= 3, (name, fused)
         got[name] = torch.load(out)
     assert isas["scalar"] == {"scalar"} and isas["avx2"] <= {"avx2", "scalar"}, isas
     for name, G in got.items():

@@ -386,3 +386,25 @@ def test_npz_column_chunks(tmp_path, save):
         for i, a in enumerate(arrays):
             ref = np.concatenate([a[n].reshape(-1).astype(np.float32) for n in sset.spec.names])
             np.testing.assert_array_equal(X[i], ref)
+
+
+def test_rows_read_on_several_threads(tmp_path, monkeypatch):
+    """Many rows are read by a few threads (copies and page faults on several cores): the same bytes as one
+    thread, and a file that turns bad after discovery stops the read with its name."""
+    for i in range(40):
+        save_file({"a": torch.randn(300), "b": torch.randn(7, 11)}, tmp_path / f"s{i:02d}.safetensors")
+    sset = discover(tmp_path)
+    pieces = sset.plan_pieces(0, sset.spec.numel)
+    monkeypatch.setenv("PYLANDSCAPE_READ_THREADS", "3")
+    many = sset.read_block(range(40), pieces, progress=False)
+    monkeypatch.setenv("PYLANDSCAPE_READ_THREADS", "1")
+    one = sset.read_block(range(40), pieces, progress=False)
+    assert np.array_equal(many, one) and many.shape == (40, 377)
+    from safetensors.numpy import load_file
+    first = load_file(str(tmp_path / "s00.safetensors"))
+    assert np.array_equal(one[0], np.concatenate([first[n].ravel() for n in sset.spec.names]))
+    raw = (tmp_path / "s23.safetensors").read_bytes()
+    (tmp_path / "s23.safetensors").write_bytes(raw[:-200])
+    monkeypatch.setenv("PYLANDSCAPE_READ_THREADS", "3")
+    with pytest.raises(SnapshotError, match=r"s23\.safetensors: truncated"):
+        sset.read_block(range(40), pieces, progress=False)

@@ -524,13 +524,14 @@ bool syrk_acc_cpu(at::Tensor& S, const at::Tensor& D, at::Tensor& prod) {
 
 // The top-level pass of a symmetric fp32 segment, fused (GramKernels::sym_pass): per column group, the prep of
 // every block writes the rounded differences in the triangular kernel's packed layout into a buffer small
-// enough to stay in cache (PYLANDSCAPE_GRAM_PACKED_BYTES, default 8 MiB), then cpu::syrk_packed adds the
+// enough to stay in cache (PYLANDSCAPE_GRAM_PACKED_BYTES, default 8 MiB, at most X's bytes / 32), then cpu::syrk_packed adds the
 // group's chunk products to S from there. X is read once; no [n, n] fp32 product is stored and re-read.
 // Bits: the same on any thread count (each entry is one thread's fixed sequence of operations).
-int64_t packed_budget() {
+int64_t packed_budget(int64_t x_bytes) {
   const char* env = std::getenv("PYLANDSCAPE_GRAM_PACKED_BYTES");
   const int64_t v = env ? std::atoll(env) : 0;
-  return v > 0 ? v : int64_t{8} << 20;
+  // at most 1/32 of X's bytes: for small N, 8 MiB would be 11% of X (N = 100)
+  return v > 0 ? v : std::min(int64_t{8} << 20, x_bytes / 32);
 }
 
 int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, const std::vector<int64_t>& refs,
@@ -543,7 +544,7 @@ int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, co
                   dn2.numel() == n && T.is_contiguous() && T.numel() == n * nblk && kc % cpu::kSyrkGroup == 0,
               "segment_gram: bad fused-pass operands");
   const int64_t npad = cpu::syrk_padded_rows(n), s = c1 - c0, nck = (s + kc - 1) / kc, ldc = npad * kc;
-  const int64_t gck = std::clamp<int64_t>(packed_budget() / (ldc * 4), 1, nck);
+  const int64_t gck = std::clamp<int64_t>(packed_budget(X.size(0) * X.size(1) * 4) / (ldc * 4), 1, nck);
   const int64_t bytes = gck * ldc * 4;
   if (!ws.defined() || ws.numel() < bytes || !ws.device().is_cpu())
     ws = at::empty({bytes}, X.options().dtype(at::kByte));
