@@ -13,6 +13,8 @@
 #endif
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <type_traits>
@@ -568,7 +570,11 @@ int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, co
     a.gd = gd->data_ptr<double>();
   }
   double* Sp = S.data_ptr<double>();
-  const int64_t lds = S.stride(0), nt = cpu::syrk_col_tiles(n), npair = (nt + 1) / 2;
+  const int64_t lds = S.stride(0), nt = cpu::syrk_col_tiles(n);
+  const int64_t piece = nt >= 4 * at::get_num_threads() ? n : cpu::kSyrkPad;  // rows per task
+  std::vector<std::array<int64_t, 3>> tasks;  // (column tile, first row, end row), largest first
+  for (int64_t ct = nt - 1; ct >= 0; --ct)
+    for (int64_t r = 0; r < std::min(n, (ct + 1) * cpu::kSyrkPad); r += piece) tasks.push_back({ct, r, r + piece});
   int64_t groups = 0;
   for (int64_t g0 = 0; g0 < nck; g0 += gck, ++groups) {
     const int64_t ng = std::min(gck, nck - g0);
@@ -587,12 +593,12 @@ int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, co
         if (lo < hi) prep_f32_f32(x, x + refs[k] * ldx + a.c0, x, D, a, lo, hi);
       }
     });
-    // column tiles in pairs (p, nt - 1 - p): equal work per task on the triangle
-    at::parallel_for(0, npair, 1, [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p) {
-        cpu::syrk_packed(Sp, lds, D, ldc, ng, kc, n, p, p + 1);
-        if (nt - 1 - p != p) cpu::syrk_packed(Sp, lds, D, ldc, ng, kc, n, nt - 1 - p, nt - p);
-      }
+    // tasks pulled by each thread in turn (they differ in size: the triangle): whole column tiles, or for few
+    // tiles (small N) 32-row pieces of them (at N = 64, two column tiles had run on one thread)
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+      for (int64_t t = next++; t < static_cast<int64_t>(tasks.size()); t = next++)
+        cpu::syrk_packed(Sp, lds, D, ldc, ng, kc, n, tasks[t][0], tasks[t][1], tasks[t][2]);
     });
   }
   if (std::getenv("PYLANDSCAPE_GRAM_STATS") != nullptr)

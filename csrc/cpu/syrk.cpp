@@ -247,18 +247,16 @@ void pack_rows16(const float* stage, int64_t ld, int r_lo, int r_hi, int64_t w, 
 }
 
 void syrk_packed(double* S, int64_t lds, const float* D, int64_t ldc, int64_t nck, int64_t kc, int64_t n,
-                 int64_t ct0, int64_t ct1) {
+                 int64_t ct, int64_t r0, int64_t r1) {
   const TileFn fn = isa().fn;
-  for (int64_t ct = ct0; ct < ct1; ++ct) {
-    const int64_t j0 = ct * kSyrkPad;
-    const int64_t i_end = std::min(n, j0 + kSyrkPad);  // rows with some j >= i in this tile
-    for (int64_t c = 0; c < nck; ++c) {
-      const float* Dc = D + c * ldc;
-      for (int64_t i0 = 0; i0 < i_end; i0 += kSyrkTileRows) {
-        // a half has work when some j in it (j < n) has j >= i0
-        const int halves = (i0 <= j0 + 15 ? 1 : 0) | (j0 + 16 < n && i0 <= std::min(j0 + 31, n - 1) ? 2 : 0);
-        fn(S, lds, Dc, kc, i0, j0, n, halves);
-      }
+  const int64_t j0 = ct * kSyrkPad;
+  const int64_t i_end = std::min({n, j0 + kSyrkPad, r1});  // rows with some j >= i in this tile
+  for (int64_t c = 0; c < nck; ++c) {  // chunks outside: the tile's 32 columns of a chunk stay in L2
+    const float* Dc = D + c * ldc;
+    for (int64_t i0 = r0; i0 < i_end; i0 += kSyrkTileRows) {
+      // a half has work when some j in it (j < n) has j >= i0
+      const int halves = (i0 <= j0 + 15 ? 1 : 0) | (j0 + 16 < n && i0 <= std::min(j0 + 31, n - 1) ? 2 : 0);
+      fn(S, lds, Dc, kc, i0, j0, n, halves);
     }
   }
 }

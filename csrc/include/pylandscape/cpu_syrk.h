@@ -28,9 +28,10 @@ inline int64_t syrk_col_tiles(int64_t n) { return (n + kSyrkPad - 1) / kSyrkPad;
 // [0, nck) of D_c D_c^T, D_c = D + c * ldc packed as above (n rows, kc columns). Each chunk's product is fp32
 // FMA chains per entry over runs of kSyrkChain columns in order, each added to S in fp64 in order: every
 // entry gets the same bits whatever the ISA (AVX-512, AVX2, scalar) and the thread that computed it.
-// Only the 32-column tiles in [ct0, ct1) (see syrk_col_tiles): callers split the tiles among threads.
+// Only the 32-column tile ct (see syrk_col_tiles), its rows [r0, r1) (r0 a multiple of kSyrkTileRows):
+// callers split the tiles, and for few tiles their rows, among threads.
 void syrk_packed(double* S, int64_t lds, const float* D, int64_t ldc, int64_t nck, int64_t kc, int64_t n,
-                 int64_t ct0, int64_t ct1);
+                 int64_t ct, int64_t r0, int64_t r1);
 
 // Rows [r_lo, r_hi) of the 16-row group g, staged row-major (row r at stage + r * ld, w columns), into the
 // packed layout: staged column t is column col0 + t of the buffer (chunk (col0 + t) / kc at D + chunk * ldc).
