@@ -7,7 +7,8 @@ group of layers (the whole model included) is then a sum of those. The op behind
 1 - cos computed here in fp64 stays accurate down to 1 - cos ~ 1e-10.
 
 Memory: the driver keeps at most two panels of rows resident (each about memory_budget / 4 bytes of
-input), plus the op's own workspace (~5% of the panels: columns go in groups of ~P / 20) and the output
+input), plus the op's own workspace (~5% of the panels: columns go in groups of ~P / 20; on the CPU a
+symmetric panel's fused pass needs only min(8 MiB, its bytes / 32)) and the output
 [L, N, M] float64 (8 L N M bytes, which is the floor: N = 10,000, L = 12 is 9.6 GB).
 """
 from __future__ import annotations

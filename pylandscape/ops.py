@@ -336,7 +336,8 @@ def segment_gram(X, offsets, *, Y=None, device=None, progress: bool = False,
     device: where to compute (blocks are moved there); the result lives there too.
     memory_budget: bytes of input rows to hold at once for row blocks or for tensors moved to `device`
     (default 1 GiB). A tensor already on the compute device is processed in one call unless a budget is
-    given; the op's workspace is then about 5% of X (columns are processed in groups of ~P / 20).
+    given; the op's workspace is then about 5% of X (columns are processed in groups of ~P / 20; on the CPU,
+    for Y=None, at most min(8 MiB, X's bytes / 32)).
     progress: draw a progress bar; what is computed (and every bit of it) does not depend on it.
     Sum segments into the paper's layers (weight + bias) before taking 1 - cos
     (pylandscape.mds.cosine_distance_from_gram(layer_gram(G, layers))).
