@@ -647,6 +647,16 @@ def test_fused_pass_bits_do_not_depend_on_isa_threads_or_groups(tmp_path):
     assert isas["scalar"] == {"scalar"} and isas["avx2"] <= {"avx2", "scalar"}, isas
     for name, G in got.items():
         assert torch.equal(G, got["default"]), name
+    # a CPU with neither AVX-512 nor AVX2 (here: both turned off) keeps the BLAS path, not the slow scalar
+    # reference kernel
+    out = tmp_path / "none.pt"
+    r = subprocess.run([sys.executable, str(script), str(out), "2"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYLANDSCAPE_GRAM_STATS": "1", "PYLANDSCAPE_GRAM_ISA": "none"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fused pass" not in r.stderr and "packed=0" in r.stderr, r.stderr[-2000:]
+    G = torch.load(out)
+    d = torch.diagonal(G, dim1=1, dim2=2)
+    assert scaled_err(G, got["default"], d, d) <= 1e-9
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@
 #include <atomic>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -541,6 +542,14 @@ int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, co
                      at::Tensor* gd, at::Tensor& ws) {
   const char* env = std::getenv("PYLANDSCAPE_GRAM_PACKED");  // 0: the BLAS path (tests compare; read per call)
   if ((env && env[0] == '0') || X.scalar_type() != at::kFloat || X.stride(1) != 1) return 0;
+  // the scalar kernel is the reference (~1 GFLOP/s): on a CPU without AVX2 (ARM, old x86) the BLAS path runs,
+  // unless PYLANDSCAPE_GRAM_ISA=scalar asks for it (tests)
+  static const bool scalar_only = std::strcmp(cpu::syrk_isa(), "scalar") == 0;
+  static const bool asked = [] {
+    const char* isa = std::getenv("PYLANDSCAPE_GRAM_ISA");
+    return isa != nullptr && std::strcmp(isa, "scalar") == 0;
+  }();
+  if (scalar_only && !asked) return 0;
   const int64_t r0 = starts.front(), n = starts.back() - r0, nblk = static_cast<int64_t>(refs.size());
   TORCH_CHECK(S.dim() == 2 && S.size(0) == n && S.size(1) == n && S.stride(1) == 1 && dn2.is_contiguous() &&
                   dn2.numel() == n && T.is_contiguous() && T.numel() == n * nblk && kc % cpu::kSyrkGroup == 0,

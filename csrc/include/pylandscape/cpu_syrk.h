@@ -41,8 +41,9 @@ void syrk_packed(double* S, int64_t lds, const float* D, int64_t ldc, int64_t nc
 void pack_rows16(const float* stage, int64_t ld, int r_lo, int r_hi, int64_t w, float* D, int64_t ldc, int64_t kc,
                  int64_t g, int64_t col0);
 
-// Which kernel syrk_packed runs on this CPU: "avx512", "avx2" or "scalar" (PYLANDSCAPE_GRAM_ISA=avx2|scalar
-// caps it, for tests and benchmarks).
+// Which kernel syrk_packed runs on this CPU: "avx512", "avx2" or "scalar" (PYLANDSCAPE_GRAM_ISA=avx2 caps it,
+// any other value but avx512 gives "scalar"; for tests and benchmarks). segment_gram's fused pass uses the
+// scalar reference only when PYLANDSCAPE_GRAM_ISA=scalar asks for it; otherwise its BLAS path runs.
 const char* syrk_isa();
 
 }  // namespace cpu
