@@ -127,17 +127,27 @@ __attribute__((target("avx2,fma"))) void tile_avx2(double* S, int64_t lds, const
       if (ib >= n) break;
       const float* bp = D + (ib / G) * kc * G + ib % G;
       for (int64_t k0 = 0; k0 < kc; k0 += kSyrkChain) {
-      __m256 c[4][2];
-      for (int t = 0; t < 4; ++t) c[t][0] = c[t][1] = _mm256_setzero_ps();
-      for (int64_t k = k0; k < std::min(kc, k0 + kSyrkChain); ++k) {
-        const __m256 a0 = _mm256_loadu_ps(v + k * G), a1 = _mm256_loadu_ps(v + k * G + 8);
-#pragma GCC unroll 4
-        for (int t = 0; t < 4; ++t) {
-          const __m256 x = _mm256_broadcast_ss(bp + k * G + t);
-          c[t][0] = _mm256_fmadd_ps(a0, x, c[t][0]);
-          c[t][1] = _mm256_fmadd_ps(a1, x, c[t][1]);
-        }
+      __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+             c31 = c00;
+      const int64_t k1 = std::min(kc, k0 + kSyrkChain);
+      const float* vk = v + k0 * G;
+      const float* bk = bp + k0 * G;
+      for (int64_t k = k0; k < k1; ++k, vk += G, bk += G) {
+        const __m256 a0 = _mm256_loadu_ps(vk), a1 = _mm256_loadu_ps(vk + 8);
+        __m256 x = _mm256_broadcast_ss(bk);
+        c00 = _mm256_fmadd_ps(a0, x, c00);
+        c01 = _mm256_fmadd_ps(a1, x, c01);
+        x = _mm256_broadcast_ss(bk + 1);
+        c10 = _mm256_fmadd_ps(a0, x, c10);
+        c11 = _mm256_fmadd_ps(a1, x, c11);
+        x = _mm256_broadcast_ss(bk + 2);
+        c20 = _mm256_fmadd_ps(a0, x, c20);
+        c21 = _mm256_fmadd_ps(a1, x, c21);
+        x = _mm256_broadcast_ss(bk + 3);
+        c30 = _mm256_fmadd_ps(a0, x, c30);
+        c31 = _mm256_fmadd_ps(a1, x, c31);
       }
+      const __m256 c[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
       for (int t = 0; t < 4; ++t) {
         const int64_t i = ib + t;
         if (i >= n) break;
@@ -206,6 +216,57 @@ __attribute__((target("avx512f"))) void pack_avx512(const float* stage, int64_t 
 }
 #endif
 
+#if defined(PLK_SYRK_X86)
+// AVX2: two 8 x 8 transposes per 8 staged columns (rows 0-7 and 8-15 of the group), so that each 64-byte line
+// of the packed buffer is written whole.
+__attribute__((target("avx2,fma"))) void pack_avx2(const float* stage, int64_t ld, int r_lo, int r_hi, int64_t w,
+                                                   float* D, int64_t ldc, int64_t kc, int64_t g, int64_t col0) {
+  __m256i m[2];
+  bool full[2], any[2];
+  int lo[2], hi[2];
+  for (int h = 0; h < 2; ++h) {
+    lo[h] = std::max(r_lo, 8 * h);
+    hi[h] = std::min(r_hi, 8 * h + 8);
+    any[h] = lo[h] < hi[h];
+    full[h] = lo[h] == 8 * h && hi[h] == 8 * h + 8;
+    alignas(32) int mk[8];
+    for (int q = 0; q < 8; ++q) mk[q] = 8 * h + q >= lo[h] && 8 * h + q < hi[h] ? -1 : 0;
+    m[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(mk));
+  }
+  int64_t t = 0;
+  for (; t + 8 <= w; t += 8) {
+    for (int h = 0; h < 2; ++h) {
+      if (!any[h]) continue;
+      __m256 r[8];
+      for (int q = 0; q < 8; ++q)  // rows outside [lo, hi): loaded from a row that exists, dropped below
+        r[q] = _mm256_loadu_ps(stage + std::clamp(8 * h + q, lo[h], hi[h] - 1) * ld + t);
+      __m256 a[8], b[8];
+      for (int q = 0; q < 8; q += 2) {
+        a[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
+        a[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+      }
+      for (int q = 0; q < 8; q += 4) {
+        b[q] = _mm256_shuffle_ps(a[q], a[q + 2], 0x44);
+        b[q + 1] = _mm256_shuffle_ps(a[q], a[q + 2], 0xee);
+        b[q + 2] = _mm256_shuffle_ps(a[q + 1], a[q + 3], 0x44);
+        b[q + 3] = _mm256_shuffle_ps(a[q + 1], a[q + 3], 0xee);
+      }
+      for (int q = 0; q < 4; ++q) {  // b[q]: columns q (lanes 0-3: rows 0-3) and q + 4 (lanes 4-7: rows 0-3)
+        a[q] = _mm256_permute2f128_ps(b[q], b[q + 4], 0x20);
+        a[q + 4] = _mm256_permute2f128_ps(b[q], b[q + 4], 0x31);
+      }
+      // a[q]: staged column t + q, rows 8 * h .. 8 * h + 7 in lanes
+      if (full[h]) {  // a masked store is microcoded on Zen 1
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(packed_at(D, ldc, kc, g, col0 + t + q, 8 * h), a[q]);
+      } else {
+        for (int q = 0; q < 8; ++q) _mm256_maskstore_ps(packed_at(D, ldc, kc, g, col0 + t + q, 8 * h), m[h], a[q]);
+      }
+    }
+  }
+  if (t < w) pack_scalar(stage + t, ld, r_lo, r_hi, w - t, D, ldc, kc, g, col0 + t);
+}
+#endif
+
 using PackFn = void (*)(const float*, int64_t, int, int, int64_t, float*, int64_t, int64_t, int64_t, int64_t);
 
 using TileFn = void (*)(double*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, int);
@@ -226,6 +287,7 @@ struct Isa {
       name = "avx512";
     } else if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       fn = tile_avx2;
+      pack = pack_avx2;
       name = "avx2";
     }
 #endif
