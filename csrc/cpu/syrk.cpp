@@ -115,13 +115,56 @@ __attribute__((target("avx512f"))) void tile_avx512(double* S, int64_t lds, cons
   }
 }
 
-// AVX2: the 8 x 32 tile as four 4 x 16 passes (16 ymm registers: 8 accumulators, 2 loads, 1 broadcast).
+// AVX2, 8 rows x 8 columns (8 accumulators, 1 load, 8 broadcasts): the half of a 16-column strip that has
+// entries, where the other half has none (rows past its columns on the diagonal, columns past n at the end).
+// At n = 100 the 16-wide passes computed 1.38x the triangle's entries; with these, 1.15x.
+__attribute__((target("avx2,fma"))) void tile_avx2_8x8(double* S, int64_t lds, const float* D, int64_t kc,
+                                                       int64_t i0, int64_t jb, int64_t n) {
+  const float* v = D + (jb / G) * kc * G + jb % G;
+  const float* bp = D + (i0 / G) * kc * G + i0 % G;
+  for (int64_t k0 = 0; k0 < kc; k0 += kSyrkChain) {
+    __m256 c0 = _mm256_setzero_ps(), c1 = c0, c2 = c0, c3 = c0, c4 = c0, c5 = c0, c6 = c0, c7 = c0;
+    const int64_t k1 = std::min(kc, k0 + kSyrkChain);
+    const float* vk = v + k0 * G;
+    const float* bk = bp + k0 * G;
+    for (int64_t k = k0; k < k1; ++k, vk += G, bk += G) {
+      const __m256 a = _mm256_loadu_ps(vk);
+      c0 = _mm256_fmadd_ps(a, _mm256_broadcast_ss(bk), c0);
+      c1 = _mm256_fmadd_ps(a, _mm256_broadcast_ss(bk + 1), c1);
+      c2 = _mm256_fmadd_ps(a, _mm256_broadcast_ss(bk + 2), c2);
+      c3 = _mm256_fmadd_ps(a, _mm256_broadcast_ss(bk + 3), c3);
+      c4 = _mm256_fmadd_ps(a, _mm256_broadcast_ss(bk + 4), c4);
+      c5 = _mm256_fmadd_ps(a, _mm256_broadcast_ss(bk + 5), c5);
+      c6 = _mm256_fmadd_ps(a, _mm256_broadcast_ss(bk + 6), c6);
+      c7 = _mm256_fmadd_ps(a, _mm256_broadcast_ss(bk + 7), c7);
+    }
+    const __m256 c[8] = {c0, c1, c2, c3, c4, c5, c6, c7};
+    for (int t = 0; t < 8; ++t) {
+      const int64_t i = i0 + t;
+      if (i >= n) break;
+      const int lo = static_cast<int>(std::clamp<int64_t>(i - jb, 0, 8));
+      const int hi = static_cast<int>(std::clamp<int64_t>(n - jb, 0, 8));
+      alignas(32) float f[8];
+      _mm256_store_ps(f, c[t]);
+      double* d = S + i * lds + jb;
+      for (int q = lo; q < hi; ++q) d[q] += static_cast<double>(f[q]);
+    }
+  }
+}
+
+// AVX2: the 8 x 32 tile as four 4 x 16 passes (16 ymm registers: 8 accumulators, 2 loads, 1 broadcast). The
+// accumulators are named variables: as an array, GCC stored all eight to the stack at every step (2x slower).
 __attribute__((target("avx2,fma"))) void tile_avx2(double* S, int64_t lds, const float* D, int64_t kc, int64_t i0,
                                                    int64_t j0, int64_t n, int halves) {
   for (int h = 0; h < 2; ++h) {
     if (!(halves >> h & 1)) continue;
-    const float* v = D + (j0 / G + h) * kc * G;
     const int64_t jb = j0 + 16 * h;
+    const bool left = i0 < jb + 8, right = n > jb + 8;  // which 8-column halves of the strip have entries
+    if (!left || !right) {
+      tile_avx2_8x8(S, lds, D, kc, i0, left ? jb : jb + 8, n);
+      continue;
+    }
+    const float* v = D + (j0 / G + h) * kc * G;
     for (int r = 0; r < 2; ++r) {
       const int64_t ib = i0 + 4 * r;
       if (ib >= n) break;
