@@ -280,29 +280,30 @@ __attribute__((target("avx2,fma"))) void pack_avx2(const float* stage, int64_t l
   for (; t + 8 <= w; t += 8) {
     for (int h = 0; h < 2; ++h) {
       if (!any[h]) continue;
+      // r[q] (q < 4): columns t..t+3 of rows q (low lane) and q + 4 (high lane); r[q + 4]: columns t+4..t+7.
+      // Then in-lane 4 x 4 transposes give whole columns: no cross-lane permute (8 uops each on Zen 1).
+      // Rows outside [lo, hi) are loaded from a row that exists and dropped below.
       __m256 r[8];
-      for (int q = 0; q < 8; ++q)  // rows outside [lo, hi): loaded from a row that exists, dropped below
-        r[q] = _mm256_loadu_ps(stage + std::clamp(8 * h + q, lo[h], hi[h] - 1) * ld + t);
-      __m256 a[8], b[8];
-      for (int q = 0; q < 8; q += 2) {
-        a[q] = _mm256_unpacklo_ps(r[q], r[q + 1]);
-        a[q + 1] = _mm256_unpackhi_ps(r[q], r[q + 1]);
+      for (int q = 0; q < 4; ++q) {
+        const float* lo_row = stage + std::clamp(8 * h + q, lo[h], hi[h] - 1) * ld + t;
+        const float* hi_row = stage + std::clamp(8 * h + q + 4, lo[h], hi[h] - 1) * ld + t;
+        r[q] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo_row)), _mm_loadu_ps(hi_row), 1);
+        r[q + 4] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo_row + 4)), _mm_loadu_ps(hi_row + 4), 1);
       }
-      for (int q = 0; q < 8; q += 4) {
-        b[q] = _mm256_shuffle_ps(a[q], a[q + 2], 0x44);
-        b[q + 1] = _mm256_shuffle_ps(a[q], a[q + 2], 0xee);
-        b[q + 2] = _mm256_shuffle_ps(a[q + 1], a[q + 3], 0x44);
-        b[q + 3] = _mm256_shuffle_ps(a[q + 1], a[q + 3], 0xee);
+      __m256 b[8];
+      for (int u = 0; u < 8; u += 4) {  // in-lane transpose of r[u..u+3]: b[u + c] = column (u + c), rows in lanes
+        const __m256 p0 = _mm256_unpacklo_ps(r[u], r[u + 1]), p1 = _mm256_unpackhi_ps(r[u], r[u + 1]);
+        const __m256 p2 = _mm256_unpacklo_ps(r[u + 2], r[u + 3]), p3 = _mm256_unpackhi_ps(r[u + 2], r[u + 3]);
+        b[u] = _mm256_shuffle_ps(p0, p2, 0x44);
+        b[u + 1] = _mm256_shuffle_ps(p0, p2, 0xee);
+        b[u + 2] = _mm256_shuffle_ps(p1, p3, 0x44);
+        b[u + 3] = _mm256_shuffle_ps(p1, p3, 0xee);
       }
-      for (int q = 0; q < 4; ++q) {  // b[q]: columns q (lanes 0-3: rows 0-3) and q + 4 (lanes 4-7: rows 0-3)
-        a[q] = _mm256_permute2f128_ps(b[q], b[q + 4], 0x20);
-        a[q + 4] = _mm256_permute2f128_ps(b[q], b[q + 4], 0x31);
-      }
-      // a[q]: staged column t + q, rows 8 * h .. 8 * h + 7 in lanes
+      float* out = packed_at(D, ldc, kc, g, col0 + t, 8 * h);  // the 8 columns lie in one chunk: G apart
       if (full[h]) {  // a masked store is microcoded on Zen 1
-        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(packed_at(D, ldc, kc, g, col0 + t + q, 8 * h), a[q]);
+        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(out + q * G, b[q]);
       } else {
-        for (int q = 0; q < 8; ++q) _mm256_maskstore_ps(packed_at(D, ldc, kc, g, col0 + t + q, 8 * h), m[h], a[q]);
+        for (int q = 0; q < 8; ++q) _mm256_maskstore_ps(out + q * G, m[h], b[q]);
       }
     }
   }
