@@ -596,7 +596,12 @@ int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, co
       for (int64_t gi = 0; gi < npad / kG; ++gi)
         std::fill(Dl + (gi * kc + kc - tail) * kG, Dl + (gi * kc + kc) * kG, 0.0f);
     }
-    at::parallel_for(r0, r0 + n, grain_for(a.s * (2 + nblk)), [&](int64_t b, int64_t e) {
+    // rows split evenly among the threads unless the group is tiny: an element of the prep costs ~10 simple
+    // operations, not the 2 + nblk that grain_for counts elsewhere (which had left the prep of N = 64 in one
+    // block to one thread: 64 rows x 5,120 columns x 3 < kSerialWork)
+    const int64_t nth = at::get_num_threads();
+    const int64_t pgrain = n * a.s * (10 + nblk) < kSerialWork ? n : (n + nth - 1) / nth;
+    at::parallel_for(r0, r0 + n, pgrain, [&](int64_t b, int64_t e) {
       for (int64_t k = 0; k < nblk; ++k) {
         const int64_t lo = std::max(b, starts[k]), hi = std::min(e, starts[k + 1]);
         if (lo < hi) prep_f32_f32(x, x + refs[k] * ldx + a.c0, x, D, a, lo, hi);
