@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+from .devices import caller_threads
 from .experiments import bgd_branches, outdir, training
 from .experiments.config import config_to_dict
 from .landscape.runs import surface_around_store
@@ -153,10 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    bgd_branches.run(config, out)
-    data = training.load_data(config)  # the loss surface around the final model, main trajectory on it
-    surface_around_store(outdir.store_dir(out, "main"), training.model_fn(config, data)(),
-                         {"train": (data.x_train, data.y_train)}, out / "landscape", grid=9 if args.quick else 25)
+    with caller_threads():
+        bgd_branches.run(config, out)
+        data = training.load_data(config)  # the loss surface around the final model, main trajectory on it
+        surface_around_store(outdir.store_dir(out, "main"), training.model_fn(config, data)(),
+                             {"train": (data.x_train, data.y_train)}, out / "landscape", grid=9 if args.quick else 25)
     seconds = time.perf_counter() - t0
     path = write_report(out, seconds)
     for k, v in headline(out, config):

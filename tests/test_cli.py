@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 
 import pylandscape
 from pylandscape import plot
@@ -137,8 +138,14 @@ def test_run_help_quotes_the_protocol_and_config_json_records_it(tmp_path, capsy
                    "choice: lr=0.1", "differs from paper in: branch_scale=[0.5]", "preset quick:"):
         assert needle in text, needle
     out = tmp_path / "b"
-    assert cli.main(["bgd-branches", "--out", str(out), "--set", "train_size=60", "--set", "width=0.0625",
-                     "--set", "epochs=2", "--set", "branch_epochs=0", "--set", "threads=1"]) == 0
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # not 1, so that the check below can fail
+    try:
+        assert cli.main(["bgd-branches", "--out", str(out), "--set", "train_size=60", "--set", "width=0.0625",
+                         "--set", "epochs=2", "--set", "branch_epochs=0", "--set", "threads=1"]) == 0
+        assert torch.get_num_threads() == 2  # threads=1 held for the run, not for the caller after it
+    finally:
+        torch.set_num_threads(before)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["protocol"] == bgd_branches.PROTOCOLS["quick"].to_json()
     assert cfg["overrides"][0] == "train_size=60" and cfg["config"]["momentum"] == 0.0

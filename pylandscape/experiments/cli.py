@@ -7,6 +7,7 @@ import textwrap
 import time
 from pathlib import Path
 
+from ..devices import caller_threads
 from ..distributed.executor import EXECUTORS, make_executor, use_executor
 from . import load_all
 from .config import apply_overrides, describe_fields
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         executor = make_executor(args.executor, address=args.address, gpus_per_task=args.gpus_per_task,
                                  num_cpus=args.workers, cpus_per_task=args.cpus_per_task, unit_size=args.unit_size)
         try:
-            with use_executor(executor):
+            with use_executor(executor), caller_threads():
                 results = mod.run(config, out)
         finally:
             executor.close()

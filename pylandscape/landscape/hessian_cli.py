@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..devices import resolve_device
+from ..devices import caller_threads, resolve_device
 from . import hessian, hessian_outputs
 from .inputs import (
     InputError,
@@ -120,7 +120,8 @@ def run(args) -> tuple[list, list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        reports, metas = run(args)
+        with caller_threads():
+            reports, metas = run(args)
     except (InputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..devices import resolve_device
+from ..devices import caller_threads, resolve_device
 from ..mds import parse_memory
 from . import outputs, runs
 from . import surface as surf
@@ -233,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(join_negative_values(argv, ("--range", "--yrange")))
     t0 = time.perf_counter()
     try:
-        s = run(args)
+        with caller_threads():
+            s = run(args)
     except (InputError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
