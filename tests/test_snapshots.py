@@ -408,3 +408,6 @@ def test_rows_read_on_several_threads(tmp_path, monkeypatch):
     monkeypatch.setenv("PYLANDSCAPE_READ_THREADS", "3")
     with pytest.raises(SnapshotError, match=r"s23\.safetensors: truncated"):
         sset.read_block(range(40), pieces, progress=False)
+    monkeypatch.setenv("PYLANDSCAPE_READ_THREADS", "four")
+    with pytest.raises(ValueError, match="PYLANDSCAPE_READ_THREADS='four'"):
+        sset.read_block(range(40), pieces, progress=False)

@@ -29,6 +29,11 @@ inline void valid_range(int64_t i, int64_t jb, int64_t n, int& lo, int& hi) {
   hi = static_cast<int>(std::clamp<int64_t>(n - jb, 0, 16));
 }
 
+// One chain's fp32 partial sums, columns [lo, hi) of a row, added to the fp64 output.
+inline void add_to_row(double* d, const float* f, int lo, int hi) {
+  for (int q = lo; q < hi; ++q) d[q] += static_cast<double>(f[q]);
+}
+
 // The reference: every other version must give these bits.
 void tile_scalar(double* S, int64_t lds, const float* D, int64_t kc, int64_t i0, int64_t j0, int64_t n, int halves) {
   const float* bp = D + (i0 / G) * kc * G + i0 % G;
@@ -146,8 +151,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2_8x8(double* S, int64_t lds, c
       const int hi = static_cast<int>(std::clamp<int64_t>(n - jb, 0, 8));
       alignas(32) float f[8];
       _mm256_store_ps(f, c[t]);
-      double* d = S + i * lds + jb;
-      for (int q = lo; q < hi; ++q) d[q] += static_cast<double>(f[q]);
+      add_to_row(S + i * lds + jb, f, lo, hi);
     }
   }
 }
@@ -170,38 +174,37 @@ __attribute__((target("avx2,fma"))) void tile_avx2(double* S, int64_t lds, const
       if (ib >= n) break;
       const float* bp = D + (ib / G) * kc * G + ib % G;
       for (int64_t k0 = 0; k0 < kc; k0 += kSyrkChain) {
-      __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
-             c31 = c00;
-      const int64_t k1 = std::min(kc, k0 + kSyrkChain);
-      const float* vk = v + k0 * G;
-      const float* bk = bp + k0 * G;
-      for (int64_t k = k0; k < k1; ++k, vk += G, bk += G) {
-        const __m256 a0 = _mm256_loadu_ps(vk), a1 = _mm256_loadu_ps(vk + 8);
-        __m256 x = _mm256_broadcast_ss(bk);
-        c00 = _mm256_fmadd_ps(a0, x, c00);
-        c01 = _mm256_fmadd_ps(a1, x, c01);
-        x = _mm256_broadcast_ss(bk + 1);
-        c10 = _mm256_fmadd_ps(a0, x, c10);
-        c11 = _mm256_fmadd_ps(a1, x, c11);
-        x = _mm256_broadcast_ss(bk + 2);
-        c20 = _mm256_fmadd_ps(a0, x, c20);
-        c21 = _mm256_fmadd_ps(a1, x, c21);
-        x = _mm256_broadcast_ss(bk + 3);
-        c30 = _mm256_fmadd_ps(a0, x, c30);
-        c31 = _mm256_fmadd_ps(a1, x, c31);
-      }
-      const __m256 c[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
-      for (int t = 0; t < 4; ++t) {
-        const int64_t i = ib + t;
-        if (i >= n) break;
-        int lo, hi;
-        valid_range(i, jb, n, lo, hi);
-        alignas(32) float f[16];
-        _mm256_store_ps(f, c[t][0]);
-        _mm256_store_ps(f + 8, c[t][1]);
-        double* d = S + i * lds + jb;
-        for (int q = lo; q < hi; ++q) d[q] += static_cast<double>(f[q]);
-      }
+        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+               c31 = c00;
+        const int64_t k1 = std::min(kc, k0 + kSyrkChain);
+        const float* vk = v + k0 * G;
+        const float* bk = bp + k0 * G;
+        for (int64_t k = k0; k < k1; ++k, vk += G, bk += G) {
+          const __m256 a0 = _mm256_loadu_ps(vk), a1 = _mm256_loadu_ps(vk + 8);
+          __m256 x = _mm256_broadcast_ss(bk);
+          c00 = _mm256_fmadd_ps(a0, x, c00);
+          c01 = _mm256_fmadd_ps(a1, x, c01);
+          x = _mm256_broadcast_ss(bk + 1);
+          c10 = _mm256_fmadd_ps(a0, x, c10);
+          c11 = _mm256_fmadd_ps(a1, x, c11);
+          x = _mm256_broadcast_ss(bk + 2);
+          c20 = _mm256_fmadd_ps(a0, x, c20);
+          c21 = _mm256_fmadd_ps(a1, x, c21);
+          x = _mm256_broadcast_ss(bk + 3);
+          c30 = _mm256_fmadd_ps(a0, x, c30);
+          c31 = _mm256_fmadd_ps(a1, x, c31);
+        }
+        const __m256 c[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
+        for (int t = 0; t < 4; ++t) {
+          const int64_t i = ib + t;
+          if (i >= n) break;
+          int lo, hi;
+          valid_range(i, jb, n, lo, hi);
+          alignas(32) float f[16];
+          _mm256_store_ps(f, c[t][0]);
+          _mm256_store_ps(f + 8, c[t][1]);
+          add_to_row(S + i * lds + jb, f, lo, hi);
+        }
       }
     }
   }

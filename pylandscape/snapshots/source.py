@@ -169,7 +169,10 @@ def _read_workers(n_rows: int) -> int:
     overrides it; 1 reads in the calling thread)."""
     env = os.environ.get("PYLANDSCAPE_READ_THREADS")
     if env:
-        return max(1, int(env))
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"PYLANDSCAPE_READ_THREADS={env!r}: expected a whole number of threads") from None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(4, cores, n_rows // 8))
 
