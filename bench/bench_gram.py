@@ -10,8 +10,10 @@ Two timings per N, each the best of --repeats:
               the competitors alternating;
   steady      in one process, after one warm-up call each, round-robin, 0.3 s apart (so that no
               competitor's spinning BLAS threads are still on the cores).
-Memory: peak RSS during the call minus RSS before it minus the output's bytes (Linux: /proc/self/clear_refs
-resets the peak, VmHWM reads it), as a share of X's bytes. On CUDA: torch.cuda.max_memory_allocated.
+Memory: peak RSS during the call minus RSS before it, minus the output's bytes, minus the file-backed pages
+that appeared meanwhile (RssFile: shared libraries' code, loaded on a first call and droppable at any time),
+as a share of X's bytes: the call's own workspace (Linux: /proc/self/clear_refs resets the peak, VmHWM reads
+it). The code pages are printed apart ("code" MB). On CUDA: torch.cuda.max_memory_allocated.
 numpy runs with OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE removed (see /work/.library/env/README.md: they slow
 a current OpenBLAS down); the kernel it then uses is printed (threadpoolctl).
 
@@ -113,7 +115,8 @@ def _rss(field: str) -> int:
 
 
 def call(what: str, X: torch.Tensor, off: torch.Tensor, device: str):
-    """One timed call; returns (seconds, extra bytes beyond X and the output, whole-model Gram or None)."""
+    """One timed call; returns (seconds, workspace bytes beyond X and the output, code bytes first loaded,
+    whole-model Gram or None)."""
     cuda = device == "cuda"
     if cuda:
         torch.cuda.synchronize()
@@ -126,6 +129,7 @@ def call(what: str, X: torch.Tensor, off: torch.Tensor, device: str):
         except OSError:
             pass
         base = _rss("VmRSS")
+    file0 = 0 if cuda else _rss("RssFile")
     t0 = time.perf_counter()
     if what == "segment_gram":
         out = ops.segment_gram(X, off)
@@ -140,9 +144,10 @@ def call(what: str, X: torch.Tensor, off: torch.Tensor, device: str):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() if cuda else _rss("VmHWM")
-    extra = peak - base - out.numel() * out.element_size()
+    code = 0 if cuda else max(0, _rss("RssFile") - file0)
+    extra = peak - base - out.numel() * out.element_size() - code
     G = out.sum(0) if what == "segment_gram" else out.double()
-    return dt, extra, G
+    return dt, extra, code, G
 
 
 def child(N: int, what: str, device: str) -> None:
@@ -150,8 +155,8 @@ def child(N: int, what: str, device: str) -> None:
     X = trajectory(N)
     if device == "cuda":
         X = X.cuda()
-    dt, extra, _ = call(what, X, offsets(), device)
-    print(json.dumps({"t": dt, "extra": extra, "xbytes": X.numel() * X.element_size()}))
+    dt, extra, code, _ = call(what, X, offsets(), device)
+    print(json.dumps({"t": dt, "extra": extra, "code": code, "xbytes": X.numel() * X.element_size()}))
 
 
 def first_call(N: int, what: str, device: str) -> dict:
@@ -190,7 +195,7 @@ def run_table(Ns, repeats=3, device="cpu", first=True):
                 # competitor wants (measured: segment_gram at N = 100 took 0.11 s right after numpy, 0.03 s
                 # after a pause); a real run does not call one right after the other
                 time.sleep(0.3)
-                dt, extra, G = call(w, Xd, off, device)
+                dt, extra, _, G = call(w, Xd, off, device)
                 if dt < best.get(w, float("inf")):
                     best[w], mem[w] = dt, extra
                 last[w] = G.cpu()
@@ -203,6 +208,7 @@ def run_table(Ns, repeats=3, device="cpu", first=True):
             if first:
                 row[f"first_{w}"] = fc[w]["t"]
                 row[f"fmem_{w}"] = fc[w]["extra"] / fc[w]["xbytes"]
+                row[f"fcode_{w}"] = fc[w].get("code", 0)
         rows.append(row)
         print(fmt_row(row, whats, first), flush=True)
         last.clear()
@@ -216,7 +222,8 @@ def fmt_row(r, whats, first):
               f" torch ({r['first_torch']:.2f} s)")
         if "numpy" in whats:
             s += f", {r['first_segment_gram'] / r['first_numpy']:.2f}x numpy ({r['first_numpy']:.2f} s)"
-        s += f", extra mem {100 * r['fmem_segment_gram']:.1f}% of X"
+        s += (f", extra mem {100 * r['fmem_segment_gram']:.1f}% of X (+ code {r['fcode_segment_gram'] / 2**20:.1f} MB;"
+              f" torch's: {100 * r['fmem_torch']:.1f}% + {r['fcode_torch'] / 2**20:.1f} MB)")
     s += (f" | steady: gram {r['steady_segment_gram']:.2f} s = "
           f"{r['steady_segment_gram'] / r['steady_torch']:.2f}x torch ({r['steady_torch']:.2f} s)")
     if "numpy" in whats:

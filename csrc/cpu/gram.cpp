@@ -194,6 +194,8 @@ struct PrepArgs {
   // dn2 and T are one lane sum over the whole segment, whatever the groups); null: per call, from zero.
   // With lanes, dn2 and T are written only when last.
   double* lanes = nullptr;
+  // packed: rows of the call (rows past it, up to the last 16-row group's end, are the kernel's padding)
+  int64_t n = 0;
 };
 
 // acc[(k + r) * kLanes + lane] += reference row k + r . d over one tile, for r < R: R references at once, so
@@ -323,8 +325,11 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
       if constexpr (kPacked) {
         if (pi % kG == kG - 1 || i == e - 1) {  // the group's last row here: its staged rows into D
           const int64_t gs = pi / kG * kG, first = std::max(b - a.r0, gs);
-          cpu::pack_rows16(stage, kPanel, static_cast<int>(first - gs), static_cast<int>(pi - gs + 1), p1 - p0, D,
-                           a.ldc, a.K, pi / kG, p0);
+          // the call's last row: the group's padding rows too (finite stale stage rows; the kernel drops their
+          // products), so that the pack stores whole lines (a masked store is microcoded on Zen 1)
+          const int64_t end = pi == a.n - 1 ? kG : pi - gs + 1;
+          cpu::pack_rows16(stage, kPanel, static_cast<int>(first - gs), static_cast<int>(end), p1 - p0, D, a.ldc, a.K,
+                           pi / kG, p0);
         }
       }
     }
@@ -572,6 +577,7 @@ int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, co
   const int64_t ldx = X.stride(0);
   PrepArgs a{ldx, r0, ldx, nblk, c0, 0, kc, ldc, 0, refs.data(), dn2.data_ptr<double>(), T.data_ptr<double>()};
   a.packed = true;
+  a.n = n;
   a.lanes = lanes.data_ptr<double>();
   if (gd != nullptr) {
     TORCH_CHECK(gd->is_contiguous() && gd->numel() == n, "segment_gram: bad norm output");
@@ -599,12 +605,18 @@ int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, co
     // rows split evenly among the threads unless the group is tiny: an element of the prep costs ~10 simple
     // operations, not the 2 + nblk that grain_for counts elsewhere (which had left the prep of N = 64 in one
     // block to one thread: 64 rows x 5,120 columns x 3 < kSerialWork)
-    const int64_t nth = at::get_num_threads();
-    const int64_t pgrain = n * a.s * (10 + nblk) < kSerialWork ? n : (n + nth - 1) / nth;
-    at::parallel_for(r0, r0 + n, pgrain, [&](int64_t b, int64_t e) {
-      for (int64_t k = 0; k < nblk; ++k) {
-        const int64_t lo = std::max(b, starts[k]), hi = std::min(e, starts[k + 1]);
-        if (lo < hi) prep_f32_f32(x, x + refs[k] * ldx + a.c0, x, D, a, lo, hi);
+    // Each thread's rows start at a multiple of 8, so that the pack writes whole 8-row halves of the 16-row
+    // groups: an even split at row 50 of 100 had left two groups to two threads each, packed with masked stores
+    // (microcoded on Zen 1: ~40% of the pack's time at N = 100).
+    const int64_t nth = n * a.s * (10 + nblk) < kSerialWork ? 1 : std::max<int64_t>(1, at::get_num_threads());
+    auto split = [&](int64_t t) { return t >= nth ? n : std::min(n, (n * t / nth + 4) / 8 * 8); };
+    at::parallel_for(0, nth, 1, [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t b = r0 + split(t), e = r0 + split(t + 1);
+        for (int64_t k = 0; k < nblk; ++k) {
+          const int64_t lo = std::max(b, starts[k]), hi = std::min(e, starts[k + 1]);
+          if (lo < hi) prep_f32_f32(x, x + refs[k] * ldx + a.c0, x, D, a, lo, hi);
+        }
       }
     });
     // tasks pulled by each thread in turn (they differ in size: the triangle): whole column tiles, or for few
