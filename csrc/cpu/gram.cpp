@@ -325,8 +325,9 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
       if constexpr (kPacked) {
         if (pi % kG == kG - 1 || i == e - 1) {  // the group's last row here: its staged rows into D
           const int64_t gs = pi / kG * kG, first = std::max(b - a.r0, gs);
-          // the call's last row: the group's padding rows too (finite stale stage rows; the kernel drops their
-          // products), so that the pack stores whole lines (a masked store is microcoded on Zen 1)
+          // the call's last row: the group's padding rows too, so that the pack stores whole lines (a masked store
+          // is microcoded on Zen 1). They get stale stage rows (values this thread staged earlier, zeros at first):
+          // only entries past n read them, and the kernel drops those.
           const int64_t end = pi == a.n - 1 ? kG : pi - gs + 1;
           cpu::pack_rows16(stage, kPanel, static_cast<int>(first - gs), static_cast<int>(end), p1 - p0, D, a.ldc, a.K,
                            pi / kG, p0);
