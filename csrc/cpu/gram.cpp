@@ -200,25 +200,25 @@ struct PrepArgs {
 
 // acc[(k + r) * kLanes + lane] += reference row k + r . d over one tile, for r < R: R references at once, so
 // that R independent add chains hide the add latency (one reference at a time, the loop waited on it); each
-// (reference, lane) still adds its columns in order, so the same bits.
-template <int R, typename scalar_t>
-PLK_ALWAYS_INLINE void ref_dots(const scalar_t* Q, const PrepArgs& a, int64_t k, int64_t t0, const double* d,
-                                int64_t tl, double* acc) {
-  const scalar_t* q[R];
+// (reference, lane) still adds its columns in order, so the same bits. rows[k]: reference k's fp64 values at
+// the tile's first column.
+template <int R>
+PLK_ALWAYS_INLINE void ref_dots(const double* const* rows, int64_t k, const double* d, int64_t tl, double* acc) {
+  const double* q[R];
   double l[R][kLanes];
   for (int r = 0; r < R; ++r) {
-    q[r] = Q + a.qidx[k + r] * a.ldq + a.c0 + t0;
+    q[r] = rows[k + r];
     for (int j = 0; j < kLanes; ++j) l[r][j] = acc[(k + r) * kLanes + j];
   }
   int64_t cc = 0;
   for (; cc + kLanes <= tl; cc += kLanes) {
     for (int r = 0; r < R; ++r) {
 #pragma omp simd
-      for (int j = 0; j < kLanes; ++j) l[r][j] += static_cast<double>(q[r][cc + j]) * d[cc + j];
+      for (int j = 0; j < kLanes; ++j) l[r][j] += q[r][cc + j] * d[cc + j];
     }
   }
   for (; cc < tl; ++cc)
-    for (int r = 0; r < R; ++r) l[r][cc % kLanes] += static_cast<double>(q[r][cc]) * d[cc];
+    for (int r = 0; r < R; ++r) l[r][cc % kLanes] += q[r][cc] * d[cc];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < kLanes; ++j) acc[(k + r) * kLanes + j] = l[r][j];
 }
@@ -245,14 +245,14 @@ PLK_ALWAYS_INLINE void norm_term(double x, double& s, double& c) {
 template <typename scalar_t, typename dst_t, bool kNorms, bool kPacked>
 PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const scalar_t* Q, dst_t* D,
                                  const PrepArgs& a, int64_t b, int64_t e) {
-  constexpr int64_t kTile = 512, kPanel = 8192;
+  constexpr int64_t kTile = 512, kPanel = 4096;
   constexpr int64_t kG = cpu::kSyrkGroup;
   alignas(64) double d[kTile];
   const int64_t nl = a.nq * kLanes;
   std::vector<double> local;
   dst_t* stage = nullptr;  // packed: [kG, kPanel] rows of the current 16-row group
   if constexpr (kPacked) {
-    static thread_local std::vector<dst_t> buf;  // 512 KB, reused (a fresh one per call would page-fault)
+    static thread_local std::vector<dst_t> buf;  // 256 KB, reused (a fresh one per call would page-fault)
     buf.resize(static_cast<size_t>(kG * kPanel));
     stage = buf.data();
   }
@@ -263,8 +263,24 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
     lanes = local.data();
     lrow0 = b - a.r0;
   }
+  // fp32 input: the panel of the nq references and of pr in fp64, converted once per panel, not once per row
+  // (exact, so the same bits). Zen 1 runs these conversions on one pipe; 4 of the 6 per element were theirs.
+  double* refd = nullptr;  // [nq + 1, kPanel]: the references, then pr
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    static thread_local std::vector<double> rbuf;  // (nq + 1) x 32 KB, reused
+    rbuf.resize(static_cast<size_t>((a.nq + 1) * kPanel));
+    refd = rbuf.data();
+  }
+  std::vector<const double*> qrow(static_cast<size_t>(std::max<int64_t>(a.nq, 1)));
   for (int64_t p0 = 0; p0 < a.s; p0 += kPanel) {
     const int64_t p1 = std::min(a.s, p0 + kPanel);
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      for (int64_t k = 0; k <= a.nq; ++k) {
+        const scalar_t* src = k < a.nq ? Q + a.qidx[k] * a.ldq + a.c0 : pr;
+        double* dst = refd + k * kPanel - p0;
+        for (int64_t t = p0; t < p1; ++t) dst[t] = static_cast<double>(src[t]);
+      }
+    }
     for (int64_t i = b; i < e; ++i) {
       const scalar_t* x = X + i * a.ldx + a.c0;
       const int64_t pi = i - a.r0;
@@ -283,14 +299,21 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
         tl = std::min({kTile, p1 - t0, a.K - t0 % a.K});  // tiles never straddle chunks
         dst_t* drow = kPacked ? drow0 + t0 : drow0 + (t0 / a.K) * a.ldc + (t0 % a.K);
         const scalar_t* xt = x + t0;
-        const scalar_t* pt = pr + t0;
+        const double* pt;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          pt = refd + a.nq * kPanel + (t0 - p0);
+          for (int64_t k = 0; k < a.nq; ++k) qrow[k] = refd + k * kPanel + (t0 - p0);
+        } else {
+          pt = pr + t0;
+          for (int64_t k = 0; k < a.nq; ++k) qrow[k] = Q + a.qidx[k] * a.ldq + a.c0 + t0;
+        }
         int64_t c = 0;
         for (; c + kLanes <= tl; c += kLanes) {
           prefetch_ahead(xt, c);
 #pragma omp simd
           for (int j = 0; j < kLanes; ++j) {
             const double xv = static_cast<double>(xt[c + j]);
-            const double v = xv - static_cast<double>(pt[c + j]);
+            const double v = xv - pt[c + j];
             d[c + j] = v;
             drow[c + j] = static_cast<dst_t>(v);
             sq[j] += v * v;
@@ -299,20 +322,21 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
         }
         for (; c < tl; ++c) {  // only in the segment's last tile (all others are multiples of kLanes)
           const double xv = static_cast<double>(xt[c]);
-          const double v = xv - static_cast<double>(pt[c]);
+          const double v = xv - pt[c];
           d[c] = v;
           drow[c] = static_cast<dst_t>(v);
           sq[c % kLanes] += v * v;
           if constexpr (kNorms) norm_term<scalar_t>(xv, ns[0], nc[0]);  // sumsq's tail: lane 0
         }
         int64_t k = 0;
-        for (; k + 4 <= a.nq; k += 4) ref_dots<4>(Q, a, k, t0, d, tl, acc);
+        const double* const* rows = qrow.data();
+        for (; k + 4 <= a.nq; k += 4) ref_dots<4>(rows, k, d, tl, acc);
         if (a.nq - k == 3) {  // the rest in one pass too (one reference per pass was add-latency bound)
-          ref_dots<3>(Q, a, k, t0, d, tl, acc);
+          ref_dots<3>(rows, k, d, tl, acc);
         } else if (a.nq - k == 2) {
-          ref_dots<2>(Q, a, k, t0, d, tl, acc);
+          ref_dots<2>(rows, k, d, tl, acc);
         } else if (a.nq - k == 1) {
-          ref_dots<1>(Q, a, k, t0, d, tl, acc);
+          ref_dots<1>(rows, k, d, tl, acc);
         }
       }
       if constexpr (kNorms) {
