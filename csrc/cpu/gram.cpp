@@ -558,7 +558,8 @@ bool syrk_acc_cpu(at::Tensor& S, const at::Tensor& D, at::Tensor& prod) {
 // The top-level pass of a symmetric fp32 segment, fused (GramKernels::sym_pass): per column group, the prep of
 // every block writes the rounded differences in the triangular kernel's packed layout into a buffer small
 // enough to stay in cache (PYLANDSCAPE_GRAM_PACKED_BYTES; default 8 MiB, at most X's bytes / 32), then
-// cpu::syrk_packed adds the group's chunk products to S from there. X is read once; no [n, n] fp32 product is stored and re-read.
+// cpu::syrk_packed adds the group's chunk products to S from there. X is read once; no [n, n] fp32 product is
+// stored and re-read.
 // Bits: the same on any thread count (each entry is one thread's fixed sequence of operations).
 int64_t packed_budget(int64_t x_bytes) {
   const char* env = std::getenv("PYLANDSCAPE_GRAM_PACKED_BYTES");
@@ -627,12 +628,11 @@ int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, co
       for (int64_t gi = 0; gi < npad / kG; ++gi)
         std::fill(Dl + (gi * kc + kc - tail) * kG, Dl + (gi * kc + kc) * kG, 0.0f);
     }
-    // rows split evenly among the threads unless the group is tiny: an element of the prep costs ~10 simple
-    // operations, not the 2 + nblk that grain_for counts elsewhere (which had left the prep of N = 64 in one
-    // block to one thread: 64 rows x 5,120 columns x 3 < kSerialWork)
-    // Each thread's rows start at a multiple of 8, so that the pack writes whole 8-row halves of the 16-row
-    // groups: an even split at row 50 of 100 had left two groups to two threads each, packed with masked stores
-    // (microcoded on Zen 1: ~40% of the pack's time at N = 100).
+    // Rows split evenly among the threads, each thread's starting at a multiple of 8, so that the pack writes
+    // whole 8-row halves of the 16-row groups (an even split at row 50 of 100 had left two groups to two threads
+    // each, packed with masked stores: microcoded on Zen 1, ~40% of the pack's time at N = 100). One thread
+    // only for a tiny group: an element of the prep costs ~10 simple operations, not the 2 + nblk that grain_for
+    // counts elsewhere (which had left the prep of N = 64 in one block to one thread).
     const int64_t nth = n * a.s * (10 + nblk) < kSerialWork ? 1 : std::max<int64_t>(1, at::get_num_threads());
     auto split = [&](int64_t t) { return t >= nth ? n : std::min(n, (n * t / nth + 4) / 8 * 8); };
     at::parallel_for(0, nth, 1, [&](int64_t tb, int64_t te) {
