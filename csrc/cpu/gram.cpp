@@ -246,6 +246,10 @@ template <typename scalar_t, typename dst_t, bool kNorms, bool kPacked>
 PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const scalar_t* Q, dst_t* D,
                                  const PrepArgs& a, int64_t b, int64_t e) {
   constexpr int64_t kTile = 512, kPanel = 4096;
+  // Row strides of the stage and of the reference panel: one cache line more than a panel, so that their rows
+  // do not all map to one L1 set (rows 16 KB or 32 KB apart share a set of the 8-way 32 KB L1: the pack's 16
+  // staged rows evicted each other before the second half of each line was read).
+  constexpr int64_t kStageLd = kPanel + 64 / static_cast<int64_t>(sizeof(dst_t)), kRefLd = kPanel + 8;
   constexpr int64_t kG = cpu::kSyrkGroup;
   alignas(64) double d[kTile];
   const int64_t nl = a.nq * kLanes;
@@ -253,7 +257,7 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
   dst_t* stage = nullptr;  // packed: [kG, kPanel] rows of the current 16-row group
   if constexpr (kPacked) {
     static thread_local std::vector<dst_t> buf;  // 256 KB, reused (a fresh one per call would page-fault)
-    buf.resize(static_cast<size_t>(kG * kPanel));
+    buf.resize(static_cast<size_t>(kG * kStageLd));
     stage = buf.data();
   }
   double* lanes = a.lanes;
@@ -268,7 +272,7 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
   double* refd = nullptr;  // [nq + 1, kPanel]: the references, then pr
   if constexpr (std::is_same_v<scalar_t, float>) {
     static thread_local std::vector<double> rbuf;  // (nq + 1) x 32 KB, reused
-    rbuf.resize(static_cast<size_t>((a.nq + 1) * kPanel));
+    rbuf.resize(static_cast<size_t>((a.nq + 1) * kRefLd));
     refd = rbuf.data();
   }
   std::vector<const double*> qrow(static_cast<size_t>(std::max<int64_t>(a.nq, 1)));
@@ -277,7 +281,7 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
     if constexpr (std::is_same_v<scalar_t, float>) {
       for (int64_t k = 0; k <= a.nq; ++k) {
         const scalar_t* src = k < a.nq ? Q + a.qidx[k] * a.ldq + a.c0 : pr;
-        double* dst = refd + k * kPanel - p0;
+        double* dst = refd + k * kRefLd - p0;
         for (int64_t t = p0; t < p1; ++t) dst[t] = static_cast<double>(src[t]);
       }
     }
@@ -285,7 +289,7 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
       const scalar_t* x = X + i * a.ldx + a.c0;
       const int64_t pi = i - a.r0;
       // packed: the row goes to its line of the 16-row stage (columns p0..p1), packed when the group is done
-      dst_t* drow0 = kPacked ? stage + (pi % kG) * kPanel - p0 : D + pi * a.ldd;
+      dst_t* drow0 = kPacked ? stage + (pi % kG) * kStageLd - p0 : D + pi * a.ldd;
       double* sq = lanes + (pi - lrow0) * (nl + kLanes);
       double* acc = sq + kLanes;
       double ns[kLanes], nc[kLanes];
@@ -301,8 +305,8 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
         const scalar_t* xt = x + t0;
         const double* pt;
         if constexpr (std::is_same_v<scalar_t, float>) {
-          pt = refd + a.nq * kPanel + (t0 - p0);
-          for (int64_t k = 0; k < a.nq; ++k) qrow[k] = refd + k * kPanel + (t0 - p0);
+          pt = refd + a.nq * kRefLd + (t0 - p0);
+          for (int64_t k = 0; k < a.nq; ++k) qrow[k] = refd + k * kRefLd + (t0 - p0);
         } else {
           pt = pr + t0;
           for (int64_t k = 0; k < a.nq; ++k) qrow[k] = Q + a.qidx[k] * a.ldq + a.c0 + t0;
@@ -353,7 +357,7 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
           // is microcoded on Zen 1). They get stale stage rows (values this thread staged earlier, zeros at first):
           // only entries past n read them, and the kernel drops those.
           const int64_t end = pi == a.n - 1 ? kG : pi - gs + 1;
-          cpu::pack_rows16(stage, kPanel, static_cast<int>(first - gs), static_cast<int>(end), p1 - p0, D, a.ldc, a.K,
+          cpu::pack_rows16(stage, kStageLd, static_cast<int>(first - gs), static_cast<int>(end), p1 - p0, D, a.ldc, a.K,
                            pi / kG, p0);
         }
       }
