@@ -196,6 +196,10 @@ struct PrepArgs {
   double* lanes = nullptr;
   // packed: rows of the call (rows past it, up to the last 16-row group's end, are the kernel's padding)
   int64_t n = 0;
+  // fp32 input: the nq references' columns [c0, c0 + s) in fp64 (row k at refd + k * ldr), converted once per
+  // column group by the caller; null: each call converts its panels itself
+  const double* refd = nullptr;
+  int64_t ldr = 0;
 };
 
 // acc[(k + r) * kLanes + lane] += reference row k + r . d over one tile, for r < R: R references at once, so
@@ -270,16 +274,24 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
   // fp32 input: the panel of the nq references and of pr in fp64, converted once per panel, not once per row
   // (exact, so the same bits). Zen 1 runs these conversions on one pipe; 4 of the 6 per element were theirs.
   double* refd = nullptr;  // [nq + 1, kPanel]: the references, then pr
+  // the caller's fp64 references: which of them is pr (the row's own reference), or -1
+  int64_t own = -1;
   if constexpr (std::is_same_v<scalar_t, float>) {
-    static thread_local std::vector<double> rbuf;  // (nq + 1) x 32 KB, reused
-    rbuf.resize(static_cast<size_t>((a.nq + 1) * kRefLd));
-    refd = rbuf.data();
+    if (a.refd != nullptr) {
+      for (int64_t k = 0; k < a.nq && own < 0; ++k)
+        if (Q + a.qidx[k] * a.ldq + a.c0 == pr) own = k;
+    }
+    if (own < 0) {
+      static thread_local std::vector<double> rbuf;  // (nq + 1) x 32 KB, reused
+      rbuf.resize(static_cast<size_t>((a.nq + 1) * kRefLd));
+      refd = rbuf.data();
+    }
   }
   std::vector<const double*> qrow(static_cast<size_t>(std::max<int64_t>(a.nq, 1)));
   for (int64_t p0 = 0; p0 < a.s; p0 += kPanel) {
     const int64_t p1 = std::min(a.s, p0 + kPanel);
     if constexpr (std::is_same_v<scalar_t, float>) {
-      for (int64_t k = 0; k <= a.nq; ++k) {
+      for (int64_t k = 0; k <= a.nq && own < 0; ++k) {
         const scalar_t* src = k < a.nq ? Q + a.qidx[k] * a.ldq + a.c0 : pr;
         double* dst = refd + k * kRefLd - p0;
         for (int64_t t = p0; t < p1; ++t) dst[t] = static_cast<double>(src[t]);
@@ -305,8 +317,13 @@ PLK_ALWAYS_INLINE void prep_body(const scalar_t* X, const scalar_t* pr, const sc
         const scalar_t* xt = x + t0;
         const double* pt;
         if constexpr (std::is_same_v<scalar_t, float>) {
-          pt = refd + a.nq * kRefLd + (t0 - p0);
-          for (int64_t k = 0; k < a.nq; ++k) qrow[k] = refd + k * kRefLd + (t0 - p0);
+          if (own >= 0) {
+            pt = a.refd + own * a.ldr + t0;
+            for (int64_t k = 0; k < a.nq; ++k) qrow[k] = a.refd + k * a.ldr + t0;
+          } else {
+            pt = refd + a.nq * kRefLd + (t0 - p0);
+            for (int64_t k = 0; k < a.nq; ++k) qrow[k] = refd + k * kRefLd + (t0 - p0);
+          }
         } else {
           pt = pr + t0;
           for (int64_t k = 0; k < a.nq; ++k) qrow[k] = Q + a.qidx[k] * a.ldq + a.c0 + t0;
@@ -561,8 +578,8 @@ bool syrk_acc_cpu(at::Tensor& S, const at::Tensor& D, at::Tensor& prod) {
 
 // The top-level pass of a symmetric fp32 segment, fused (GramKernels::sym_pass): per column group, the prep of
 // every block writes the rounded differences in the triangular kernel's packed layout into a buffer small
-// enough to stay in cache (PYLANDSCAPE_GRAM_PACKED_BYTES; default 8 MiB, at most X's bytes / 32), then
-// cpu::syrk_packed adds the group's chunk products to S from there. X is read once; no [n, n] fp32 product is
+// enough to stay in cache (PYLANDSCAPE_GRAM_PACKED_BYTES for all buffers together; default 8 MiB, at most X's
+// bytes / 32), then cpu::syrk_packed adds the group's chunk products to S from there. X is read once; no [n, n] fp32 product is
 // stored and re-read.
 // Bits: the same on any thread count (each entry is one thread's fixed sequence of operations).
 int64_t packed_budget(int64_t x_bytes) {
@@ -590,16 +607,20 @@ int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, co
                   dn2.numel() == n && T.is_contiguous() && T.numel() == n * nblk && kc % cpu::kSyrkGroup == 0,
               "segment_gram: bad fused-pass operands");
   const int64_t npad = cpu::syrk_padded_rows(n), s = c1 - c0, nck = (s + kc - 1) / kc, ldc = npad * kc;
-  const int64_t gck = std::clamp<int64_t>(packed_budget(X.size(0) * X.size(1) * 4) / (ldc * 4), 1, nck);
-  const int64_t bytes = gck * ldc * 4;
+  // chunks per group: the budget holds one buffer, or two when there is more than one group
+  const int64_t budget = packed_budget(X.size(0) * X.size(1) * 4);
+  int64_t gck = std::clamp<int64_t>(budget / (ldc * 4), 1, nck);
+  if (gck < nck) gck = std::clamp<int64_t>(budget / 2 / (ldc * 4), 1, nck);
+  const int64_t ngroups = (nck + gck - 1) / gck, nbuf = ngroups > 1 ? 2 : 1;
+  const int64_t bytes = nbuf * gck * ldc * 4;  // two buffers: group g's kernel runs beside group g + 1's prep
   if (!ws.defined() || ws.numel() < bytes || !ws.device().is_cpu())
     ws = at::empty({bytes}, X.options().dtype(at::kByte));
-  float* D = reinterpret_cast<float*>(ws.data_ptr<uint8_t>());
+  float* D0 = reinterpret_cast<float*>(ws.data_ptr<uint8_t>());
   constexpr int64_t kG = cpu::kSyrkGroup;
   // padding rows: computed by the kernel and dropped; zero (finite) once per call
-  for (int64_t c = 0; c < gck; ++c)
+  for (int64_t c = 0; c < nbuf * gck; ++c)
     for (int64_t i = n; i < npad; ++i)
-      for (int64_t t = 0; t < kc; ++t) D[c * ldc + ((i / kG) * kc + t) * kG + i % kG] = 0.0f;
+      for (int64_t t = 0; t < kc; ++t) D0[c * ldc + ((i / kG) * kc + t) * kG + i % kG] = 0.0f;
   auto f64 = X.options().dtype(at::kDouble);
   at::Tensor lanes = at::zeros({n, (nblk + 1) * kLanes}, f64);
   at::Tensor ss = gd != nullptr ? at::zeros({n, 2 * kLanes}, f64) : at::Tensor();
@@ -620,42 +641,65 @@ int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, co
   std::vector<std::array<int64_t, 3>> tasks;  // (column tile, first row, end row), largest first
   for (int64_t ct = nt - 1; ct >= 0; --ct)
     for (int64_t r = 0; r < std::min(n, (ct + 1) * cpu::kSyrkPad); r += piece) tasks.push_back({ct, r, r + piece});
-  int64_t groups = 0;
-  for (int64_t g0 = 0; g0 < nck; g0 += gck, ++groups) {
-    const int64_t ng = std::min(gck, nck - g0);
-    a.c0 = c0 + g0 * kc;
-    a.s = std::min(c1, a.c0 + ng * kc) - a.c0;
-    a.last = g0 + gck >= nck;
-    const int64_t tail = ng * kc - a.s;  // the segment's last chunk: zero columns past its end
-    if (tail > 0) {
-      float* Dl = D + (ng - 1) * ldc;
-      for (int64_t gi = 0; gi < npad / kG; ++gi)
-        std::fill(Dl + (gi * kc + kc - tail) * kG, Dl + (gi * kc + kc) * kG, 0.0f);
+  const int64_t ntask = static_cast<int64_t>(tasks.size()), nunit = (n + kG - 1) / kG;
+  // One parallel region per group: the kernel's tasks of group g - 1, then the prep of group g (into the other
+  // buffer) in 16-row units, pulled from one queue. With a region for each, every group waited twice at a
+  // barrier for the slower thread (its share of the rows, its last task): 10% of the samples at N = 100. A
+  // group's prep needs only the previous group's prep (each row's lanes) and its buffer only the kernel of two
+  // groups back, both finished at the end of the previous region; S sees each entry's chunks in order.
+  // Bits: each row's prep and each entry's sums are the same sequences of operations whoever runs them.
+  std::vector<PrepArgs> ga(static_cast<size_t>(ngroups), a);
+  for (int64_t g = 0; g < ngroups; ++g) {
+    ga[g].c0 = c0 + g * gck * kc;
+    ga[g].s = std::min(c1, ga[g].c0 + gck * kc) - ga[g].c0;
+    ga[g].last = g == ngroups - 1;
+  }
+  // the references in fp64, one group's columns at a time (exact; the prep's units would each convert them)
+  const int64_t ldr = (gck * kc + 7) / 8 * 8 + 8;  // + a line: rows 16 KB apart share an L1 set
+  std::vector<double> refd(static_cast<size_t>(nblk * ldr));
+  for (auto& p : ga) {
+    p.refd = refd.data();
+    p.ldr = ldr;
+  }
+  auto buf = [&](int64_t g) { return D0 + (g % nbuf) * gck * ldc; };
+  auto chunks = [&](int64_t g) { return std::min(gck, nck - g * gck); };
+  for (int64_t g = 0; g <= ngroups; ++g) {
+    const bool prep = g < ngroups, kern = g > 0;
+    if (prep) {
+      for (int64_t k = 0; k < nblk; ++k) {
+        const float* src = x + refs[k] * ldx + ga[g].c0;
+        double* dst = refd.data() + k * ldr;
+        for (int64_t t = 0; t < ga[g].s; ++t) dst[t] = static_cast<double>(src[t]);
+      }
+      const int64_t tail = chunks(g) * kc - ga[g].s;  // the segment's last chunk: zero columns past its end
+      if (tail > 0) {
+        float* Dl = buf(g) + (chunks(g) - 1) * ldc;
+        for (int64_t gi = 0; gi < npad / kG; ++gi)
+          std::fill(Dl + (gi * kc + kc - tail) * kG, Dl + (gi * kc + kc) * kG, 0.0f);
+      }
     }
-    // Rows split evenly among the threads, each thread's starting at a multiple of 8, so that the pack writes
-    // whole 8-row halves of the 16-row groups (an even split at row 50 of 100 had left two groups to two threads
-    // each, packed with masked stores: microcoded on Zen 1, ~40% of the pack's time at N = 100). One thread
-    // only for a tiny group: an element of the prep costs ~10 simple operations, not the 2 + nblk that grain_for
-    // counts elsewhere (which had left the prep of N = 64 in one block to one thread).
-    const int64_t nth = n * a.s * (10 + nblk) < kSerialWork ? 1 : std::max<int64_t>(1, at::get_num_threads());
-    auto split = [&](int64_t t) { return t >= nth ? n : std::min(n, (n * t / nth + 4) / 8 * 8); };
-    at::parallel_for(0, nth, 1, [&](int64_t tb, int64_t te) {
-      for (int64_t t = tb; t < te; ++t) {
-        const int64_t b = r0 + split(t), e = r0 + split(t + 1);
+    const int64_t nk = kern ? ntask : 0, items = nk + (prep ? nunit : 0);
+    // one thread for tiny work: an element of the prep costs ~10 simple operations, a kernel entry 2 per column
+    const int64_t work = (prep ? n * ga[g].s * (10 + nblk) : 0) + (kern ? n * n * ga[g - 1].s : 0);
+    const int64_t nth = work < kSerialWork ? 1 : std::max<int64_t>(1, at::get_num_threads());
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, nth, 1, [&](int64_t, int64_t) {
+      for (int64_t t = next++; t < items; t = next++) {
+        if (t < nk) {
+          cpu::syrk_packed(Sp, lds, buf(g - 1), ldc, chunks(g - 1), kc, n, tasks[t][0], tasks[t][1], tasks[t][2]);
+          continue;
+        }
+        // rows of one 16-row group of the packed layout (the pack writes whole groups; the call's last row
+        // pads its group)
+        const int64_t b = r0 + (t - nk) * kG, e = std::min(r0 + n, b + kG);
         for (int64_t k = 0; k < nblk; ++k) {
           const int64_t lo = std::max(b, starts[k]), hi = std::min(e, starts[k + 1]);
-          if (lo < hi) prep_f32_f32(x, x + refs[k] * ldx + a.c0, x, D, a, lo, hi);
+          if (lo < hi) prep_f32_f32(x, x + refs[k] * ldx + ga[g].c0, x, buf(g), ga[g], lo, hi);
         }
       }
     });
-    // tasks pulled by each thread in turn (they differ in size: the triangle): whole column tiles, or for few
-    // tiles (small N) 32-row pieces of them (at N = 64, two column tiles had run on one thread)
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
-      for (int64_t t = next++; t < static_cast<int64_t>(tasks.size()); t = next++)
-        cpu::syrk_packed(Sp, lds, D, ldc, ng, kc, n, tasks[t][0], tasks[t][1], tasks[t][2]);
-    });
   }
+  const int64_t groups = ngroups;
   if (std::getenv("PYLANDSCAPE_GRAM_STATS") != nullptr)
     std::fprintf(stderr, "[segment_gram] fused pass cols=%lld rows=%lld groups=%lld chunks=%lld isa=%s\n",
                  static_cast<long long>(s), static_cast<long long>(n), static_cast<long long>(groups),
