@@ -120,6 +120,18 @@ __attribute__((target("avx512f"))) void tile_avx512(double* S, int64_t lds, cons
   }
 }
 
+// d[0..16) += the 16 fp32 sums of (c0, c1), each converted to fp64: add_to_row's additions for a whole row.
+__attribute__((target("avx2,fma"))) inline __attribute__((always_inline)) void add_row16(double* d, __m256 c0,
+                                                                                        __m256 c1) {
+  const __m256 c[2] = {c0, c1};
+  for (int q = 0; q < 2; ++q) {
+    const __m256d lo4 = _mm256_cvtps_pd(_mm256_castps256_ps128(c[q]));
+    const __m256d hi4 = _mm256_cvtps_pd(_mm256_extractf128_ps(c[q], 1));
+    _mm256_storeu_pd(d + 8 * q, _mm256_add_pd(_mm256_loadu_pd(d + 8 * q), lo4));
+    _mm256_storeu_pd(d + 8 * q + 4, _mm256_add_pd(_mm256_loadu_pd(d + 8 * q + 4), hi4));
+  }
+}
+
 // AVX2, 8 rows x 8 columns (8 accumulators, 1 load, 8 broadcasts): the half of a 16-column strip that has
 // entries, where the other half has none (rows past its columns on the diagonal, columns past n at the end).
 // At n = 100 the 16-wide passes computed 1.38x the triangle's entries; with these, 1.15x.
@@ -200,6 +212,10 @@ __attribute__((target("avx2,fma"))) void tile_avx2(double* S, int64_t lds, const
           if (i >= n) break;
           int lo, hi;
           valid_range(i, jb, n, lo, hi);
+          if (lo == 0 && hi == 16) {  // a whole row: vectorised, the same additions
+            add_row16(S + i * lds + jb, c[t][0], c[t][1]);
+            continue;
+          }
           alignas(32) float f[16];
           _mm256_store_ps(f, c[t][0]);
           _mm256_store_ps(f + 8, c[t][1]);
@@ -214,7 +230,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2(double* S, int64_t lds, const
 // accumulators, 2 loads and 6 broadcasts per column. 1.5x the FMAs of a 4 x 16 pass for the same two lines per
 // step, so that it keeps its speed with its operands in L2 or L3 (a 4 x 16 pass: ~102 GFLOP/s with them in L1,
 // ~93 in L2, ~83 in L3; this one ~101 in all three, on Zen 3). Only for entries that all exist (j > i, j < n):
-// the flush adds whole rows of 16, vectorised (the same additions in the same order as add_to_row).
+// the flush adds whole rows of 16 (add_row16).
 __attribute__((target("avx2,fma"))) inline __attribute__((always_inline)) void pass_6x16(
     double* S, int64_t lds, const float* D, int64_t kc, int64_t ib, int64_t jb, int64_t k0, int64_t k1) {
   const float* vk = D + (jb / G) * kc * G + k0 * G;
@@ -245,15 +261,7 @@ __attribute__((target("avx2,fma"))) inline __attribute__((always_inline)) void p
     c51 = _mm256_fmadd_ps(a1, x, c51);
   }
   const __m256 c[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  for (int t = 0; t < 6; ++t) {
-    double* d = S + (ib + t) * lds + jb;
-    for (int q = 0; q < 2; ++q) {
-      const __m256d lo4 = _mm256_cvtps_pd(_mm256_castps256_ps128(c[t][q]));
-      const __m256d hi4 = _mm256_cvtps_pd(_mm256_extractf128_ps(c[t][q], 1));
-      _mm256_storeu_pd(d + 8 * q, _mm256_add_pd(_mm256_loadu_pd(d + 8 * q), lo4));
-      _mm256_storeu_pd(d + 8 * q + 4, _mm256_add_pd(_mm256_loadu_pd(d + 8 * q + 4), hi4));
-    }
-  }
+  for (int t = 0; t < 6; ++t) add_row16(S + (ib + t) * lds + jb, c[t][0], c[t][1]);
 }
 
 // AVX2: 24 rows x the 32-column tile at j0, every entry existing (rows i0..i0+23 < j0, j0 + 32 <= n): 8 passes
