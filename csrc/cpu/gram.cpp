@@ -579,8 +579,8 @@ bool syrk_acc_cpu(at::Tensor& S, const at::Tensor& D, at::Tensor& prod) {
 // The top-level pass of a symmetric fp32 segment, fused (GramKernels::sym_pass): per column group, the prep of
 // every block writes the rounded differences in the triangular kernel's packed layout into a buffer small
 // enough to stay in cache (PYLANDSCAPE_GRAM_PACKED_BYTES for all buffers together; default 8 MiB, at most X's
-// bytes / 32), then cpu::syrk_packed adds the group's chunk products to S from there. X is read once; no [n, n] fp32 product is
-// stored and re-read.
+// bytes / 32), then cpu::syrk_packed adds the group's chunk products to S from there. X is read once; no [n, n]
+// fp32 product is stored and re-read.
 // Bits: the same on any thread count (each entry is one thread's fixed sequence of operations).
 int64_t packed_budget(int64_t x_bytes) {
   const char* env = std::getenv("PYLANDSCAPE_GRAM_PACKED_BYTES");
