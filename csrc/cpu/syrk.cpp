@@ -120,6 +120,15 @@ __attribute__((target("avx512f"))) void tile_avx512(double* S, int64_t lds, cons
   }
 }
 
+// One row's step of a 16-column pass: the row's value at p broadcast, times the strip's two vectors (a0, a1),
+// into the row's accumulators. A macro, so that the accumulators stay named variables (in registers).
+#define PLK_ROW_STEP(p, c0, c1)                  \
+  {                                              \
+    const __m256 x_ = _mm256_broadcast_ss(p);    \
+    c0 = _mm256_fmadd_ps(a0, x_, c0);            \
+    c1 = _mm256_fmadd_ps(a1, x_, c1);            \
+  }
+
 // d[0..16) += the 16 fp32 sums of (c0, c1), each converted to fp64: add_to_row's additions for a whole row.
 __attribute__((target("avx2,fma"))) inline __attribute__((always_inline)) void add_row16(double* d, __m256 c0,
                                                                                         __m256 c1) {
@@ -193,18 +202,10 @@ __attribute__((target("avx2,fma"))) void tile_avx2(double* S, int64_t lds, const
         const float* bk = bp + k0 * G;
         for (int64_t k = k0; k < k1; ++k, vk += G, bk += G) {
           const __m256 a0 = _mm256_loadu_ps(vk), a1 = _mm256_loadu_ps(vk + 8);
-          __m256 x = _mm256_broadcast_ss(bk);
-          c00 = _mm256_fmadd_ps(a0, x, c00);
-          c01 = _mm256_fmadd_ps(a1, x, c01);
-          x = _mm256_broadcast_ss(bk + 1);
-          c10 = _mm256_fmadd_ps(a0, x, c10);
-          c11 = _mm256_fmadd_ps(a1, x, c11);
-          x = _mm256_broadcast_ss(bk + 2);
-          c20 = _mm256_fmadd_ps(a0, x, c20);
-          c21 = _mm256_fmadd_ps(a1, x, c21);
-          x = _mm256_broadcast_ss(bk + 3);
-          c30 = _mm256_fmadd_ps(a0, x, c30);
-          c31 = _mm256_fmadd_ps(a1, x, c31);
+          PLK_ROW_STEP(bk, c00, c01)
+          PLK_ROW_STEP(bk + 1, c10, c11)
+          PLK_ROW_STEP(bk + 2, c20, c21)
+          PLK_ROW_STEP(bk + 3, c30, c31)
         }
         const __m256 c[4][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}};
         for (int t = 0; t < 4; ++t) {
@@ -241,24 +242,12 @@ __attribute__((target("avx2,fma"))) inline __attribute__((always_inline)) void p
          c40 = c00, c41 = c00, c50 = c00, c51 = c00;
   for (int64_t k = k0; k < k1; ++k, vk += G, bk += G) {
     const __m256 a0 = _mm256_loadu_ps(vk), a1 = _mm256_loadu_ps(vk + 8);
-    __m256 x = _mm256_broadcast_ss(bk + o[0]);
-    c00 = _mm256_fmadd_ps(a0, x, c00);
-    c01 = _mm256_fmadd_ps(a1, x, c01);
-    x = _mm256_broadcast_ss(bk + o[1]);
-    c10 = _mm256_fmadd_ps(a0, x, c10);
-    c11 = _mm256_fmadd_ps(a1, x, c11);
-    x = _mm256_broadcast_ss(bk + o[2]);
-    c20 = _mm256_fmadd_ps(a0, x, c20);
-    c21 = _mm256_fmadd_ps(a1, x, c21);
-    x = _mm256_broadcast_ss(bk + o[3]);
-    c30 = _mm256_fmadd_ps(a0, x, c30);
-    c31 = _mm256_fmadd_ps(a1, x, c31);
-    x = _mm256_broadcast_ss(bk + o[4]);
-    c40 = _mm256_fmadd_ps(a0, x, c40);
-    c41 = _mm256_fmadd_ps(a1, x, c41);
-    x = _mm256_broadcast_ss(bk + o[5]);
-    c50 = _mm256_fmadd_ps(a0, x, c50);
-    c51 = _mm256_fmadd_ps(a1, x, c51);
+    PLK_ROW_STEP(bk + o[0], c00, c01)
+    PLK_ROW_STEP(bk + o[1], c10, c11)
+    PLK_ROW_STEP(bk + o[2], c20, c21)
+    PLK_ROW_STEP(bk + o[3], c30, c31)
+    PLK_ROW_STEP(bk + o[4], c40, c41)
+    PLK_ROW_STEP(bk + o[5], c50, c51)
   }
   const __m256 c[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
   for (int t = 0; t < 6; ++t) add_row16(S + (ib + t) * lds + jb, c[t][0], c[t][1]);
