@@ -569,9 +569,32 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     accumulate(X, Y, c0, c1, sa, sym ? nullptr : &sb, pairs, small, kc, kern, ws[0], ws[1], ws[2], ws[3], &prof,
                &ctx.G, fold ? &ctx.gdA : nullptr, fold && !sym ? &ctx.gdB : nullptr);
     if (fold) check_finite();
-    // |p_I - q_J|^2 for every block pair, and the reference norms (one host copy per segment)
-    at::Tensor pi = sa.refs_t.repeat_interleave(nB), qj = B.refs_t.repeat({nA});
-    at::Tensor W = kern.dist2(X, Y, pi, qj, c0, c1).view({nA, nB}).cpu();
+    // |p_I - q_J|^2 for every block pair, and the reference norms (one host copy per segment). Symmetric: only
+    // I < J is computed; (I, I) is 0 and (J, I) the same value ((p - q)^2 = (q - p)^2 exactly), so the same bits
+    // for a third of the pairs at 3 blocks
+    at::Tensor W;
+    if (sym) {
+      std::vector<int64_t> ii, jj;
+      for (int64_t I = 0; I < nA; ++I) {
+        for (int64_t J = I + 1; J < nA; ++J) {
+          ii.push_back(sa.refs[I]);
+          jj.push_back(sa.refs[J]);
+        }
+      }
+      W = at::zeros({nA, nA}, f64.device(at::kCPU));
+      if (!ii.empty()) {
+        const auto i64 = at::TensorOptions().dtype(at::kLong);
+        at::Tensor d = kern.dist2(X, Y, at::tensor(ii, i64).to(X.device()), at::tensor(jj, i64).to(X.device()), c0, c1)
+                           .cpu();
+        double* wp = W.data_ptr<double>();
+        const double* dp = d.const_data_ptr<double>();
+        for (int64_t I = 0, k = 0; I < nA; ++I)
+          for (int64_t J = I + 1; J < nA; ++J, ++k) wp[I * nA + J] = wp[J * nA + I] = dp[k];
+      }
+    } else {
+      at::Tensor pi = sa.refs_t.repeat_interleave(nB), qj = B.refs_t.repeat({nA});
+      W = kern.dist2(X, Y, pi, qj, c0, c1).view({nA, nB}).cpu();
+    }
     at::Tensor gdp = ctx.gdA.index_select(0, sa.refs_t).cpu(), gdq = ctx.gdB.index_select(0, B.refs_t).cpu();
     const double* w = W.const_data_ptr<double>();
     // (the fused pass's fp32 chains are shorter than kc, cpu::kSyrkChain: the bound keeps kc, conservative. With
@@ -604,8 +627,9 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
       // distance
       auto ll = [](int64_t v) { return static_cast<long long>(v); };
       std::fprintf(stderr, "[segment_gram] segment %lld cols=%lld path=%s blocks=%lldx%lld pairs=%lld "
-                   "split=%lld tri=%lld packed=%lld subpass=%lld leaf64=%lld refined=%lld direct=%lld of=%lld threads=%d\n", ll(l),
-                   ll(s), small ? "fp64" : "fp32", ll(nA), ll(nB), ll(ctx.n_pairs), ll(prof.n_split - split0),
+                   "split=%lld tri=%lld packed=%lld subpass=%lld leaf64=%lld refined=%lld direct=%lld of=%lld "
+                   "threads=%d\n",
+                   ll(l), ll(s), small ? "fp64" : "fp32", ll(nA), ll(nB), ll(ctx.n_pairs), ll(prof.n_split - split0),
                    ll(prof.n_tri - tri0), ll(prof.n_packed - packed0),
                    ll(ctx.n_subpass), ll(ctx.n_leaf64), ll(ctx.n_refined), ll(ctx.n_direct),
                    ll(sym ? N * (N - 1) / 2 : N * M), threads_now());
