@@ -699,12 +699,11 @@ int64_t sym_pass_cpu(const at::Tensor& X, const std::vector<int64_t>& starts, co
       }
     });
   }
-  const int64_t groups = ngroups;
   if (std::getenv("PYLANDSCAPE_GRAM_STATS") != nullptr)
     std::fprintf(stderr, "[segment_gram] fused pass cols=%lld rows=%lld groups=%lld chunks=%lld isa=%s\n",
-                 static_cast<long long>(s), static_cast<long long>(n), static_cast<long long>(groups),
+                 static_cast<long long>(s), static_cast<long long>(n), static_cast<long long>(ngroups),
                  static_cast<long long>(nck), cpu::syrk_isa());
-  return groups;
+  return ngroups;
 }
 
 // The fused form of gram::combine_and_check (same operations in the same order, so the same bits): writes

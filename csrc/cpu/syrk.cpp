@@ -22,6 +22,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t G = kSyrkGroup;
+constexpr int64_t kWideRows = 24;  // rows of a wide tile (tile24_avx2: four 6-row passes)
 
 // Columns [lo, hi) of the 16 starting at jb that row i may receive: j >= i and j < n.
 inline void valid_range(int64_t i, int64_t jb, int64_t n, int& lo, int& hi) {
@@ -260,7 +261,7 @@ __attribute__((target("avx2,fma"))) void tile24_avx2(double* S, int64_t lds, con
   for (int64_t k0 = 0; k0 < kc; k0 += kSyrkChain) {
     const int64_t k1 = std::min(kc, k0 + kSyrkChain);
     for (int h = 0; h < 2; ++h)
-      for (int r = 0; r < 4; ++r) pass_6x16(S, lds, D, kc, i0 + 6 * r, j0 + 16 * h, k0, k1);
+      for (int64_t r = 0; r < kWideRows; r += 6) pass_6x16(S, lds, D, kc, i0 + r, j0 + 16 * h, k0, k1);
   }
 }
 #endif
@@ -419,12 +420,13 @@ void syrk_packed(double* S, int64_t lds, const float* D, int64_t ldc, int64_t nc
   const Tile24Fn fn24 = isa().fn24;
   const int64_t j0 = ct * kSyrkPad;
   const int64_t i_end = std::min({n, j0 + kSyrkPad, r1});  // rows with some j >= i in this tile
-  // rows [r0, full) have every entry of the tile (j > i, j < n): 24 at a time where the ISA has such a tile
+  // rows [r0, full) have every entry of the tile (j > i, j < n): kWideRows at a time where the ISA has a wide
+  // tile
   const int64_t full = fn24 != nullptr && j0 + kSyrkPad <= n ? std::min(i_end, j0) : r0;
   for (int64_t c = 0; c < nck; ++c) {  // chunks outside: the tile's 32 columns of a chunk stay in L2
     const float* Dc = D + c * ldc;
     int64_t i0 = r0;
-    for (; i0 + 24 <= full; i0 += 24) fn24(S, lds, Dc, kc, i0, j0);
+    for (; i0 + kWideRows <= full; i0 += kWideRows) fn24(S, lds, Dc, kc, i0, j0);
     for (; i0 < i_end; i0 += kSyrkTileRows) {
       // a half has work when some j in it (j < n) has j >= i0
       const int halves = (i0 <= j0 + 15 ? 1 : 0) | (j0 + 16 < n && i0 <= std::min(j0 + 31, n - 1) ? 2 : 0);
