@@ -254,6 +254,61 @@ __attribute__((target("avx2,fma"))) inline __attribute__((always_inline)) void p
   for (int t = 0; t < 6; ++t) add_row16(S + (ib + t) * lds + jb, c[t][0], c[t][1]);
 }
 
+// AVX2, transposed: the 16 rows of the group at ig (vectors) x W columns jb..jb+W-1 (broadcast), one chain
+// [k0, k1): 2W accumulators, 2 loads and W broadcasts per column. For a last tile narrower than 32 columns, whose
+// 16-wide passes computed up to 4x its entries (n = 100: columns 96-99 as 8). fma(a, b, c) = fma(b, a, c), so
+// each entry's chain gives the same bits as the reference's. Only for entries that all exist (rows < jb).
+template <int W>
+__attribute__((target("avx2,fma"))) inline __attribute__((always_inline)) void pass_16xw(
+    double* S, int64_t lds, const float* D, int64_t kc, int64_t ig, int64_t jb, int64_t k0, int64_t k1) {
+  const float* ak = D + (ig / G) * kc * G + k0 * G;
+  const float* bk = D + (jb / G) * kc * G + k0 * G + jb % G;  // the W columns lie in one 16-row group
+  // named accumulators (an array of them went to the stack at every step: 2x slower); unused ones fold away
+  __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00,
+         c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  for (int64_t k = k0; k < k1; ++k, ak += G, bk += G) {
+    const __m256 a0 = _mm256_loadu_ps(ak), a1 = _mm256_loadu_ps(ak + 8);
+    PLK_ROW_STEP(bk, c00, c01)
+    if constexpr (W > 1) PLK_ROW_STEP(bk + 1, c10, c11)
+    if constexpr (W > 2) PLK_ROW_STEP(bk + 2, c20, c21)
+    if constexpr (W > 3) PLK_ROW_STEP(bk + 3, c30, c31)
+    if constexpr (W > 4) PLK_ROW_STEP(bk + 4, c40, c41)
+    if constexpr (W > 5) PLK_ROW_STEP(bk + 5, c50, c51)
+  }
+  const __m256 c[6][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  for (int t = 0; t < W; ++t) {
+    alignas(32) float f[16];
+    _mm256_store_ps(f, c[t][0]);
+    _mm256_store_ps(f + 8, c[t][1]);
+    double* d = S + ig * lds + jb + t;
+    for (int r = 0; r < 16; ++r) d[r * lds] += static_cast<double>(f[r]);
+  }
+}
+
+// AVX2: rows [i0, i1) (whole 16-row groups, all < j0) x the w < 32 columns of the last tile at j0, passes of at
+// most 6 columns (that do not straddle a 16-row group of the columns).
+__attribute__((target("avx2,fma"))) void tile_narrow_avx2(double* S, int64_t lds, const float* D, int64_t kc,
+                                                          int64_t i0, int64_t i1, int64_t j0, int64_t w) {
+  for (int64_t k0 = 0; k0 < kc; k0 += kSyrkChain) {
+    const int64_t k1 = std::min(kc, k0 + kSyrkChain);
+    for (int64_t ig = i0; ig < i1; ig += G) {
+      for (int64_t jb = j0; jb < j0 + w;) {
+        const int64_t left = std::min(j0 + w, (jb / G + 1) * G) - jb;  // columns left in jb's 16-row group
+        const int64_t m = left <= 6 ? left : left <= 12 ? (left + 1) / 2 : 6;  // near-equal parts of <= 6
+        switch (m) {
+          case 1: pass_16xw<1>(S, lds, D, kc, ig, jb, k0, k1); break;
+          case 2: pass_16xw<2>(S, lds, D, kc, ig, jb, k0, k1); break;
+          case 3: pass_16xw<3>(S, lds, D, kc, ig, jb, k0, k1); break;
+          case 4: pass_16xw<4>(S, lds, D, kc, ig, jb, k0, k1); break;
+          case 5: pass_16xw<5>(S, lds, D, kc, ig, jb, k0, k1); break;
+          default: pass_16xw<6>(S, lds, D, kc, ig, jb, k0, k1); break;
+        }
+        jb += m;
+      }
+    }
+  }
+}
+
 // AVX2: 24 rows x the 32-column tile at j0, every entry existing (rows i0..i0+23 < j0, j0 + 32 <= n): 8 passes
 // of 6 x 16 per chain.
 __attribute__((target("avx2,fma"))) void tile24_avx2(double* S, int64_t lds, const float* D, int64_t kc, int64_t i0,
@@ -374,10 +429,13 @@ using PackFn = void (*)(const float*, int64_t, int, int, int64_t, float*, int64_
 using TileFn = void (*)(double*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, int);
 // 24 rows x 32 columns, all entries existing (see tile24_avx2); null where the ISA has none
 using Tile24Fn = void (*)(double*, int64_t, const float*, int64_t, int64_t, int64_t);
+// rows [i0, i1) x the w < 32 columns of the last tile (see tile_narrow_avx2); null where the ISA has none
+using NarrowFn = void (*)(double*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t, int64_t);
 
 struct Isa {
   TileFn fn = tile_scalar;
   Tile24Fn fn24 = nullptr;
+  NarrowFn narrow = nullptr;
   PackFn pack = pack_scalar;
   const char* name = "scalar";
   Isa() {
@@ -393,6 +451,7 @@ struct Isa {
     } else if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
       fn = tile_avx2;
       fn24 = tile24_avx2;
+      narrow = tile_narrow_avx2;
       pack = pack_avx2;
       name = "avx2";
     }
@@ -423,9 +482,16 @@ void syrk_packed(double* S, int64_t lds, const float* D, int64_t ldc, int64_t nc
   // rows [r0, full) have every entry of the tile (j > i, j < n): kWideRows at a time where the ISA has a wide
   // tile
   const int64_t full = fn24 != nullptr && j0 + kSyrkPad <= n ? std::min(i_end, j0) : r0;
+  // a last tile narrower than 32 columns, not a multiple of 8 (those the 16- and 8-column passes compute without
+  // waste, and faster at large n: one flush per row, not per column): rows [r0, nfull) in transposed passes where
+  // the ISA has them
+  const NarrowFn narrow = isa().narrow;
+  const int64_t w = n - j0;
+  const int64_t nfull = narrow != nullptr && w < kSyrkPad && w % 8 != 0 ? std::max(r0, std::min(i_end, j0)) : r0;
   for (int64_t c = 0; c < nck; ++c) {  // chunks outside: the tile's 32 columns of a chunk stay in L2
     const float* Dc = D + c * ldc;
-    int64_t i0 = r0;
+    if (nfull > r0) narrow(S, lds, Dc, kc, r0, nfull, j0, w);
+    int64_t i0 = nfull;
     for (; i0 + kWideRows <= full; i0 += kWideRows) fn24(S, lds, Dc, kc, i0, j0);
     for (; i0 < i_end; i0 += kSyrkTileRows) {
       // a half has work when some j in it (j < n) has j >= i0
