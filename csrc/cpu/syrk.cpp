@@ -389,34 +389,43 @@ __attribute__((target("avx2,fma"))) void pack_avx2(const float* stage, int64_t l
     for (int q = 0; q < 8; ++q) mk[q] = 8 * h + q >= lo[h] && 8 * h + q < hi[h] ? -1 : 0;
     m[h] = _mm256_load_si256(reinterpret_cast<const __m256i*>(mk));
   }
+  // the rows' addresses, once (rows outside [lo, hi) read a row that exists; they are dropped below): computed per
+  // step, with the chunk's division, they were half of this loop's instructions
+  const float* src[16];
+  for (int q = 0; q < 16; ++q) src[q] = stage + std::clamp(q, lo[q / 8], std::max(lo[q / 8], hi[q / 8] - 1)) * ld;
   int64_t t = 0;
-  for (; t + 8 <= w; t += 8) {
-    for (int h = 0; h < 2; ++h) {
-      if (!any[h]) continue;
-      // r[q] (q < 4): columns t..t+3 of rows q (low lane) and q + 4 (high lane); r[q + 4]: columns t+4..t+7.
-      // Then in-lane 4 x 4 transposes give whole columns: no cross-lane permute (8 uops each on Zen 1).
-      // Rows outside [lo, hi) are loaded from a row that exists and dropped below.
-      __m256 r[8];
-      for (int q = 0; q < 4; ++q) {
-        const float* lo_row = stage + std::clamp(8 * h + q, lo[h], hi[h] - 1) * ld + t;
-        const float* hi_row = stage + std::clamp(8 * h + q + 4, lo[h], hi[h] - 1) * ld + t;
-        r[q] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo_row)), _mm_loadu_ps(hi_row), 1);
-        r[q + 4] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo_row + 4)), _mm_loadu_ps(hi_row + 4), 1);
-      }
-      __m256 b[8];
-      for (int u = 0; u < 8; u += 4) {  // in-lane transpose of r[u..u+3]: b[u + c] = column (u + c), rows in lanes
-        const __m256 p0 = _mm256_unpacklo_ps(r[u], r[u + 1]), p1 = _mm256_unpackhi_ps(r[u], r[u + 1]);
-        const __m256 p2 = _mm256_unpacklo_ps(r[u + 2], r[u + 3]), p3 = _mm256_unpackhi_ps(r[u + 2], r[u + 3]);
-        b[u] = _mm256_shuffle_ps(p0, p2, 0x44);
-        b[u + 1] = _mm256_shuffle_ps(p0, p2, 0xee);
-        b[u + 2] = _mm256_shuffle_ps(p1, p3, 0x44);
-        b[u + 3] = _mm256_shuffle_ps(p1, p3, 0xee);
-      }
-      float* out = packed_at(D, ldc, kc, g, col0 + t, 8 * h);  // the 8 columns lie in one chunk: G apart
-      if (full[h]) {  // a masked store is microcoded on Zen 1
-        for (int q = 0; q < 8; ++q) _mm256_storeu_ps(out + q * G, b[q]);
-      } else {
-        for (int q = 0; q < 8; ++q) _mm256_maskstore_ps(out + q * G, m[h], b[q]);
+  while (t + 8 <= w) {
+    // to the chunk's end (col0, kc multiples of 16: at least 8 columns are left in it)
+    const int64_t col = col0 + t, te = t + std::min(w - t, kc - col % kc) / 8 * 8;
+    float* out0 = packed_at(D, ldc, kc, g, col, 0);
+    for (; t < te; t += 8, out0 += 8 * G) {
+      for (int h = 0; h < 2; ++h) {
+        if (!any[h]) continue;
+        // r[q] (q < 4): columns t..t+3 of rows q (low lane) and q + 4 (high lane); r[q + 4]: columns t+4..t+7.
+        // Then in-lane 4 x 4 transposes give whole columns: no cross-lane permute (8 uops each on Zen 1).
+        __m256 r[8];
+        for (int q = 0; q < 4; ++q) {
+          const float* lo_row = src[8 * h + q] + t;
+          const float* hi_row = src[8 * h + q + 4] + t;
+          r[q] = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo_row)), _mm_loadu_ps(hi_row), 1);
+          r[q + 4] =
+              _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(lo_row + 4)), _mm_loadu_ps(hi_row + 4), 1);
+        }
+        __m256 b[8];
+        for (int u = 0; u < 8; u += 4) {  // in-lane transpose of r[u..u+3]: b[u + c] = column (u + c), rows in lanes
+          const __m256 p0 = _mm256_unpacklo_ps(r[u], r[u + 1]), p1 = _mm256_unpackhi_ps(r[u], r[u + 1]);
+          const __m256 p2 = _mm256_unpacklo_ps(r[u + 2], r[u + 3]), p3 = _mm256_unpackhi_ps(r[u + 2], r[u + 3]);
+          b[u] = _mm256_shuffle_ps(p0, p2, 0x44);
+          b[u + 1] = _mm256_shuffle_ps(p0, p2, 0xee);
+          b[u + 2] = _mm256_shuffle_ps(p1, p3, 0x44);
+          b[u + 3] = _mm256_shuffle_ps(p1, p3, 0xee);
+        }
+        float* out = out0 + 8 * h;  // the 8 columns lie in one chunk: G apart
+        if (full[h]) {  // a masked store is microcoded on Zen 1
+          for (int q = 0; q < 8; ++q) _mm256_storeu_ps(out + q * G, b[q]);
+        } else {
+          for (int q = 0; q < 8; ++q) _mm256_maskstore_ps(out + q * G, m[h], b[q]);
+        }
       }
     }
   }
