@@ -57,7 +57,12 @@ constexpr int64_t kBlock = 256;      // rows per top-level block, at most (block
 constexpr int64_t kMinBlock = 32;    // ... and at least (64 made N = 64 one block whose far rows all went to
                                      // fp64 leaf passes: 41.6 ms, with two 32-row blocks 14.8 ms; AMD VM)
 constexpr int64_t kLeaf = 32;        // at most this many rows per side: fp64 pass
-constexpr int64_t kDirectCost = 64;  // one direct fp64 distance ~ this many entries of a sub-block pass
+// One direct fp64 distance costs about this many entries of an fp64 leaf pass: measured on the Zen 3 VM at
+// N = 16 (one 16-row block; 6-7 near pairs flagged per large segment), a 16 x 16 leaf pass over a 87,552-column
+// segment took ~2.5 ms (the rows' fp64 prep, then MKL's fp64 GEMM of a tiny shape), one direct distance ~0.1
+// ms: 256 / 25 ~ 10. It was 64, which sent those 7 entries through the leaf pass: refinement was 11 of N = 16's
+// 15 ms (5.5 ms now; N = 8: 6.6 -> 3.1 ms, N = 32: 25.7 -> ~9 ms).
+constexpr int64_t kDirectCost = 10;
 constexpr int64_t kSmallLayer = 512; // segments this small go straight to the fp64 pass (cheap, exact-er)
 constexpr int64_t kSmallBlock = 1024;  // their rows per block: few block pairs (per-pair overhead dominates)
 constexpr int64_t kSplitDiag = 192;  // diagonal blocks of >= this many rows: three half-size GEMMs, not four
