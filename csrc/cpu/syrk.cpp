@@ -256,7 +256,7 @@ __attribute__((target("avx2,fma"))) inline __attribute__((always_inline)) void p
 
 // AVX2, transposed: the 16 rows of the group at ig (vectors) x W columns jb..jb+W-1 (broadcast), one chain
 // [k0, k1): 2W accumulators, 2 loads and W broadcasts per column. For a last tile narrower than 32 columns, whose
-// 16-wide passes computed up to 4x its entries (n = 100: columns 96-99 as 8). fma(a, b, c) = fma(b, a, c), so
+// 16- and 8-wide passes computed up to 8x its entries (n = 100: columns 96-99 as 8). fma(a, b, c) = fma(b, a, c), so
 // each entry's chain gives the same bits as the reference's. Only for entries that all exist (rows < jb).
 template <int W>
 __attribute__((target("avx2,fma"))) inline __attribute__((always_inline)) void pass_16xw(
