@@ -396,6 +396,57 @@ Bounds bounds(int64_t s, bool use64, int64_t kc) {
   return {C, use64 ? kU64 : kU32, 1.0 + std::sqrt(static_cast<double>(s))};
 }
 
+// Small host-side steps, as plain loops for CPU tensors: each ATen op a call uses for the first time in a process
+// maps its code pages (isfinite + all, sqrt, index_select and stack together ~1.3 ms on the Zen 3 VM, a first
+// segment_gram at N = 100 being ~30 ms); other devices keep the ATen ops (one host synchronisation each).
+bool host_cpu_f64(const at::Tensor& t) {
+  return t.device().is_cpu() && t.scalar_type() == at::kDouble && t.is_contiguous();
+}
+
+// elementwise sqrt (correctly rounded either way: the same bits)
+at::Tensor sqrt_of(const at::Tensor& t) {
+  if (!host_cpu_f64(t)) return at::sqrt(t);
+  at::Tensor out = at::empty_like(t);
+  const double* a = t.const_data_ptr<double>();
+  double* o = out.data_ptr<double>();
+  for (int64_t i = 0; i < t.numel(); ++i) o[i] = std::sqrt(a[i]);
+  return out;
+}
+
+bool all_finite(const at::Tensor& t) {
+  if (!host_cpu_f64(t)) return at::isfinite(t).all().item<bool>();
+  const double* a = t.const_data_ptr<double>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    if (!std::isfinite(a[i])) return false;
+  return true;
+}
+
+// gd[refs[k]] for every k, on the host
+std::vector<double> gather_host(const at::Tensor& gd, const Side& sd) {
+  std::vector<double> out(sd.refs.size());
+  if (host_cpu_f64(gd)) {
+    const double* a = gd.const_data_ptr<double>();
+    for (size_t k = 0; k < out.size(); ++k) out[k] = a[sd.refs[k]];
+  } else {
+    at::Tensor g = gd.index_select(0, sd.refs_t).cpu().contiguous();
+    std::copy(g.const_data_ptr<double>(), g.const_data_ptr<double>() + g.numel(), out.begin());
+  }
+  return out;
+}
+
+// the pairs' flagged counts (int64 scalars on the data's device), on the host
+std::vector<int64_t> counts_host(const std::vector<at::Tensor>& counts) {
+  std::vector<int64_t> out(counts.size());
+  if (!counts.empty() && counts.front().device().is_cpu()) {
+    for (size_t k = 0; k < counts.size(); ++k) out[k] = counts[k].item<int64_t>();
+    return out;
+  }
+  if (counts.empty()) return out;
+  at::Tensor c = at::stack(counts).cpu().contiguous();  // one synchronisation for all pairs
+  std::copy(c.const_data_ptr<int64_t>(), c.const_data_ptr<int64_t>() + c.numel(), out.begin());
+  return out;
+}
+
 // Combine one pair's accumulator (in place: pr.S becomes the pair's Gram block) with the fp64 terms, and
 // flag the entries whose certificate fails. w = |p - q|^2, gp, gq the references' squared norms.
 // Returns the number flagged as an int64 tensor on the data's device (no host synchronisation).
@@ -406,8 +457,8 @@ at::Tensor combine_pair(const LayerCtx& ctx, const Side& sa, const Side& sb, con
   const double cc = 0.5 * ((gp + gq) - w);
   at::Tensor tA = sa.T.narrow(0, a0 - sa.first(), na).select(1, pr.J);
   at::Tensor tB = sb.T.narrow(0, b0 - sb.first(), nb).select(1, pr.I);
-  at::Tensor dnA = at::sqrt(sa.dn2.narrow(0, a0 - sa.first(), na));
-  at::Tensor dnB = at::sqrt(sb.dn2.narrow(0, b0 - sb.first(), nb));
+  at::Tensor dnA = sqrt_of(sa.dn2.narrow(0, a0 - sa.first(), na));
+  at::Tensor dnB = sqrt_of(sb.dn2.narrow(0, b0 - sb.first(), nb));
   at::Tensor gA = ctx.gdA.narrow(0, a0, na), gB = ctx.gdB.narrow(0, b0, nb);
   at::Tensor G = pr.S;
   if (ctx.k->combine) {
@@ -546,7 +597,7 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     auto check_finite = [&]() {
       for (int side = 0; side < (sym ? 1 : 2); ++side) {
         at::Tensor gd = side == 0 ? ctx.gdA : ctx.gdB;
-        if (!at::isfinite(gd).all().item<bool>()) {
+        if (!all_finite(gd)) {
           const int64_t bad = at::logical_not(at::isfinite(gd)).nonzero().select(1, 0)[0].item<int64_t>();
           TORCH_CHECK_VALUE(false, "segment_gram: ", side == 0 ? "X" : "Y", " row ", bad, " holds NaN or inf ",
                             "(or overflows) in segment ", l, " (columns ", c0, ":", c1, ")");
@@ -600,7 +651,7 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
       at::Tensor pi = sa.refs_t.repeat_interleave(nB), qj = B.refs_t.repeat({nA});
       W = kern.dist2(X, Y, pi, qj, c0, c1).view({nA, nB}).cpu();
     }
-    at::Tensor gdp = ctx.gdA.index_select(0, sa.refs_t).cpu(), gdq = ctx.gdB.index_select(0, B.refs_t).cpu();
+    const std::vector<double> gdp = gather_host(ctx.gdA, sa), gdq = gather_host(ctx.gdB, B);
     const double* w = W.const_data_ptr<double>();
     // (the fused pass's fp32 chains are shorter than kc, cpu::kSyrkChain: the bound keeps kc, conservative. With
     // the chain's length instead, fewer near pairs went to the exact distances and bench_gram.py's worst 1 - cos
@@ -610,15 +661,15 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     for (const Pair& pr : pairs) {
       prof.lap(2);
       at::Tensor flag;
-      counts.push_back(combine_pair(ctx, sa, B, pr, w[pr.I * nB + pr.J], gdp[pr.I].item<double>(),
-                                    gdq[pr.J].item<double>(), bd, sym && pr.I == pr.J, flag));
+      counts.push_back(combine_pair(ctx, sa, B, pr, w[pr.I * nB + pr.J], gdp[pr.I], gdq[pr.J], bd,
+                                    sym && pr.I == pr.J, flag));
       flags.push_back(flag);
       prof.lap(5);
     }
     // one host synchronisation per segment: which pairs need refinement
-    at::Tensor cnt = at::stack(counts).cpu();
+    const std::vector<int64_t> cnt = counts_host(counts);
     for (size_t k = 0; k < pairs.size(); ++k) {
-      if (cnt[k].item<int64_t>() == 0) continue;
+      if (cnt[k] == 0) continue;
       const Pair& pr = pairs[k];
       refine(ctx, sa.starts[pr.I], sa.starts[pr.I + 1], B.starts[pr.J], B.starts[pr.J + 1], flags[k],
              small && !in64);
