@@ -437,13 +437,12 @@ std::vector<double> gather_host(const at::Tensor& gd, const Side& sd) {
 // the pairs' flagged counts (int64 scalars on the data's device), on the host
 std::vector<int64_t> counts_host(const std::vector<at::Tensor>& counts) {
   std::vector<int64_t> out(counts.size());
-  if (!counts.empty() && counts.front().device().is_cpu()) {
+  if (counts.empty() || counts.front().device().is_cpu()) {
     for (size_t k = 0; k < counts.size(); ++k) out[k] = counts[k].item<int64_t>();
-    return out;
+  } else {
+    at::Tensor c = at::stack(counts).cpu().contiguous();  // one synchronisation for all pairs
+    std::copy(c.const_data_ptr<int64_t>(), c.const_data_ptr<int64_t>() + c.numel(), out.begin());
   }
-  if (counts.empty()) return out;
-  at::Tensor c = at::stack(counts).cpu().contiguous();  // one synchronisation for all pairs
-  std::copy(c.const_data_ptr<int64_t>(), c.const_data_ptr<int64_t>() + c.numel(), out.begin());
   return out;
 }
 
@@ -630,22 +629,23 @@ at::Tensor run(const at::Tensor& X_in, const std::vector<int64_t>& off, const at
     // for a third of the pairs at 3 blocks
     at::Tensor W;
     if (sym) {
-      std::vector<int64_t> ii, jj;
+      std::vector<int64_t> ii, jj, pi, qj;  // the pairs I < J, and their reference rows
       for (int64_t I = 0; I < nA; ++I) {
         for (int64_t J = I + 1; J < nA; ++J) {
-          ii.push_back(sa.refs[I]);
-          jj.push_back(sa.refs[J]);
+          ii.push_back(I);
+          jj.push_back(J);
+          pi.push_back(sa.refs[I]);
+          qj.push_back(sa.refs[J]);
         }
       }
       W = at::zeros({nA, nA}, f64.device(at::kCPU));
       if (!ii.empty()) {
         const auto i64 = at::TensorOptions().dtype(at::kLong);
-        at::Tensor d = kern.dist2(X, Y, at::tensor(ii, i64).to(X.device()), at::tensor(jj, i64).to(X.device()), c0, c1)
+        at::Tensor d = kern.dist2(X, Y, at::tensor(pi, i64).to(X.device()), at::tensor(qj, i64).to(X.device()), c0, c1)
                            .cpu();
         double* wp = W.data_ptr<double>();
         const double* dp = d.const_data_ptr<double>();
-        for (int64_t I = 0, k = 0; I < nA; ++I)
-          for (int64_t J = I + 1; J < nA; ++J, ++k) wp[I * nA + J] = wp[J * nA + I] = dp[k];
+        for (size_t k = 0; k < ii.size(); ++k) wp[ii[k] * nA + jj[k]] = wp[jj[k] * nA + ii[k]] = dp[k];
       }
     } else {
       at::Tensor pi = sa.refs_t.repeat_interleave(nB), qj = B.refs_t.repeat({nA});
