@@ -1,6 +1,7 @@
 """`python -m pylandscape COMMAND ...` (also installed as the `pylandscape` console script)."""
 from __future__ import annotations
 
+import gc
 import importlib
 import sys
 
@@ -24,7 +25,9 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, freeze: bool = False) -> int:
+    """freeze: as a program (console() and python -m), the imports' objects go to the collector's
+    permanent generation, which the interpreter's collections at exit skip (see pylandscape/mds/__main__.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -37,8 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
+    if freeze:
+        gc.freeze()
     return int(module.main(rest) or 0)
 
 
+def console() -> int:
+    """The `pylandscape` console script."""
+    return main(freeze=True)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(freeze=True))

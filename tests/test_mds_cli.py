@@ -276,6 +276,15 @@ def test_one_layer_without_cache_reads_only_that_layer(tmp_path, monkeypatch):
         seen.update(t for t, _, _ in pieces)
         return real(self, rows, pieces, *a, **k)
     monkeypatch.setattr(SnapshotSet, "read_block", spy)
+    from pylandscape.mds import pipeline
+    real_map = pipeline.map_rows
+
+    def spy_map(items, names, tensors):  # one chunk of safetensors: mapped, not read
+        m = real_map(items, names, tensors)
+        if m is not None:
+            seen.update(m.columns)
+        return m
+    monkeypatch.setattr(pipeline, "map_rows", spy_map)
     res = mds.embed(tmp_path / "ck", layer="fc.*", cache=False, progress=False, max_memory=12 * 4 * 3 * 10)
     names = set(res.selected)
     assert names == {"fc.weight", "fc.bias"} and res.timings["read_chunks"] > 1

@@ -2,7 +2,9 @@
 
 compute_grams makes one pass over the snapshot files: column ranges of all rows go into a float32
 buffer of at most ``max_memory`` bytes, so N x P larger than RAM works (each file is read once in
-total); only the [L, N, N] float64 Gram must fit.
+total); only the [L, N, N] float64 Gram must fit. Safetensors rows that fit in one range are mapped
+instead of copied (snapshots/mapped.py). Rows are checked for NaN / Inf by the op itself; only when it
+finds one are they scanned here, to name the file and tensor.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from ..devices import resolve_device
 from ..flat import ParamSpec
 from ..ops import segment_gram
 from ..snapshots import SnapshotError, open_source, select_tensors
+from ..snapshots.mapped import map_rows
 from . import duplicates, gram_cache
 from .dissimilarity import zero_norm
 from .estimator import ClassicalMDS
@@ -106,14 +109,16 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
     if len(rows) < 3:
         raise ValueError(f"{sset.describe()}: {len(rows)} snapshot(s) selected, MDS needs at least 3")
     tensor_idx = select_tensors(sset.spec, layer)
-    # matplotlib loads on the idle core while the snapshots are read (one thread), not after the MDS
-    drawing = embedding_plot.import_in_background() if out_dir is not None else None
     t1 = time.perf_counter()
     grams, rows, gram_info = (gram_fn or compute_grams)(sset, rows, device=device, cache=cache, cache_dir=cache_dir,
                                            max_memory=max_memory, progress=progress, skip_bad=skip_bad,
                                            cache_max=cache_max, copies=copies, tensors=tensor_idx,
                                            background_save=True)  # written while the MDS and outputs run
     timings["gram"] = time.perf_counter() - t1
+    # matplotlib loads while the eigensolver runs on one thread. Not before the Gram: there it took the GIL
+    # from the main thread's stat and open calls (2,000 file keys: 0.04 -> 0.8 s) and a core from the op's
+    # threads (which then wait for each other): ~2 s more on the 2-core VM
+    drawing = embedding_plot.import_in_background() if out_dir is not None else None
     timings.update({f"gram_{k}": v for k, v in gram_info.get("timings", {}).items()})
     metas = [dict(sset.meta[r]) for r in rows]
     copy_notes: list[str] = []
@@ -136,7 +141,9 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
     result.timings["cache"] = gram_info.get("cache", "off")
     if "chunks" in gram_info:  # a pass over the files happened
         result.timings["read_chunks"] = gram_info["chunks"]
-        result.timings["read_GBps"] = round(gram_info["read_GBps"], 3)
+        result.timings["read_mode"] = gram_info.get("read_mode", "copied")
+        if "read_GBps" in gram_info:
+            result.timings["read_GBps"] = round(gram_info["read_GBps"], 3)
     if out_dir is not None:
         t3 = time.perf_counter()
         drawing.join()
@@ -234,32 +241,43 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
     bad: dict[int, str] = {}
     t_read = t_gram = 0.0
     read_bytes = 0
-    for ci, pieces in enumerate(chunks):
+    mapped = _mapped_grams(sset, rows, chunks, show) if dev.type == "cpu" else None
+    if mapped is not None:
+        grams, t_read, t_gram = mapped
+        info["read_mode"] = "mapped"
+        chunks_done: list = []
+    else:
+        info["read_mode"] = "copied"
+        chunks_done = chunks
+    for ci, pieces in enumerate(chunks_done):
         t = time.perf_counter()
         desc = "reading snapshots" + (f" ({ci + 1}/{len(chunks)})" if len(chunks) > 1 else "")
         buf = sset.read_block(rows, pieces, progress=progress, desc=desc)
         t_read += time.perf_counter() - t
         read_bytes += buf.nbytes
-        for r in range(n):
-            if r in bad:
-                continue
-            if not np.isfinite(buf[r]).all():
-                c = 0
-                for ti, a, b in pieces:
-                    if not np.isfinite(buf[r, c:c + b - a]).all():
-                        bad[r] = f"{sset.meta[rows[r]]['path']}: tensor {spec.names[ti]!r} has NaN or Inf weights"
-                        break
-                    c += b - a
-        if bad and not skip_bad:
-            raise SnapshotError(next(iter(bad.values())))
         for r in bad:
             buf[r] = 0.0  # dropped below; zeros keep the Gram finite meanwhile
         t = time.perf_counter()
         lens = [b - a for _, a, b in pieces]
         offs = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int64)
-        # the buffer already respects --max-memory: let the op take it in one call
-        g = segment_gram(torch.from_numpy(buf), offs, device=dev, progress=show,
-                         memory_budget=max(buf.nbytes, 1 << 20))
+
+        def gram():  # the buffer already respects --max-memory: let the op take it in one call
+            return segment_gram(torch.from_numpy(buf), offs, device=dev, progress=show,
+                                memory_budget=max(buf.nbytes, 1 << 20))
+        try:
+            g = gram()
+        except ValueError as e:  # the op checks every row; only then are rows scanned, to name the file
+            if "NaN or inf" not in str(e):
+                raise
+            new = _nonfinite_rows(sset, rows, pieces, buf, skip=bad)
+            if not new:
+                raise
+            if not skip_bad:
+                raise SnapshotError(next(iter(new.values()))) from None
+            bad.update(new)
+            for r in new:
+                buf[r] = 0.0
+            g = gram()
         whole = [(k, 0, spec.sizes[k]) for k in range(L)]
         if grams is None and list(pieces) == whole:  # one chunk, every tensor whole: the op's output is it
             grams = g.to("cpu", torch.float64)
@@ -273,7 +291,8 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
     if grams is None:  # no chunk at all (nothing selected)
         grams = torch.zeros(L, n, n, dtype=torch.float64)
     info["timings"].update({"read": t_read, "segment_gram": t_gram})
-    info["read_GBps"] = read_bytes / max(t_read, 1e-9) / 1e9
+    if mapped is None:
+        info["read_GBps"] = read_bytes / max(t_read, 1e-9) / 1e9
     info["chunks"] = len(chunks)
     if bad:
         for msg in bad.values():
@@ -304,6 +323,55 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
         else:
             save(warn)
     return grams, rows, info
+
+
+def _mapped_grams(sset, rows: list[int], chunks, show: bool) -> tuple[torch.Tensor, float, float] | None:
+    """One chunk of whole tensors, straight from the files' pages (snapshots/mapped.py): (grams, seconds
+    mapping, seconds in the op), or None when mapping does not apply or a row is not finite (the copy
+    path then names the file)."""
+    if len(chunks) != 1 or any(a != 0 or b != sset.spec.sizes[t] for t, a, b in chunks[0]):
+        return None
+    t = time.perf_counter()
+    m = map_rows([sset.items[r] for r in rows], sset.spec.names, [ti for ti, _, _ in chunks[0]])
+    if m is None:
+        return None
+    t_map = time.perf_counter() - t
+    t = time.perf_counter()
+    L, n = len(sset.spec), len(rows)
+    grams = None
+    try:
+        for run in m.runs():  # tensors adjacent in the files: one op call each
+            c0, c1 = m.columns[run[0]][0], m.columns[run[-1]][1]
+            offs = torch.tensor([0] + [m.columns[ti][1] - c0 for ti in run], dtype=torch.int64)
+            g = segment_gram(m.X[:, c0:c1], offs, progress=show)
+            if run == list(range(L)):  # every tensor, in spec order (a safetensors spec is in file order)
+                grams = g
+                continue
+            if grams is None:
+                grams = torch.zeros(L, n, n, dtype=torch.float64)
+            for j, ti in enumerate(run):
+                grams[ti] = g[j]
+    except ValueError as e:
+        if "NaN or inf" in str(e):
+            return None
+        raise
+    return grams, t_map, time.perf_counter() - t
+
+
+def _nonfinite_rows(sset, rows: list[int], pieces, buf: np.ndarray, skip) -> dict[int, str]:
+    """Rows of buf (not in skip) holding NaN or Inf, each with a message naming its file and tensor."""
+    spec = sset.spec
+    out: dict[int, str] = {}
+    for r in range(len(rows)):
+        if r in skip or np.isfinite(buf[r]).all():
+            continue
+        c = 0
+        for ti, a, b in pieces:
+            if not np.isfinite(buf[r, c:c + b - a]).all():
+                out[r] = f"{sset.meta[rows[r]]['path']}: tensor {spec.names[ti]!r} has NaN or Inf weights"
+                break
+            c += b - a
+    return out
 
 
 def _start(save, warn):

@@ -280,9 +280,10 @@ def find_snapshots(root: str | os.PathLike, *, group_by: str | None = None, skip
     # timm's epoch) or an HF trainer_state.json beside it replaces the one guessed from the path.
     good_items, good_meta = [], []
     states: dict = {}
+    memo: dict = {}
     for item, m in zip(items, metas):
         try:
-            recorded = read_header(item)
+            recorded = read_header(item, memo)
         except NotWeights as e:
             kinds[e.kind] += 1
             continue

@@ -48,10 +48,13 @@ class SnapshotSet:
 
     def file_key(self, i: int) -> list:
         """(absolute path, size, mtime_ns): the snapshot's identity in the (shared) Gram cache; it
-        changes whenever the file is rewritten."""
-        p = self.items[i].path
-        st = p.stat()
-        return [str(self._resolve(p)), st.st_size, st.st_mtime_ns]
+        changes whenever the file is rewritten. Size and mtime are those seen when the header was read."""
+        item = self.items[i]
+        p = item.path
+        if item.stat is None:
+            st = p.stat()
+            item.stat = (st.st_size, st.st_mtime_ns)
+        return [str(self._resolve(p)), *item.stat]
 
     def _resolve(self, p: Path) -> Path:
         """p.resolve(), with each folder resolved once: a realpath per file (an lstat per path component)
