@@ -23,11 +23,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_mds_e2e import make_folder, warm_page_cache  # noqa: E402
+from bench_mds_e2e import make_folder, warm_page_cache
 
-from pylandscape.ops import segment_gram  # noqa: E402
-from pylandscape.snapshots import open_source  # noqa: E402
-from pylandscape.snapshots.mapped import map_rows  # noqa: E402
+from pylandscape.ops import segment_gram
+from pylandscape.snapshots import open_source
+from pylandscape.snapshots.mapped import map_rows
 
 
 def read(sset, how: str) -> tuple[torch.Tensor, torch.Tensor]:

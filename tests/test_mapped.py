@@ -3,6 +3,7 @@ copy whenever the files do not share one float32 layout. Files written by safete
 from __future__ import annotations
 
 import gc
+import itertools
 import sys
 
 import numpy as np
@@ -11,8 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from pylandscape import mds
-from pylandscape.snapshots import SnapshotError, discover
-from pylandscape.snapshots import mapped
+from pylandscape.snapshots import SnapshotError, discover, mapped
 
 pytestmark = pytest.mark.skipif(not mapped.enabled(), reason="mapping needs 64-bit little-endian Linux")
 
@@ -54,8 +54,8 @@ def test_mapped_rows_are_the_files_floats(tmp_path):
         runs = m.runs()
         assert sorted(t for r in runs for t in r) == sorted(want)
         for r in runs:  # each run is adjacent columns; runs are not
-            assert all(m.columns[x][1] == m.columns[y][0] for x, y in zip(r, r[1:]))
-        for r, s in zip(runs, runs[1:]):
+            assert all(m.columns[x][1] == m.columns[y][0] for x, y in itertools.pairwise(r))
+        for r, s in itertools.pairwise(runs):
             assert m.columns[r[-1]][1] != m.columns[s[0]][0]
     all_runs = mapped.map_rows(sset.items, names, list(range(len(names)))).runs()
     assert len(all_runs) == 2  # the running statistics split bn.bias from bn.weight

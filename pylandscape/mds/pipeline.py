@@ -260,12 +260,10 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
         t = time.perf_counter()
         lens = [b - a for _, a, b in pieces]
         offs = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.int64)
-
-        def gram():  # the buffer already respects --max-memory: let the op take it in one call
-            return segment_gram(torch.from_numpy(buf), offs, device=dev, progress=show,
-                                memory_budget=max(buf.nbytes, 1 << 20))
+        # the buffer already respects --max-memory: let the op take it in one call
+        kw = {"device": dev, "progress": show, "memory_budget": max(buf.nbytes, 1 << 20)}
         try:
-            g = gram()
+            g = segment_gram(torch.from_numpy(buf), offs, **kw)
         except ValueError as e:  # the op checks every row; only then are rows scanned, to name the file
             if "NaN or inf" not in str(e):
                 raise
@@ -277,7 +275,7 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
             bad.update(new)
             for r in new:
                 buf[r] = 0.0
-            g = gram()
+            g = segment_gram(torch.from_numpy(buf), offs, **kw)
         whole = [(k, 0, spec.sizes[k]) for k in range(L)]
         if grams is None and list(pieces) == whole:  # one chunk, every tensor whole: the op's output is it
             grams = g.to("cpu", torch.float64)
