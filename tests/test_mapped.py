@@ -111,13 +111,25 @@ def test_nan_in_a_mapped_file_names_it(tmp_path):
     assert res.n == 5
 
 
-def test_truncated_after_discovery_names_the_file(tmp_path):
+def test_changed_after_discovery_is_copied(tmp_path, monkeypatch):
+    """A file shorter now than its header said, one gone, or too many files for vm.max_map_count: no
+    mapping (a short file would raise SIGBUS), and the copy names the bad file."""
     root = _folder(tmp_path / "ck", n=4)
     sset = discover(root)
+    want = list(range(len(sset.spec)))
+    assert mapped.map_rows(sset.items, sset.spec.names, want) is not None
+    monkeypatch.setattr(mapped, "_max_map_count", lambda: 4100)
+    assert mapped.map_rows(sset.items, sset.spec.names, want) is None
+    monkeypatch.undo()
     f = sset.items[2].path
     f.write_bytes(f.read_bytes()[:-100])
+    assert mapped.map_rows(sset.items, sset.spec.names, want) is None
     with pytest.raises(SnapshotError, match=rf"{f.name}: truncated"):
-        mapped.map_rows(sset.items, sset.spec.names, list(range(len(sset.spec))))
+        mds.embed(sset, cache=False, progress=False)
+    f.unlink()
+    assert mapped.map_rows(sset.items, sset.spec.names, want) is None
+    with pytest.raises(SnapshotError, match=rf"{f.name}: cannot open"):
+        mds.embed(sset, cache=False, progress=False)
 
 
 def _maps_mention(path) -> bool:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from .formats import Snapshot, SnapshotError
+from .formats import Snapshot
 
 _PROT_READ, _PROT_WRITE = 0x1, 0x2
 _MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000  # Linux values
@@ -74,6 +74,14 @@ def _libc():
     return libc
 
 
+def _max_map_count() -> int:
+    try:
+        with open("/proc/sys/vm/max_map_count") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 65530  # the kernel's default
+
+
 def layout(items: Sequence[Snapshot], names: Sequence[str], tensors: Sequence[int]
            ) -> tuple[int, int, dict[int, tuple[int, int]]] | None:
     """(first byte, end byte) of the wanted tensors in every file, and their columns; None when the files
@@ -98,40 +106,40 @@ def layout(items: Sequence[Snapshot], names: Sequence[str], tensors: Sequence[in
 
 def map_rows(items: Sequence[Snapshot], names: Sequence[str], tensors: Sequence[int]) -> MappedRows | None:
     """The wanted tensors of every file as rows of one strided float32 matrix (no copy), or None when
-    mapping does not apply (see the module note). A file that cannot be opened or is now too short
-    raises SnapshotError naming it."""
+    mapping does not apply (see the module note) or fails (a file gone or shorter now, too many mappings
+    for vm.max_map_count): the caller's copy then reads the files and names any bad one."""
     if not enabled():
         return None
     lay = layout(items, names, tensors)
     if lay is None:
         return None
     lo, hi, cols = lay
+    n = len(items)
+    if 2 * n + 4096 > _max_map_count():  # a file's mapping and the gap after it: two areas each
+        return None
     libc = _libc()
     page = mmap.PAGESIZE
     stride = -(-hi // page) * page  # each file from offset 0, so the page offsets match
-    n = len(items)
     total = n * stride
     base = libc.mmap(None, total, 0, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
     if base in (None, _MAP_FAILED):
         return None
     region = (ctypes.c_char * total).from_address(base)
-    weakref.finalize(region, libc.munmap, base, total)  # when the last view of X is gone
+    weakref.finalize(region, libc.munmap, base, total)  # when the last view of X is gone (or on failure)
     for r, it in enumerate(items):
         fd = libc.open(os.fsencode(it.path), os.O_RDONLY | os.O_CLOEXEC)
         if fd < 0:
-            raise SnapshotError(f"{it.path}: cannot open ({os.strerror(ctypes.get_errno())})")
+            return None
         try:
-            size = libc.lseek(fd, 0, os.SEEK_END)
-            if size < hi:
-                raise SnapshotError(f"{it.path}: truncated safetensors file ({size} bytes, header needs {hi})")
+            if libc.lseek(fd, 0, os.SEEK_END) < hi:  # shorter than its header said: not mapped (SIGBUS)
+                return None
             # private and writable: a stray write copies the page instead of faulting; NORESERVE: no commit charge
             a = libc.mmap(base + r * stride, hi, _PROT_READ | _PROT_WRITE,
                           _MAP_PRIVATE | _MAP_FIXED | _MAP_NORESERVE, fd, 0)
-            err = ctypes.get_errno()
         finally:
             libc.close(fd)
         if a != base + r * stride:
-            raise SnapshotError(f"{it.path}: cannot map ({os.strerror(err)})")
+            return None
         libc.madvise(base + r * stride, hi, _MADV_WILLNEED)  # files not in the page cache: read ahead now
     width = (hi - lo) // 4
     flat = torch.frombuffer(region, dtype=torch.float32, count=((n - 1) * stride) // 4 + width, offset=lo)
