@@ -6,7 +6,7 @@ address range (MAP_FIXED), so row r of the matrix is file r's float32 data where
 holds it: ~0.03 s for those 2,000 files, and the Gram kernel reads the pages directly.
 
 Used when every file has the same header layout for the wanted tensors, those are float32 and 4-byte
-aligned, and the host is 64-bit little-endian Linux; `map_rows` returns None otherwise (the caller copies).
+aligned, and the host is Linux on x86-64 or arm64; `map_rows` returns None otherwise (the caller copies).
 A file truncated while mapped raises SIGBUS in whoever reads it, as with any mmap (safetensors' own
 safe_open too); PYLANDSCAPE_MAP_FILES=0 turns mapping off.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import platform
 import sys
 import weakref
 from dataclasses import dataclass
@@ -24,9 +25,8 @@ import torch
 
 from .formats import Snapshot
 
-_PROT_READ, _PROT_WRITE = 0x1, 0x2
-_MAP_PRIVATE, _MAP_FIXED, _MAP_ANONYMOUS, _MAP_NORESERVE = 0x02, 0x10, 0x20, 0x4000  # Linux values
-_MADV_WILLNEED = 3
+# Python's mmap module has no MAP_FIXED / MAP_NORESERVE: their Linux values on x86-64 and arm64 (enabled())
+_MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
 
@@ -51,7 +51,8 @@ class MappedRows:
 
 def enabled() -> bool:
     return (os.environ.get("PYLANDSCAPE_MAP_FILES", "1") != "0" and sys.platform.startswith("linux")
-            and sys.byteorder == "little" and ctypes.sizeof(ctypes.c_void_p) == 8)
+            and platform.machine() in ("x86_64", "aarch64") and sys.byteorder == "little"
+            and ctypes.sizeof(ctypes.c_void_p) == 8)
 
 
 def _libc():
@@ -121,7 +122,7 @@ def map_rows(items: Sequence[Snapshot], names: Sequence[str], tensors: Sequence[
     page = mmap.PAGESIZE
     stride = -(-hi // page) * page  # each file from offset 0, so the page offsets match
     total = n * stride
-    base = libc.mmap(None, total, 0, _MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
+    base = libc.mmap(None, total, 0, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE, -1, 0)
     if base in (None, _MAP_FAILED):
         return None
     region = (ctypes.c_char * total).from_address(base)
@@ -134,13 +135,13 @@ def map_rows(items: Sequence[Snapshot], names: Sequence[str], tensors: Sequence[
             if libc.lseek(fd, 0, os.SEEK_END) < hi:  # shorter than its header said: not mapped (SIGBUS)
                 return None
             # private and writable: a stray write copies the page instead of faulting; NORESERVE: no commit charge
-            a = libc.mmap(base + r * stride, hi, _PROT_READ | _PROT_WRITE,
-                          _MAP_PRIVATE | _MAP_FIXED | _MAP_NORESERVE, fd, 0)
+            a = libc.mmap(base + r * stride, hi, mmap.PROT_READ | mmap.PROT_WRITE,
+                          mmap.MAP_PRIVATE | _MAP_FIXED | _MAP_NORESERVE, fd, 0)
         finally:
             libc.close(fd)
         if a != base + r * stride:
             return None
-        libc.madvise(base + r * stride, hi, _MADV_WILLNEED)  # files not in the page cache: read ahead now
+        libc.madvise(base + r * stride, hi, mmap.MADV_WILLNEED)  # files not in the page cache: read ahead now
     width = (hi - lo) // 4
     flat = torch.frombuffer(region, dtype=torch.float32, count=((n - 1) * stride) // 4 + width, offset=lo)
     X = flat.as_strided((n, width), (stride // 4, 1))
