@@ -63,6 +63,28 @@ def _groups(meta: Sequence[dict], group: str, order: str | None) -> list[tuple[s
     return [(n, sorted(ix, key=t)) for n, ix in names.items()]
 
 
+def emptiest_corner(ax, x: np.ndarray, y: np.ndarray, labels: Sequence[str], title: str | None,
+                    ncol: int = 1, fontsize: float = 8) -> str:
+    """The legend's corner: the one whose legend-sized box (in the axes' final limits) holds the fewest
+    points; ties: upper right, upper left, lower left, lower right. matplotlib's loc="best" measures every
+    label's box at each draw: 0.24 of a 0.64 s figure with 2,000 points and 64 labels."""
+    ax.apply_aspect()  # the limits set_aspect("equal", "datalim") gives at draw time
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    fx = (x - x0) / ((x1 - x0) or 1.0)
+    fy = (y - y0) / ((y1 - y0) or 1.0)
+    pos = ax.get_position()
+    fw, fh = ax.figure.get_size_inches()
+    em = fontsize / 72  # inches
+    rows = -(-len(labels) // ncol) + (1 if title else 0)
+    chars = max([len(str(t)) for t in labels] + [len(title or "")])
+    w = ncol * (0.6 * chars + 4) * em / max(pos.width * fw, 1e-9)
+    h = (1.5 * rows + 1) * em / max(pos.height * fh, 1e-9)
+    right, left, top, bottom = fx >= 1 - w, fx <= w, fy >= 1 - h, fy <= h
+    boxes = {"upper right": right & top, "upper left": left & top, "lower left": left & bottom,
+             "lower right": right & bottom}
+    return min(boxes, key=lambda k: int(np.count_nonzero(boxes[k])))
+
+
 def palette(k: int) -> list:
     """k distinguishable colours (tab10, tab20, then turbo)."""
     import matplotlib  # start-up time: see the note at the top
@@ -152,18 +174,22 @@ def plot_embedding(coords: np.ndarray, meta: Sequence[dict], *, ax=None, annotat
     handles += [Line2D([], [], marker="o", ls="", ms=9, mfc="white", mec="gray", mew=1.8),
                 Line2D([], [], marker="s", ls="", ms=8, color="gray", mec="black", mew=0.8)]
     labels += ["start", "end"]
+    ax.set_aspect("equal", adjustable="datalim")
     if legend:
         ncol = 1 if len(labels) <= 12 else 2
-        ax.legend(handles, labels, fontsize=8, ncol=ncol, loc="best", framealpha=0.8,
-                  title=None if many else group)
+        title_ = None if many else group
+        ax.legend(handles, labels, fontsize=8, ncol=ncol, framealpha=0.8, title=title_,
+                  loc=emptiest_corner(ax, x, y, labels, title_, ncol))
     ax.set_xlabel(f"MDS {dx + 1}")
     ax.set_ylabel(f"MDS {dy + 1}")
-    ax.set_aspect("equal", adjustable="datalim")
     ax.grid(alpha=0.25)
     if title:
         ax.set_title(title, fontsize=10)
     if path is not None:
+        had = fig.get_layout_engine()
         fig.tight_layout()
+        if had is None:  # tight_layout leaves a placeholder engine, and savefig then lays out every text twice
+            fig.set_layout_engine(None)  # (a dry draw first): 0.1-0.2 s of a figure with 64 labels
         fig.savefig(path, **savefig_kw)
     return fig
 
