@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from pylandscape import mds
+from pylandscape.snapshots import mapped
 
 
 def _weights(path: Path) -> dict:
@@ -64,8 +65,15 @@ def _run(folder: Path, tmp_path: Path, capsys, *extra) -> tuple[list[dict], str]
     return list(csv.DictReader(open(out / "mds.csv"))), err
 
 
+def _read_mode(tmp_path: Path, safetensors: bool) -> None:
+    """Safetensors files written by the library share one layout: mapped, not copied (snapshots/mapped.py)."""
+    timings = json.loads((tmp_path / "mds_out" / "mds.json").read_text())["timings"]
+    assert timings["read_mode"] == ("mapped" if safetensors and mapped.enabled() else "copied")
+
+
 def _check(folder, tmp_path, capsys, *, points, aliases, time_col, times, time_source, skipped):
     rows, err = _run(folder, tmp_path, capsys)
+    _read_mode(tmp_path, all(p.endswith(".safetensors") for p in points))
     assert [r["path"] for r in rows] == points, err
     assert {r["path"]: r["aliases"] for r in rows if r.get("aliases")} == aliases
     assert {r["trajectory"] for r in rows} == {folder.name}  # one run
@@ -122,6 +130,7 @@ def test_accelerate_save_state(tmp_path, capsys, safe):
     run = build.build_accelerate(tmp_path, safe=safe)
     weights = "model.safetensors" if safe else "pytorch_model.bin"
     rows, err = _run(run, tmp_path, capsys)
+    _read_mode(tmp_path, safe)
     assert [r["path"] for r in rows] == [f"checkpoints/checkpoint_{i}/{weights}" for i in range(4)]
     assert [r["time_source"] for r in rows] == [f"folder name (checkpoint_{i})" for i in range(4)]
     assert [r["step"] for r in rows] == ["0", "1", "2", "3"] and {r["trajectory"] for r in rows} == {run.name}

@@ -242,14 +242,10 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
     t_read = t_gram = 0.0
     read_bytes = 0
     mapped = _mapped_grams(sset, rows, chunks, show) if dev.type == "cpu" else None
+    info["read_mode"] = "copied" if mapped is None else "mapped"
     if mapped is not None:
         grams, t_read, t_gram = mapped
-        info["read_mode"] = "mapped"
-        chunks_done: list = []
-    else:
-        info["read_mode"] = "copied"
-        chunks_done = chunks
-    for ci, pieces in enumerate(chunks_done):
+    for ci, pieces in enumerate(chunks if mapped is None else []):
         t = time.perf_counter()
         desc = "reading snapshots" + (f" ({ci + 1}/{len(chunks)})" if len(chunks) > 1 else "")
         buf = sset.read_block(rows, pieces, progress=progress, desc=desc)

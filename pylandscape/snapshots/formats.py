@@ -350,14 +350,8 @@ def read_header(item: Snapshot, memo: dict | None = None) -> dict:
     parse_safetensors_header."""
     if item.kind == "safetensors":
         tensors, item.data_start, _, item.stat = parse_safetensors_header(item.path, memo)
-        key = ("renamed", id(tensors))
-        renamed = memo.get(key) if memo is not None else None
-        if renamed is None or renamed[0] is not tensors:
-            ren = strip_wrapper_prefix(list(tensors))
-            renamed = (tensors, {ren[k]: v for k, v in tensors.items()})
-            if memo is not None:
-                memo[key] = renamed
-        item.tensors = renamed[1]  # shared by files with the same header: never mutated
+        ren = strip_wrapper_prefix(list(tensors))
+        item.tensors = {ren[k]: v for k, v in tensors.items()}
         return {}
     st = item.path.stat()
     item.stat = (st.st_size, st.st_mtime_ns)
