@@ -28,10 +28,10 @@ DRAWING_MODULES = ("matplotlib", "matplotlib.figure", "matplotlib.patheffects", 
 def import_in_background() -> threading.Thread:
     """Import matplotlib's drawing modules in a daemon thread, and return the thread.
 
-    For a command that will draw at its end: started before a phase that leaves a core idle (the
-    eigensolver is one thread), the figure no longer waits for matplotlib (~0.4-1 s on a 2-core VM).
-    Not before a phase of many system calls (the thread holds the GIL for each switch interval the main
-    thread gives up) or of all cores busy.
+    For a command that will draw at its end: started before a phase that leaves a core idle and the GIL
+    free (the eigensolver: one thread, LAPACK through ctypes), the figure no longer waits for matplotlib
+    (~0.4-1 s on a 2-core VM). Not before a phase of many system calls or short numpy steps (the thread
+    holds the GIL for each switch interval the main thread gives up) or of all cores busy.
     These imports change no global state (no pyplot, no backend switch); an import error is left for
     the drawing code to raise.
     """

@@ -276,3 +276,56 @@ def test_duplicate_candidates_match_the_dense_form():
     assert {3, 7, 11, 20, 40, 41} <= set(want) and not {12, 30, 50} & set(want)
     rand = torch.stack([X[:, :25] @ X[:, :25].T])[:, :40, :40]
     assert duplicates.candidates(rand) == _candidates_dense(rand) == [3, 7, 11, 20]
+
+
+def _dense_vs_numpy(B: np.ndarray, k: int):
+    from pylandscape.mds.solvers import dense_topk
+    vals, V, _ = dense_topk(B, k, "cpu")
+    w, U = np.linalg.eigh(B)
+    np.testing.assert_allclose(vals, w[::-1], atol=1e-12 * max(1.0, abs(w).max()))
+    for j in range(k):  # each eigenvector up to sign (the top k are simple here)
+        u = U[:, -1 - j]
+        assert min(np.abs(V[:, j] - u).max(), np.abs(V[:, j] + u).max()) <= 1e-9
+
+
+@pytest.mark.parametrize("name", ["lapacke", "scipy", "public scipy", "numpy"])
+def test_dense_solver_every_way_in(monkeypatch, name):
+    """numpy's OpenBLAS through ctypes, scipy's f2py module loaded alone, the public scipy.linalg.lapack
+    and numpy's full eigh all give the eigenpairs of numpy's eigh."""
+    from pylandscape.mds import lapack
+    if name == "lapacke":
+        lib = lapack._lapacke()
+        if lib is None:
+            pytest.skip("this numpy bundles no ILP64 OpenBLAS with LAPACKE (not a numpy wheel for Linux)")
+        monkeypatch.setattr(lapack, "_backend", ("lapacke", lib))
+    elif name == "scipy":
+        monkeypatch.setattr(lapack, "_backend", ("scipy", lapack._flapack()))
+    elif name == "public scipy":
+        from scipy.linalg import lapack as public
+        monkeypatch.setattr(lapack, "_backend", ("scipy", public))
+    else:
+        monkeypatch.setattr(lapack, "_backend", ())
+    rng = np.random.default_rng(3)
+    X = rng.standard_normal((60, 20))
+    _dense_vs_numpy(X @ X.T, 4)  # rank 20: 40 zero eigenvalues below the top 4
+    # a tridiagonal that splits into 1 x 1 blocks: dstebz lists the top 3 in block order (5, 3, 4),
+    # which must come back sorted
+    _dense_vs_numpy(np.diag([5.0, 1.0, 3.0, 4.0, 0.5]), 3)
+    Y = rng.standard_normal((7, 7))
+    _dense_vs_numpy(Y + Y.T, 7)  # every eigenvector, negative eigenvalues
+
+
+def test_dense_solver_does_not_import_scipy_linalg():
+    """import scipy.linalg costs 0.25-0.6 s of the command's start-up; the solver needs only LAPACK."""
+    import subprocess
+    import sys
+    code = ("import sys, numpy as np; from pylandscape.mds.solvers import dense_topk; "
+            "X = np.random.default_rng(0).standard_normal((30, 5)); dense_topk(X @ X.T, 2, 'cpu'); "
+            "import pylandscape.mds.lapack as L; print(L.backend_name()); "
+            "print(sorted(m for m in sys.modules if m == 'scipy.linalg' or m == 'numpy.f2py'))")
+    for env in ({}, {"PYLANDSCAPE_LAPACK": "scipy"}):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                             env={**__import__("os").environ, **env}).stdout.split("\n")
+        assert out[1] == "[]", (env, out)
+        if env:
+            assert out[0] == "scipy"

@@ -29,7 +29,7 @@ from ..ops import segment_gram
 from ..snapshots import SnapshotError, open_source, select_tensors
 from ..snapshots.mapped import map_rows
 from . import duplicates, gram_cache
-from .dissimilarity import zero_norm
+from .dissimilarity import squared_dissimilarity, zero_norm
 from .estimator import ClassicalMDS
 from .outputs import write_json, write_outputs
 
@@ -115,10 +115,6 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
                                            cache_max=cache_max, copies=copies, tensors=tensor_idx,
                                            background_save=True)  # written while the MDS and outputs run
     timings["gram"] = time.perf_counter() - t1
-    # matplotlib loads while the eigensolver runs on one thread. Not before the Gram: there it took the GIL
-    # from the main thread's stat and open calls (2,000 file keys: 0.04 -> 0.8 s) and a core from the op's
-    # threads (which then wait for each other): ~2 s more on the 2-core VM
-    drawing = embedding_plot.import_in_background() if out_dir is not None else None
     timings.update({f"gram_{k}": v for k, v in gram_info.get("timings", {}).items()})
     metas = [dict(sset.meta[r]) for r in rows]
     copy_notes: list[str] = []
@@ -128,7 +124,13 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
     check_norms(G, metas, [sset.spec.names[i] for i in tensor_idx], metric)
     t2 = time.perf_counter()
     est = ClassicalMDS(dims, metric=metric, solver=solver, device=device)
-    est.fit_from_gram(G)
+    D2 = squared_dissimilarity(G, metric)
+    # matplotlib loads while the eigensolver runs on one thread, with the GIL released (mds/lapack.py).
+    # Not before the Gram: there it took the GIL from the main thread's stat and open calls (2,000 file
+    # keys: 0.04 -> 0.8 s) and a core from the op's threads (which then wait for each other): ~2 s more on
+    # the 2-core VM. Not before Δ²: its numpy steps each wait for the GIL (0.11 -> 0.4-0.6 s at N = 2,000).
+    drawing = embedding_plot.import_in_background() if out_dir is not None else None
+    est.fit_from_squared(D2)
     timings["mds"] = time.perf_counter() - t2
     sizes = sset.spec.sizes
     result = MDSResult(

@@ -15,13 +15,14 @@ import numpy as np
 import torch
 
 from ..devices import resolve_device
+from . import lapack
 from .dissimilarity import double_center
 
-# Optional dependencies: without scipy a full numpy eigh gives the same numbers (~3x slower) and the
-# iterative solver falls back to the dense one; without threadpoolctl BLAS keeps its thread count.
-# scipy.linalg is imported when a solver runs, not here: it costs 0.5-0.7 s of start-up on a 2-core VM
-# (python -X importtime, after numpy and torch), which `python -m pylandscape.mds --help` and every
-# import of pylandscape.mds would pay.
+# Optional dependencies: without numpy's OpenBLAS and scipy a full numpy eigh gives the same numbers
+# (~3x slower) and the iterative solver falls back to the dense one; without threadpoolctl BLAS keeps
+# its thread count. The dense solver's LAPACK comes through lapack.py, without importing scipy.linalg
+# (0.25-0.6 s on a 2-core VM after numpy and torch); the iterative solver imports scipy.sparse.linalg
+# when it runs, not here, so that `--help` and every import of pylandscape.mds do not pay for it.
 try:
     from threadpoolctl import threadpool_limits
 except ImportError:  # pragma: no cover - depends on the environment
@@ -77,41 +78,13 @@ def one_blas_thread():
 
 def _tridiagonal_topk(B: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     n = B.shape[0]
-    try:
-        from scipy.linalg import lapack  # start-up time: see the note at the top
-    except ImportError:  # pragma: no cover - depends on the environment
-        lapack = None
-    if lapack is None or n < 3:
-        w, V = np.linalg.eigh(B)
-        return w[::-1].copy(), np.ascontiguousarray(V[:, ::-1][:, :k])
-    with one_blas_thread():
-        return _tridiagonal_topk_lapack(B, k)
-
-
-def _tridiagonal_topk_lapack(B: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.linalg import (  # start-up time: see the note at the top
-        eigh_tridiagonal,
-        lapack,
-    )
-    n = B.shape[0]
-    lwork, _ = lapack.dsytrd_lwork(n, lower=1)
-    c, d, e, tau, info = lapack.dsytrd(B, lower=1, lwork=int(lwork))
-    if info != 0:
-        raise np.linalg.LinAlgError(f"dsytrd failed (info={info})")
-    vals, info = lapack.dsterf(d, e)
-    if info != 0:
-        raise np.linalg.LinAlgError(f"dsterf failed (info={info})")
-    w, z = eigh_tridiagonal(d, e, select="i", select_range=(n - k, n - 1))
-    z = np.asfortranarray(z[:, ::-1])
-    # Back to B's basis: Q = H_0 ... H_{n-2}, H_i = I - tau_i v v^T with v = (1, c[i+2:, i]) from row i+1,
-    # which is what dormtr("L") does by calling dormqr on rows 1.. (scipy exposes dormqr, not dormtr).
-    if n > 1:
-        a = np.asfortranarray(c[1:, :n - 1])
-        zq, _, info = lapack.dormqr("L", "N", a, tau[:n - 1], z[1:], lwork=max(1, 64 * k))
-        if info != 0:
-            raise np.linalg.LinAlgError(f"dormqr failed (info={info})")
-        z[1:] = zq
-    return vals[::-1].copy(), np.ascontiguousarray(z)
+    if n >= 3:
+        with one_blas_thread():
+            out = lapack.tridiagonal_topk(B, k)
+        if out is not None:
+            return out
+    w, V = np.linalg.eigh(B)
+    return w[::-1].copy(), np.ascontiguousarray(V[:, ::-1][:, :k])
 
 
 def iterative_topk(D2: np.ndarray, k: int, seed: int, psd: bool = False) -> tuple[np.ndarray, np.ndarray, tuple]:
