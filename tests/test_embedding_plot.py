@@ -40,3 +40,15 @@ def test_emptiest_corner_ties_and_counts():
     x2 = np.concatenate([x, [0.0]])
     y2 = np.concatenate([y, [1.0]])
     assert embedding_plot.emptiest_corner(ax, x2, y2, ["a", "b"], None) == "lower right"
+
+
+def test_background_import_restores_the_switch_interval():
+    """The short switch interval lasts while matplotlib loads, not beyond (it is process-wide)."""
+    import sys
+    from pylandscape import embedding_plot
+    before = sys.getswitchinterval()
+    th = embedding_plot.import_in_background()
+    during = sys.getswitchinterval()
+    th.join()
+    assert sys.getswitchinterval() == before
+    assert during == pytest.approx(min(before, embedding_plot.SWITCH_INTERVAL), rel=0.01) or during == before
