@@ -199,6 +199,13 @@ def test_cosine_distance_from_gram():
     assert torch.equal(layer_gram(Gl), Gl.sum(0))
     assert torch.equal(layer_gram(Gl, [0, 2]), Gl[0] + Gl[2])
     assert torch.equal(layer_gram(Gl, 1), Gl[1])
+    assert torch.equal(layer_gram(Gl, [2, -3]), Gl[2] + Gl[0]) and torch.equal(layer_gram(Gl, [0, 1, 2]), Gl.sum(0))
+    assert torch.equal(layer_gram(Gl, torch.tensor([True, False, True])), Gl[0] + Gl[2])
+    one = layer_gram(Gl, [1])
+    one += 1  # a new tensor, never a view of the per-tensor Grams
+    assert torch.equal(Gl, torch.arange(24, dtype=torch.float64).view(3, 2, 4))
+    with pytest.raises(IndexError):
+        layer_gram(Gl, [3])
     with pytest.raises(ValueError, match="sq_norms"):
         cosine_distance_from_gram(Gl[0])
     assert NEGATIVE_TOL < 1e-12

@@ -29,7 +29,7 @@ from ..ops import segment_gram
 from ..snapshots import SnapshotError, open_source, select_tensors
 from ..snapshots.mapped import map_rows
 from . import duplicates, gram_cache
-from .dissimilarity import squared_dissimilarity, zero_norm
+from .dissimilarity import layer_gram, squared_dissimilarity, zero_norm
 from .estimator import ClassicalMDS
 from .outputs import write_json, write_outputs
 
@@ -120,7 +120,7 @@ def embed(source, *, layer: str | None = None, metric: str = "cosine", dims: int
     copy_notes: list[str] = []
     if gram_info.get("copies"):
         grams, metas, copy_notes = merge_copies(grams, metas, gram_info["copies"])
-    G = grams[tensor_idx].sum(0)
+    G = layer_gram(grams, tensor_idx)
     check_norms(G, metas, [sset.spec.names[i] for i in tensor_idx], metric)
     t2 = time.perf_counter()
     est = ClassicalMDS(dims, metric=metric, solver=solver, device=device)
