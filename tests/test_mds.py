@@ -277,10 +277,11 @@ def test_duplicate_candidates_match_the_dense_form():
     X[40] = 0.0
     X[41] = 0.0                                   # two all-zero rows
     X[50, :25], X[50, 25:] = X[5, 25:], X[5, :25]  # same total norm, other per-tensor norms
+    X[55, :25], X[55, 25:] = X[9, :25].flip(0), X[9, 25:]  # same per-tensor norms, another direction
     grams = torch.stack([X[:, :25] @ X[:, :25].T, X[:, 25:] @ X[:, 25:].T])
     want = _candidates_dense(grams)
     assert duplicates.candidates(grams) == want
-    assert {3, 7, 11, 20, 40, 41} <= set(want) and not {12, 30, 50} & set(want)
+    assert {3, 7, 11, 20, 40, 41} <= set(want) and not {9, 12, 30, 50, 55} & set(want)
     rand = torch.stack([X[:, :25] @ X[:, :25].T])[:, :40, :40]
     assert duplicates.candidates(rand) == _candidates_dense(rand) == [3, 7, 11, 20]
 
