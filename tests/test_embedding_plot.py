@@ -1,6 +1,8 @@
 """The MDS figure's legend goes to a corner without points (our own choice, not matplotlib's slow loc="best")."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -44,8 +46,6 @@ def test_emptiest_corner_ties_and_counts():
 
 def test_background_import_restores_the_switch_interval():
     """The short switch interval lasts while matplotlib loads, not beyond (it is process-wide)."""
-    import sys
-    from pylandscape import embedding_plot
     before = sys.getswitchinterval()
     th = embedding_plot.import_in_background()
     during = sys.getswitchinterval()
