@@ -4,8 +4,9 @@ Two ways in, the first that loads:
 
 1. ``lapacke``: numpy's own OpenBLAS (its wheels bundle an ILP64 build with the LAPACKE C interface),
    called through ctypes, which releases the GIL for each call. matplotlib's import (a thread started
-   for the figure) then runs beside the tridiagonalisation on the other core: at N = 2,000 solve +
-   import took 0.64 s instead of 1.02-1.08 s with f2py, which holds the GIL.
+   for the figure) then runs beside the tridiagonalisation on the other core instead of between its
+   calls (f2py holds the GIL): N = 2,000, Δ² + solve + import, best of 5 fresh processes 0.88 s vs
+   0.98 s with f2py and 1.46 s after ``import scipy.linalg`` (bench/bench_mds_phase.py).
 2. ``scipy``: scipy's f2py wrappers, ``scipy.linalg._flapack``, loaded without ``import scipy.linalg``.
    That import costs 0.25-0.6 s after numpy and torch on a 2-core VM, mostly because scipy 1.17's
    array-API layer touches every attribute of numpy and so imports numpy.f2py; the extension module
