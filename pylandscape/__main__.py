@@ -6,6 +6,7 @@ import importlib
 import sys
 
 from . import __version__, has_cuda_kernels, has_extension
+from ._program import end_process
 
 COMMANDS = {
     "demo": ("pylandscape.demo", "train on digits, perturb, average, embed with MDS, write a report (~5 min on CPU)"),
@@ -46,9 +47,10 @@ def main(argv: list[str] | None = None, *, freeze: bool = False) -> int:
 
 
 def console() -> int:
-    """The `pylandscape` console script."""
-    return main(freeze=True)
+    """The `pylandscape` console script (ends the process: _program.end_process)."""
+    end_process(main(freeze=True))
+    return 0  # not reached
 
 
 if __name__ == "__main__":
-    sys.exit(main(freeze=True))
+    end_process(main(freeze=True))
