@@ -98,7 +98,7 @@ def _lapacke() -> _Lapacke | None:
             lib = ctypes.CDLL(path)
         except OSError:
             continue
-        for prefix in ("scipy_", ""):  # numpy >= 2 (scipy-openblas64) / numpy 1.x (openblas64_)
+        for prefix in ("scipy_", ""):  # numpy >= 2 (scipy-openblas64); numpy 1.x's openblas64_ (not tried here)
             try:
                 return _Lapacke(lib, prefix)
             except AttributeError:

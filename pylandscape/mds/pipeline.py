@@ -263,7 +263,7 @@ def compute_grams(sset, rows: list[int], *, device="auto", cache: bool = True, c
         try:
             g = segment_gram(torch.from_numpy(buf), offs, **kw)
         except ValueError as e:  # the op checks every row; only then are rows scanned, to name the file
-            if "NaN or inf" not in str(e):
+            if not _nonfinite_error(e):
                 raise
             new = _nonfinite_rows(sset, rows, pieces, buf, skip=bad)
             if not new:
@@ -348,10 +348,15 @@ def _mapped_grams(sset, rows: list[int], chunks, show: bool) -> tuple[torch.Tens
             for j, ti in enumerate(run):
                 grams[ti] = g[j]
     except ValueError as e:
-        if "NaN or inf" in str(e):
+        if _nonfinite_error(e):
             return None
         raise
     return grams, t_map, time.perf_counter() - t
+
+
+def _nonfinite_error(e: ValueError) -> bool:
+    """segment_gram's error for a row with NaN / Inf (the C++ driver's and the reference's messages)."""
+    return "NaN or inf" in str(e)
 
 
 def _nonfinite_rows(sset, rows: list[int], pieces, buf: np.ndarray, skip) -> dict[int, str]:
