@@ -8,7 +8,8 @@ import textwrap
 
 
 def _run(body: str, env=None):
-    code = "import atexit, os, sys, threading, time\nfrom pylandscape._program import end_process\n" + textwrap.dedent(body)
+    code = ("import atexit, os, sys, threading, time\nfrom pylandscape._program import end_process\n"
+            + textwrap.dedent(body))
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False,
                           env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, **(env or {})},
                           timeout=120)  # buffered streams, as by default
